@@ -1,0 +1,84 @@
+"""Prometheus metrics with Istio's names, in one registry owned by the process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_PUSH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 3, 5, 10, 20, 30)
+
+XDS_CLIENTS = Gauge(
+    "pilot_xds",
+    "Number of endpoints connected to this pilot using XDS.",
+    ["version"],
+    registry=REGISTRY,
+)
+XDS_PUSHES = Counter(
+    "pilot_xds_pushes",
+    "Pilot build and send errors for lds, rds, cds and eds.",
+    ["type"],
+    registry=REGISTRY,
+)
+XDS_PUSH_TIME = Histogram(
+    "pilot_xds_push_time",
+    "Total time in seconds Pilot takes to push lds, rds, cds and eds.",
+    ["type"],
+    buckets=_PUSH_BUCKETS,
+    registry=REGISTRY,
+)
+PROXY_CONVERGENCE_TIME = Histogram(
+    "pilot_proxy_convergence_time",
+    "Delay in seconds between config change and a proxy receiving all required configuration.",
+    buckets=_PUSH_BUCKETS,
+    registry=REGISTRY,
+)
+TOTAL_XDS_REJECTS = Counter(
+    "pilot_total_xds_rejects",
+    "Total number of XDS responses from pilot rejected by proxy.",
+    ["type"],
+    registry=REGISTRY,
+)
+XDS_EXPIRED_NONCE = Counter(
+    "pilot_xds_expired_nonce",
+    "Total number of XDS requests with an expired nonce.",
+    ["type"],
+    registry=REGISTRY,
+)
+DEBOUNCE_TIME = Histogram(
+    "pilot_debounce_time",
+    "Delay in seconds between the first config change and the merged push request.",
+    buckets=_PUSH_BUCKETS,
+    registry=REGISTRY,
+)
+PUSH_CONTEXT_INIT_TIME = Histogram(
+    "pilot_pushcontext_init_seconds",
+    "Total time in seconds Pilot takes to init pushContext.",
+    buckets=_PUSH_BUCKETS,
+    registry=REGISTRY,
+)
+PUSH_TRIGGERS = Counter(
+    "pilot_push_triggers",
+    "Total number of times a push was triggered, labeled by reason.",
+    ["type"],
+    registry=REGISTRY,
+)
+CONFIG_ERRORS = Gauge(
+    "meshpilot_config_errors",
+    "Config objects or documents currently rejected, by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+CONFIG_ERRORS_TOTAL = Counter(
+    "meshpilot_config_errors_total",
+    "Config errors found, counted once per change.",
+    ["kind"],
+    registry=REGISTRY,
+)
+CONFIG_OBJECTS = Gauge(
+    "pilot_k8s_cfg_events_current",
+    "Config objects in the store, by kind.",
+    ["type"],
+    registry=REGISTRY,
+)
+SERVICES = Gauge("pilot_services", "Total services known to pilot.", registry=REGISTRY)
