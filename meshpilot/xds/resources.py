@@ -1,0 +1,70 @@
+"""Generated xDS resources and the interface between the server and config generation."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_request import PushRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One named resource, serialized once. Shared by every proxy that receives it."""
+
+    name: str
+    version: str
+    body: any_pb2.Any
+
+    @staticmethod
+    def of(name: str, message: Message, type_url: str) -> Resource:
+        # Deterministic serialization so equal content always hashes to the same version.
+        data = message.SerializeToString(deterministic=True)
+        version = hashlib.blake2b(data, digest_size=8).hexdigest()
+        return Resource(name=name, version=version, body=any_pb2.Any(type_url=type_url, value=data))
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """The answer for one type and proxy.
+
+    `complete` is true when `resources` is the whole set the proxy should have for this
+    type given its subscription (so anything previously sent and not here is removed);
+    false when it is only the changed subset (incremental EDS).
+    """
+
+    resources: Sequence[Resource]
+    complete: bool = True
+
+
+class PushContextLike(Protocol):
+    """What the server needs of a PushContext: an identity for versions and logs."""
+
+    @property
+    def version(self) -> str: ...
+
+
+class Generator(Protocol):
+    """Builds resources for a proxy. The server calls it; it never builds config itself."""
+
+    def generate(
+        self,
+        type_url: str,
+        proxy: Proxy,
+        push: PushContextLike,
+        names: frozenset[str] | None,
+        request: PushRequest | None,
+    ) -> Generated | None:
+        """Resources of `type_url` for `proxy`.
+
+        `names` is the subscription (None for a wildcard subscription). `request` is the
+        push that triggered this (None when answering a client request). Returns None
+        when the push does not affect this type for this proxy: nothing to send.
+        """
+        ...
