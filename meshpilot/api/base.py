@@ -1,0 +1,77 @@
+"""Shared pieces of the input models: camelCase aliases, durations, strictness."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class IstioModel(BaseModel):
+    """An Istio spec message: camelCase on the wire, unknown fields are errors.
+
+    Istio's CRD schemas reject unknown fields; silently dropping a typo such as
+    `subset` for `subsets` is exactly the kind of opaque failure users hate.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        str_strip_whitespace=False,
+    )
+
+
+class KubeModel(BaseModel):
+    """A Kubernetes object part: camelCase, unknown fields ignored (the API has many)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a Go/protobuf duration such as `1.5s`, `100ms`, `1h30m`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '1s' or '100ms', got a boolean")
+    if isinstance(value, int | float):
+        # Bare numbers are ambiguous; Istio rejects them too.
+        raise ValueError(f"expected a duration with a unit such as '{value}s', got {value!r}")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a duration such as '1s' or '100ms', got {value!r}")
+    text = value.strip()
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if not m:
+            raise ValueError(f"invalid duration {value!r}: expected e.g. '1s', '250ms', '1m30s'")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration in seconds, parsed from Istio's string form."""
+
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Labels = dict[str, str]

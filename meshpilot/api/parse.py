@@ -1,0 +1,228 @@
+"""YAML/JSON text to validated Config objects, or errors naming what is wrong and where."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from meshpilot.api.errors import ConfigError, field_path
+from meshpilot.api.kinds import IGNORED_KINDS, KINDS
+from meshpilot.model.config import Config, ConfigKey
+
+try:  # libyaml is many times faster; fall back where it is not compiled in.
+    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
+except AttributeError:  # pragma: no cover
+    _Loader = yaml.SafeLoader
+
+MAX_DOCUMENT_NODES = 200_000
+"""Expanded size limit: a few aliases can otherwise expand to billions of nodes."""
+
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(slots=True)
+class ParseResult:
+    configs: list[Config] = field(default_factory=list)
+    errors: list[ConfigError] = field(default_factory=list)
+    ignored: int = 0
+
+
+def parse_text(text: str, origin: str) -> ParseResult:
+    """Parse a multi-document YAML (or JSON) text; `kind: List` is unwrapped."""
+    result = ParseResult()
+    try:
+        documents = list(yaml.load_all(text, Loader=_Loader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        result.errors.append(ConfigError(origin, f"invalid YAML{where}: {problem}"))
+        return result
+    except RecursionError:
+        result.errors.append(ConfigError(origin, "invalid YAML: nested too deeply"))
+        return result
+    for index, doc in enumerate(documents):
+        if doc is None:
+            continue
+        if not _within_size(doc):
+            result.errors.append(
+                ConfigError(origin, f"document expands to over {MAX_DOCUMENT_NODES} nodes", index)
+            )
+            continue
+        _parse_document(doc, origin, index, result)
+    return result
+
+
+def _within_size(doc: Any) -> bool:
+    budget = MAX_DOCUMENT_NODES
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return False
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return True
+
+
+def _parse_document(doc: Any, origin: str, index: int, result: ParseResult) -> None:
+    if not isinstance(doc, dict):
+        result.errors.append(
+            ConfigError(origin, f"expected a mapping, got {type(doc).__name__}", index)
+        )
+        return
+    if doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+        for item_index, item in enumerate(doc["items"]):
+            sub = ParseResult()
+            _parse_document(item, origin, index, sub)
+            result.configs.extend(sub.configs)
+            result.ignored += sub.ignored
+            result.errors.extend(_with_field_prefix(e, f"items[{item_index}]") for e in sub.errors)
+        return
+    try:
+        parsed = parse_object(doc, origin, index)
+    except _Ignored:
+        result.ignored += 1
+        return
+    if isinstance(parsed, ConfigError):
+        result.errors.append(parsed)
+    else:
+        result.configs.append(parsed)
+
+
+def _with_field_prefix(err: ConfigError, prefix: str) -> ConfigError:
+    return ConfigError(
+        err.origin,
+        err.message,
+        err.document,
+        err.kind,
+        err.namespace,
+        err.name,
+        f"{prefix}.{err.field}" if err.field else prefix,
+    )
+
+
+class _Ignored(Exception):
+    pass
+
+
+def parse_object(
+    doc: dict[str, Any], origin: str, index: int | None = None
+) -> Config | ConfigError:
+    """Validate one object (a decoded YAML/JSON mapping) into a Config."""
+    kind = doc.get("kind")
+    api_version = doc.get("apiVersion")
+
+    def error(message: str, fld: str = "", ns: str = "", name: str = "") -> ConfigError:
+        return ConfigError(origin, message, index, str(kind or ""), ns, name, fld)
+
+    if not isinstance(kind, str) or not kind:
+        return error("missing required field", "kind")
+    if not isinstance(api_version, str) or not api_version:
+        return error("missing required field", "apiVersion")
+    info = KINDS.get(kind)
+    if info is None:
+        if kind in IGNORED_KINDS:
+            raise _Ignored
+        known = ", ".join(sorted(KINDS))
+        return error(f"unknown kind {kind!r} (apiVersion {api_version}); known: {known}", "kind")
+    group, _, version = api_version.rpartition("/")
+    if group != info.group or version not in info.versions:
+        expected = " or ".join(
+            f"{info.group}/{v}" if info.group else v for v in sorted(info.versions)
+        )
+        return error(f"unsupported apiVersion {api_version!r}, expected {expected}", "apiVersion")
+
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, dict):
+        return error("missing required field (a mapping with name)", "metadata")
+    name = metadata.get("name")
+    namespace = metadata.get("namespace") or "default"
+    if not isinstance(name, str) or not name:
+        return error("missing required field", "metadata.name")
+    if not isinstance(namespace, str) or not _DNS1123_LABEL.match(namespace):
+        return error(
+            f"{namespace!r} is not a valid namespace (lowercase DNS label)",
+            "metadata.namespace",
+            name=str(name),
+        )
+    if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+        return error(
+            f"{name!r} is not a valid name (lowercase letters, digits, '-' and '.')",
+            "metadata.name",
+            ns=namespace,
+        )
+    labels = metadata.get("labels") or {}
+    annotations = metadata.get("annotations") or {}
+    for fname, mapping in (("labels", labels), ("annotations", annotations)):
+        if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+        ):
+            return error("expected a map of strings", f"metadata.{fname}", namespace, name)
+
+    spec = doc.get("spec")
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        return error(f"expected a mapping, got {type(spec).__name__}", "spec", namespace, name)
+    try:
+        model = info.spec_model.model_validate(spec)
+    except ValidationError as e:
+        first = e.errors()[0]
+        extra = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        return error(_message(first) + extra, field_path(tuple(first["loc"])), namespace, name)
+    except (ValueError, TypeError, RecursionError) as e:
+        return error(str(e), "spec", namespace, name)
+
+    return Config(
+        key=ConfigKey(kind, namespace, name),
+        spec=model,
+        labels=dict(labels),
+        annotations=dict(annotations),
+        creation_timestamp=_timestamp(metadata.get("creationTimestamp")),
+        origin=origin if index is None else f"{origin}#{index}",
+        revision=_revision(spec, labels, annotations),
+    )
+
+
+def _message(err: Any) -> str:
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        return "unknown field"
+    if err.get("type") == "missing":
+        return "missing required field"
+    value = err.get("input")
+    if err.get("type") not in ("model_type",) and not isinstance(value, dict | list):
+        return f"{msg} (got {value!r})"
+    return msg
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return None
+
+
+def _revision(spec: Any, labels: Any, annotations: Any) -> str:
+    blob = json.dumps([spec, labels, annotations], sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
