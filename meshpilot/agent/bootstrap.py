@@ -28,12 +28,17 @@ INTERCEPTION_MODES = ("NONE", "REDIRECT", "TPROXY")
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TYPE_PREFIX = "type.googleapis.com/"
+_DOWNSTREAM_CONNECTIONS = (
+    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
 # Kubernetes DNS-1123 label: what pod names and namespaces look like. Dots and '~'
 # must never appear because both are separators in the Istio node id.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$")
 # Same cap as Istio: high enough never to trip, but it silences Envoy's startup
-# warning about an unlimited number of downstream connections.
+# warning about an unlimited number of downstream connections. Envoy 1.40 deprecates
+# the runtime key `overload.global_downstream_max_connections` (and warns about it),
+# so the limit goes into the overload manager's resource monitor instead.
 _MAX_DOWNSTREAM_CONNECTIONS = 2147483647
 _CIRCUIT_BREAKER_LIMIT = 100000
 
@@ -228,12 +233,22 @@ def build_bootstrap(
                 }
             ],
         },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _TYPE_PREFIX + _DOWNSTREAM_CONNECTIONS,
+                        "max_active_downstream_connections": _MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
         "layered_runtime": {
             "layers": [
                 {
                     "name": "global config",
                     "static_layer": {
-                        "overload.global_downstream_max_connections": (_MAX_DOWNSTREAM_CONNECTIONS),
                         # Istio raises this so that long regex routes are not rejected.
                         "re2.max_program_size.error_level": 32768,
                     },
