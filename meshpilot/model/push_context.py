@@ -1,0 +1,219 @@
+"""PushContext: an immutable, indexed view of the whole mesh for one push.
+
+Built once per debounced push from a store snapshot; translators read only from it.
+An endpoint-only change derives a new context that shares everything but the
+endpoint index, and recomputes endpoints only for the services it touches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from meshpilot.api.mesh import MeshConfig
+from meshpilot.discovery.store import StoreSnapshot
+from meshpilot.model import kinds
+from meshpilot.model.config import Config, ConfigKey
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.registry import (
+    EndpointIndex,
+    build_endpoints,
+    build_services,
+)
+from meshpilot.model.service import Endpoint, Service, ServicePort, labels_match
+from meshpilot.model.sidecar_scope import SidecarScope, build_sidecar_scope
+
+# Sortable and distinct across restarts: versions from a later start compare greater.
+START_ID = f"{int(time.time() * 1000):x}{os.getpid() % 4096:03x}"
+_counter = itertools.count(1)
+
+
+def next_version() -> str:
+    return f"{START_ID}-{next(_counter)}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInstance:
+    """A service port served by a proxy, and the port its application listens on."""
+
+    service: Service
+    port: ServicePort
+    endpoint_port: int
+
+
+@dataclass(eq=False)
+class PushContext:
+    version: str
+    snapshot: StoreSnapshot
+    mesh: MeshConfig
+    services: Mapping[str, Service]
+    endpoints: EndpointIndex
+    # Hostnames whose endpoints differ from the previous context; None: unknown/all.
+    changed_hosts: frozenset[str] | None = None
+    _services_sorted: tuple[Service, ...] = ()
+    _sidecars_by_ns: Mapping[str, tuple[Config, ...]] = field(default_factory=dict)
+    _scope_cache: dict[tuple[str, ConfigKey | None], SidecarScope] = field(default_factory=dict)
+
+    # --- construction --------------------------------------------------------------------
+
+    @staticmethod
+    def build(snapshot: StoreSnapshot, mesh: MeshConfig) -> PushContext:
+        services = build_services(snapshot, mesh.domain_suffix)
+        endpoints = build_endpoints(snapshot, services)
+        return PushContext._assemble(snapshot, mesh, services, endpoints, None)
+
+    def with_endpoint_changes(
+        self, snapshot: StoreSnapshot, changed: frozenset[ConfigKey]
+    ) -> PushContext:
+        """A context for a WorkloadEntry-only change: same services, some new endpoints."""
+        affected: dict[str, Service] = {}
+        for key in changed:
+            for cfg in (self.snapshot.get(key), snapshot.get(key)):
+                if cfg is None:
+                    continue
+                labels = {**cfg.labels, **getattr(cfg.spec, "labels", {})}
+                for svc in self._services_sorted:
+                    if (
+                        svc.namespace == cfg.namespace
+                        and svc.selector
+                        and labels_match(svc.selector, labels)
+                    ):
+                        affected[svc.hostname] = svc
+        fresh = build_endpoints(snapshot, affected)
+        endpoints = dict(self.endpoints)
+        changed_hosts = set()
+        for host, per_port in fresh.items():
+            if per_port != endpoints.get(host):
+                changed_hosts.add(host)
+            endpoints[host] = per_port
+        ctx = PushContext(
+            version=next_version(),
+            snapshot=snapshot,
+            mesh=self.mesh,
+            services=self.services,
+            endpoints=MappingProxyType(endpoints),
+            changed_hosts=frozenset(changed_hosts),
+            _services_sorted=self._services_sorted,
+            _sidecars_by_ns=self._sidecars_by_ns,
+        )
+        # Scopes depend on services and Sidecars only, both unchanged.
+        ctx._scope_cache = self._scope_cache
+        return ctx
+
+    @staticmethod
+    def _assemble(
+        snapshot: StoreSnapshot,
+        mesh: MeshConfig,
+        services: Mapping[str, Service],
+        endpoints: EndpointIndex,
+        changed_hosts: frozenset[str] | None,
+    ) -> PushContext:
+        sidecars: dict[str, list[Config]] = {}
+        for cfg in snapshot.of_kind(kinds.SIDECAR).values():
+            sidecars.setdefault(cfg.namespace, []).append(cfg)
+        return PushContext(
+            version=next_version(),
+            snapshot=snapshot,
+            mesh=mesh,
+            services=MappingProxyType(dict(services)),
+            endpoints=endpoints,
+            changed_hosts=changed_hosts,
+            _services_sorted=tuple(sorted(services.values(), key=lambda s: s.hostname)),
+            _sidecars_by_ns={ns: tuple(_oldest_first(v)) for ns, v in sidecars.items()},
+        )
+
+    # --- queries -------------------------------------------------------------------------
+
+    @property
+    def services_sorted(self) -> tuple[Service, ...]:
+        return self._services_sorted
+
+    def service_endpoints(self, hostname: str, port: int) -> tuple[Endpoint, ...]:
+        return self.endpoints.get(hostname, {}).get(port, ())
+
+    def visible_services(self, namespace: str) -> tuple[Service, ...]:
+        return tuple(s for s in self._services_sorted if _exported_to(s, namespace))
+
+    def sidecar_for(self, proxy: Proxy) -> Config | None:
+        """Istio's choice: workload-selected Sidecar in the proxy's namespace (oldest
+        first), else that namespace's default, else the root namespace's default."""
+        candidates = self._sidecars_by_ns.get(proxy.namespace, ())
+        for cfg in candidates:
+            sel = cfg.spec.workload_selector
+            if sel is not None and sel.labels and labels_match(sel.labels, proxy.labels):
+                return cfg
+        for cfg in candidates:
+            if cfg.spec.workload_selector is None or not cfg.spec.workload_selector.labels:
+                return cfg
+        for cfg in self._sidecars_by_ns.get(self.mesh.root_namespace, ()):
+            if cfg.spec.workload_selector is None or not cfg.spec.workload_selector.labels:
+                return cfg
+        return None
+
+    def sidecar_scope(self, proxy: Proxy) -> SidecarScope:
+        sidecar = self.sidecar_for(proxy) if not proxy.is_router else None
+        cache_key = (proxy.namespace, sidecar.key if sidecar else None)
+        scope = self._scope_cache.get(cache_key)
+        if scope is None:
+            scope = build_sidecar_scope(
+                proxy.namespace,
+                sidecar,
+                self.visible_services(proxy.namespace),
+                self.mesh.outbound_traffic_policy.mode,
+            )
+            self._scope_cache[cache_key] = scope
+        return scope
+
+    def service_instances(self, proxy: Proxy) -> tuple[ServiceInstance, ...]:
+        """Service ports this proxy serves: endpoints at its IP, else services whose
+        selector matches its labels in its namespace."""
+        found: dict[tuple[str, int], ServiceInstance] = {}
+        ips = set(proxy.ip_addresses)
+        for svc in self._services_sorted:
+            if (
+                svc.namespace != proxy.namespace
+                and svc.source is not None
+                and (svc.source.kind == kinds.SERVICE)
+            ):
+                continue
+            by_port = self.endpoints.get(svc.hostname, {})
+            for port in svc.ports:
+                for ep in by_port.get(port.port, ()):
+                    if ep.address in ips:
+                        found[(svc.hostname, port.port)] = ServiceInstance(svc, port, ep.port)
+                        break
+            if (
+                svc.selector
+                and svc.namespace == proxy.namespace
+                and labels_match(svc.selector, proxy.labels)
+            ):
+                for port in svc.ports:
+                    found.setdefault(
+                        (svc.hostname, port.port),
+                        ServiceInstance(svc, port, port.target_port or port.port),
+                    )
+        return tuple(found[k] for k in sorted(found))
+
+    def configs(self, kind: str) -> Mapping[ConfigKey, Config]:
+        return self.snapshot.of_kind(kind)
+
+
+def _exported_to(svc: Service, namespace: str) -> bool:
+    exp = svc.export_to
+    if "*" in exp or namespace in exp:
+        return True
+    return "." in exp and svc.namespace == namespace
+
+
+def _oldest_first(configs: list[Config]) -> list[Config]:
+    return sorted(
+        configs,
+        key=lambda c: (
+            c.creation_timestamp.timestamp() if c.creation_timestamp else 0.0,
+            c.name,
+        ),
+    )
