@@ -57,6 +57,10 @@ class PushContext:
     _services_sorted: tuple[Service, ...] = ()
     _sidecars_by_ns: Mapping[str, tuple[Config, ...]] = field(default_factory=dict)
     _scope_cache: dict[tuple[str, ConfigKey | None], SidecarScope] = field(default_factory=dict)
+    # Lazily built per-context indexes (the context is immutable, so they never go stale).
+    _instances_cache: dict[tuple, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+    _by_ip: dict[str, list[tuple[Service, ServicePort, Endpoint]]] | None = None
+    _by_ns: dict[str, list[Service]] | None = None
 
     # --- construction --------------------------------------------------------------------
 
@@ -171,32 +175,44 @@ class PushContext:
     def service_instances(self, proxy: Proxy) -> tuple[ServiceInstance, ...]:
         """Service ports this proxy serves: endpoints at its IP, else services whose
         selector matches its labels in its namespace."""
+        cache_key = (proxy.namespace, tuple(sorted(proxy.labels.items())), proxy.ip_addresses)
+        cached = self._instances_cache.get(cache_key)
+        if cached is not None:
+            return cached
         found: dict[tuple[str, int], ServiceInstance] = {}
-        ips = set(proxy.ip_addresses)
-        for svc in self._services_sorted:
-            if (
-                svc.namespace != proxy.namespace
-                and svc.source is not None
-                and (svc.source.kind == kinds.SERVICE)
-            ):
-                continue
-            by_port = self.endpoints.get(svc.hostname, {})
-            for port in svc.ports:
-                for ep in by_port.get(port.port, ()):
-                    if ep.address in ips:
-                        found[(svc.hostname, port.port)] = ServiceInstance(svc, port, ep.port)
-                        break
-            if (
-                svc.selector
-                and svc.namespace == proxy.namespace
-                and labels_match(svc.selector, proxy.labels)
-            ):
+        by_ip = self._endpoints_by_ip()
+        for ip in proxy.ip_addresses:
+            for svc, port, ep in by_ip.get(ip, ()):
+                found.setdefault((svc.hostname, port.port), ServiceInstance(svc, port, ep.port))
+        for svc in self._services_by_ns().get(proxy.namespace, ()):
+            if svc.selector and labels_match(svc.selector, proxy.labels):
                 for port in svc.ports:
                     found.setdefault(
                         (svc.hostname, port.port),
                         ServiceInstance(svc, port, port.target_port or port.port),
                     )
-        return tuple(found[k] for k in sorted(found))
+        result = tuple(found[k] for k in sorted(found))
+        self._instances_cache[cache_key] = result
+        return result
+
+    def _endpoints_by_ip(self) -> dict[str, list[tuple[Service, ServicePort, Endpoint]]]:
+        if self._by_ip is None:
+            index: dict[str, list[tuple[Service, ServicePort, Endpoint]]] = {}
+            for svc in self._services_sorted:
+                by_port = self.endpoints.get(svc.hostname, {})
+                for port in svc.ports:
+                    for ep in by_port.get(port.port, ()):
+                        index.setdefault(ep.address, []).append((svc, port, ep))
+            self._by_ip = index
+        return self._by_ip
+
+    def _services_by_ns(self) -> dict[str, list[Service]]:
+        if self._by_ns is None:
+            index: dict[str, list[Service]] = {}
+            for svc in self._services_sorted:
+                index.setdefault(svc.namespace, []).append(svc)
+            self._by_ns = index
+        return self._by_ns
 
     def configs(self, kind: str) -> Mapping[ConfigKey, Config]:
         return self.snapshot.of_kind(kind)

@@ -1,0 +1,52 @@
+"""Every tunable of `meshpilot serve` in one place: defaults, flags and MESHPILOT_* env."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshpilot.api.base import parse_duration
+
+
+def split_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) to a tuple; ValueError with the expected form."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:15010")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(slots=True)
+class Settings:
+    config_dirs: list[Path] = field(default_factory=list)
+    mesh_config: Path | None = None
+    xds_address: str = "127.0.0.1:15010"
+    monitoring_address: str = "127.0.0.1:15014"
+    debounce_after: float = 0.1
+    debounce_max: float = 10.0
+    log_format: str = "console"
+    log_level: str = "info"
+
+    @staticmethod
+    def env_default(name: str, default: str) -> str:
+        return os.environ.get(f"MESHPILOT_{name}", default)
+
+    def validate(self) -> None:
+        split_address(self.xds_address)
+        split_address(self.monitoring_address)
+        if self.debounce_after < 0 or self.debounce_max < self.debounce_after:
+            raise ValueError("debounce: need 0 <= --debounce-after <= --debounce-max")
+        for d in self.config_dirs:
+            if not d.is_dir():
+                raise ValueError(f"--config-dir {d}: not a directory")
+
+
+def duration_arg(text: str) -> float:
+    """argparse type for durations such as `100ms` or `10s`."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        import argparse
+
+        raise argparse.ArgumentTypeError(str(e)) from e

@@ -1,0 +1,154 @@
+"""The bridge from push contexts to xDS resources: calls translators, caches by scope.
+
+The server asks for a type; this decides what that proxy gets, generating each scope's
+output once per push context and serializing each resource once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+
+from google.protobuf.message import Message
+
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
+from meshpilot.model.push_request import PushRequest
+from meshpilot.translators import clusters, endpoints, listeners, naming, routes
+from meshpilot.xds import typeurls
+from meshpilot.xds.cache import XdsCache
+from meshpilot.xds.resources import Generated, Resource
+
+
+class ConfigGenerator:
+    """Implements `meshpilot.xds.resources.Generator` on top of the translators."""
+
+    def __init__(self) -> None:
+        self.cache = XdsCache()
+
+    # --- scope keys: proxies with equal keys get identical output --------------------
+
+    @staticmethod
+    def _proxy_scope(push: PushContext, proxy: Proxy) -> Hashable:
+        scope = push.sidecar_scope(proxy)
+        instances = tuple(
+            (i.service.hostname, i.port.port, i.endpoint_port)
+            for i in push.service_instances(proxy)
+        )
+        # Ingress listeners bind to (and default endpoints point at) the proxy's own IP.
+        ip = proxy.ip_addresses if (scope.ingress or instances) else ()
+        return (proxy.type, scope.key, instances, ip, proxy.interception_mode)
+
+    # --- Generator ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        type_url: str,
+        proxy: Proxy,
+        push: PushContext,  # type: ignore[override]
+        names: frozenset[str] | None,
+        request: PushRequest | None,
+    ) -> Generated | None:
+        incremental = request is not None and not request.full
+        if type_url == typeurls.ENDPOINT:
+            return self._endpoints(push, names, request if incremental else None)
+        if incremental:
+            return None
+        if type_url == typeurls.CLUSTER:
+            return self._whole(push, proxy, "cds", type_url, clusters.build_clusters)
+        if type_url == typeurls.LISTENER:
+            return self._whole(push, proxy, "lds", type_url, listeners.build_listeners)
+        if type_url == typeurls.ROUTE:
+            return self._routes(push, proxy, names)
+        return None
+
+    def _whole(
+        self,
+        push: PushContext,
+        proxy: Proxy,
+        tag: str,
+        type_url: str,
+        build: Callable[[PushContext, Proxy], Sequence[Message]],
+    ) -> Generated:
+        key = (tag, self._proxy_scope(push, proxy))
+
+        def make() -> tuple[Resource, ...]:
+            return tuple(_resource(m, type_url) for m in build(push, proxy))
+
+        return Generated(self.cache.get_or_build(push.version, key, make), complete=True)
+
+    def _routes(self, push: PushContext, proxy: Proxy, names: frozenset[str] | None) -> Generated:
+        scope_key = ("rds", self._proxy_scope(push, proxy))
+        wanted = sorted(names) if names is not None else routes.route_names_for(push, proxy)
+
+        def make_all() -> dict[str, Resource]:
+            # Route configs of one scope are built together: they share the scope walk.
+            built = routes.build_route_configs(push, proxy, None)
+            return {rc.name: _resource(rc, typeurls.ROUTE) for rc in built}
+
+        by_name = self.cache.get_or_build(push.version, scope_key, make_all)
+        out: list[Resource] = []
+        for name in wanted:
+            res = by_name.get(name)
+            if res is None:
+                # A name the scope does not produce still gets an answer (empty config),
+                # cached per name so it is serialized once.
+                res = self.cache.get_or_build(
+                    push.version,
+                    ("rds-extra", scope_key, name),
+                    lambda n=name: _resource(
+                        routes.build_route_configs(push, proxy, [n])[0], typeurls.ROUTE
+                    ),
+                )
+            out.append(res)
+        return Generated(out, complete=True)
+
+    def _endpoints(
+        self,
+        push: PushContext,
+        names: frozenset[str] | None,
+        request: PushRequest | None,
+    ) -> Generated | None:
+        if not names:
+            return Generated((), complete=True) if request is None else None
+        wanted: Iterable[str] = names
+        if request is not None:
+            hosts = request.eds_hosts
+            if push.changed_hosts is not None:
+                hosts = hosts | push.changed_hosts
+            wanted = [n for n in names if _cluster_host(n) in hosts]
+            if not wanted:
+                return None
+        out = [self._load_assignment(push, name) for name in sorted(wanted)]
+        return Generated(out, complete=request is None)
+
+    def _load_assignment(self, push: PushContext, cluster_name: str) -> Resource:
+        return self.cache.get_or_build(
+            push.version,
+            ("eds", cluster_name),
+            lambda: _resource(
+                endpoints.build_load_assignment(push, cluster_name), typeurls.ENDPOINT
+            ),
+        )
+
+    def on_new_context(self, previous: PushContext | None, current: PushContext) -> None:
+        """Carry unchanged ClusterLoadAssignments over to an endpoint-only context."""
+        if previous is None or current.changed_hosts is None:
+            return
+        changed = current.changed_hosts
+
+        def keep(key: Hashable) -> bool:
+            return (
+                isinstance(key, tuple) and key[0] == "eds" and _cluster_host(key[1]) not in changed
+            )
+
+        self.cache.carry_over(previous.version, current.version, keep)
+
+
+def _cluster_host(cluster_name: str) -> str:
+    parsed = naming.parse_cluster_name(cluster_name)
+    return parsed[3] if parsed else ""
+
+
+def _resource(message: Message, type_url: str) -> Resource:
+    name = message.cluster_name if type_url == typeurls.ENDPOINT else message.name  # type: ignore[attr-defined]
+    return Resource.of(name, message, type_url)
