@@ -23,6 +23,8 @@ except AttributeError:  # pragma: no cover
 
 MAX_DOCUMENT_NODES = 200_000
 """Expanded size limit: a few aliases can otherwise expand to billions of nodes."""
+MAX_DOCUMENT_DEPTH = 100
+"""Nesting limit: later recursive steps (validation, hashing) would overflow the stack."""
 
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -54,29 +56,29 @@ def parse_text(text: str, origin: str) -> ParseResult:
     for index, doc in enumerate(documents):
         if doc is None:
             continue
-        if not _within_size(doc):
-            result.errors.append(
-                ConfigError(origin, f"document expands to over {MAX_DOCUMENT_NODES} nodes", index)
-            )
+        if too_big := _size_problem(doc):
+            result.errors.append(ConfigError(origin, too_big, index))
             continue
         _parse_document(doc, origin, index, result)
     return result
 
 
-def _within_size(doc: Any) -> bool:
+def _size_problem(doc: Any) -> str | None:
     budget = MAX_DOCUMENT_NODES
-    stack = [doc]
+    stack: list[tuple[Any, int]] = [(doc, 0)]
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         budget -= 1
         if budget < 0:
-            return False
+            return f"document expands to over {MAX_DOCUMENT_NODES} nodes"
+        if depth > MAX_DOCUMENT_DEPTH:
+            return f"document is nested deeper than {MAX_DOCUMENT_DEPTH} levels"
         if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
+            stack.extend((k, depth + 1) for k in node)
+            stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):
-            stack.extend(node)
-    return True
+            stack.extend((v, depth + 1) for v in node)
+    return None
 
 
 def _parse_document(doc: Any, origin: str, index: int, result: ParseResult) -> None:
