@@ -1,0 +1,318 @@
+"""Per-stream xDS state: what one connected Envoy watches, was sent and acknowledged.
+
+Everything here runs on the event loop thread; nothing needs a lock. The protocol
+decisions (ACK, NACK, stale nonce, subscription changes) live here as pure state
+transitions so that the server only generates and sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_request import PushRequest
+from meshpilot.xds import typeurls
+from meshpilot.xds.resources import PushContextLike, Resource
+
+WILDCARD = "*"
+
+
+@dataclass(slots=True)
+class WatchedResource:
+    """One type URL on one stream (Istio's WatchedResource)."""
+
+    type_url: str
+    # Explicitly subscribed names; ignored while `wildcard` is set.
+    names: frozenset[str] = frozenset()
+    wildcard: bool = False
+    nonce_sent: str = ""
+    nonce_acked: str = ""
+    version_sent: str = ""
+    version_acked: str = ""
+    # Message of the latest NACK; cleared by the next ACK so syncz shows the current state.
+    nack: str = ""
+    nack_time: float = 0.0
+    nacks: int = 0
+    # A response with `nonce_sent` is on the wire and not yet ACKed or NACKed.
+    awaiting_ack: bool = False
+    # Pushes that arrived while awaiting the ACK, merged; sent when the ACK/NACK comes.
+    dirty: PushRequest | None = None
+    # Answer the next ACK-looking request anyway: Envoy re-requests EDS for warming
+    # clusters after a CDS update with unchanged names and nonce.
+    always_respond: bool = False
+    # Delta only: name -> version the client has (sent by us or declared on reconnect).
+    versions: dict[str, str] = field(default_factory=dict)
+    # What was sent, for debug endpoints: the last full set plus partial updates since.
+    # References to shared Resource objects only; never copies.
+    sent_base: Sequence[Resource] = ()
+    sent_updates: dict[str, Resource] = field(default_factory=dict)
+
+    @property
+    def subscription(self) -> frozenset[str] | None:
+        """The `names` argument for Generator.generate: None means wildcard."""
+        return None if self.wildcard else self.names
+
+    @property
+    def idle(self) -> bool:
+        """Nothing subscribed, so a push has nothing to generate."""
+        return not self.wildcard and not self.names
+
+    def record_sent(self, resources: Sequence[Resource], full: bool) -> None:
+        if full:
+            self.sent_base = resources
+            self.sent_updates = {}
+        else:
+            for r in resources:
+                self.sent_updates[r.name] = r
+
+    def sent_resources(self, delta: bool = False) -> dict[str, Resource]:
+        """name -> Resource the client was last sent (still subscribed ones)."""
+        out = {r.name: r for r in self.sent_base}
+        out.update(self.sent_updates)
+        if delta:
+            return {n: r for n, r in out.items() if n in self.versions}
+        if not self.wildcard:
+            return {n: r for n, r in out.items() if n in self.names}
+        return out
+
+
+class Kind(enum.Enum):
+    """How a request was classified."""
+
+    INIT = "init"
+    ACK = "ack"
+    NACK = "nack"
+    STALE = "stale"
+    # Delta request without a nonce: only subscription changes.
+    SUBSCRIPTION = "subscription"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The server must answer this request.
+
+    `scope` is the set of names to answer for (None: the whole subscription). A reply
+    is sent even when it carries nothing new, because the client is waiting for it.
+    """
+
+    scope: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: Kind
+    reply: Reply | None = None
+    # A coalesced push released by this ACK/NACK; send it now.
+    dirty: PushRequest | None = None
+    added: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPush:
+    """A push waiting for the connection task: requests merged, newest context."""
+
+    request: PushRequest
+    context: PushContextLike
+
+
+Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+Event = Request | PendingPush
+
+
+class Connection:
+    """One ADS stream (SotW or Delta) from one proxy."""
+
+    def __init__(
+        self,
+        conn_id: str,
+        proxy: Proxy,
+        *,
+        delta: bool,
+        peer: str = "",
+        max_queued_requests: int = 64,
+    ) -> None:
+        self.conn_id = conn_id
+        self.proxy = proxy
+        self.delta = delta
+        self.peer = peer
+        self.connected_at = time.time()
+        self._watched: dict[str, WatchedResource] = {}
+        self.warned_types: set[str] = set()
+        # Earliest PushRequest.start not yet fully ACKed, for the convergence metric.
+        self.converge_start: float | None = None
+        self._requests: deque[Request] = deque()
+        self._max_requests = max_queued_requests
+        self._push: PendingPush | None = None
+        self._closed = False
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    @property
+    def watched(self) -> Mapping[str, WatchedResource]:
+        return self._watched
+
+    def sent_resources(self, type_url: str) -> dict[str, Resource]:
+        """What this proxy was last sent of `type_url` (empty if not watched)."""
+        w = self._watched.get(type_url)
+        return w.sent_resources(self.delta) if w else {}
+
+    # Event queue: client requests and pushes, consumed by one connection task.
+
+    async def put_request(self, request: Request) -> None:
+        """Called by the stream reader; waits when the connection task falls behind."""
+        while len(self._requests) >= self._max_requests:
+            self._room.clear()
+            await self._room.wait()
+        self._requests.append(request)
+        self._wake.set()
+
+    def enqueue_push(self, request: PushRequest, context: PushContextLike) -> None:
+        """Merge into the pending push: a slow proxy gets one push, not a backlog."""
+        pending = self._push
+        merged = request if pending is None else pending.request.merge(request)
+        self._push = PendingPush(merged, context)
+        self._wake.set()
+
+    def close_input(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    @property
+    def has_pending_push(self) -> bool:
+        return self._push is not None
+
+    async def next_event(self) -> Event | None:
+        """Next client request (first, they may free ACK slots), else push; None at EOF."""
+        while True:
+            if self._requests:
+                req = self._requests.popleft()
+                self._room.set()
+                return req
+            if self._push is not None:
+                push, self._push = self._push, None
+                return push
+            if self._closed:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+
+    # Convergence bookkeeping.
+
+    def note_push_started(self, start: float) -> None:
+        if self.converge_start is None or start < self.converge_start:
+            self.converge_start = start
+
+    def take_converged(self) -> float | None:
+        """The push start time if everything pushed is now ACKed (or NACKed), else None."""
+        if self.converge_start is None or self._push is not None:
+            return None
+        for w in self._watched.values():
+            if w.awaiting_ack or w.dirty is not None:
+                return None
+        start, self.converge_start = self.converge_start, None
+        return start
+
+    # Protocol state transitions.
+
+    def on_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> Outcome:
+        type_url = req.type_url
+        w = self._watched.get(type_url)
+        names = frozenset(req.resource_names)
+        if not req.response_nonce or w is None:
+            # First request for this type, or a reconnect carrying another server's nonce.
+            if w is None:
+                w = self._watched[type_url] = WatchedResource(type_url)
+            w.wildcard = type_url in typeurls.WILDCARD_TYPES and (not names or WILDCARD in names)
+            w.names = frozenset() if w.wildcard else names
+            return Outcome(Kind.INIT, Reply())
+        if req.response_nonce != w.nonce_sent:
+            return Outcome(Kind.STALE)
+        kind = self._ack_or_nack(w, req.response_nonce, req.version_info, req)
+        added = removed = frozenset[str]()
+        if not w.wildcard:
+            added, removed = names - w.names, w.names - names
+            w.names = names
+        if added:
+            # Only the new names: EDS/RDS responses may be partial in SotW.
+            return Outcome(kind, Reply(added), added=added, removed=removed)
+        if kind is Kind.ACK and w.always_respond:
+            return Outcome(kind, Reply(), removed=removed)
+        return Outcome(kind, dirty=self._take_dirty(w), removed=removed)
+
+    def on_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> Outcome:
+        type_url = req.type_url
+        w = self._watched.get(type_url)
+        sub = frozenset(req.resource_names_subscribe)
+        unsub = frozenset(req.resource_names_unsubscribe)
+        wildcard_type = type_url in typeurls.WILDCARD_TYPES
+        if w is None:
+            w = self._watched[type_url] = WatchedResource(type_url)
+            w.wildcard = wildcard_type and (not sub or WILDCARD in sub)
+            w.names = sub - {WILDCARD}
+            # On reconnect the client tells us what it has: don't resend those versions.
+            w.versions = {
+                n: v for n, v in req.initial_resource_versions.items() if w.wildcard or n in w.names
+            }
+            return Outcome(Kind.INIT, Reply(), added=w.names)
+
+        kind = Kind.SUBSCRIPTION
+        if req.response_nonce:
+            if req.response_nonce != w.nonce_sent:
+                kind = Kind.STALE
+            else:
+                kind = self._ack_or_nack(w, req.response_nonce, w.version_sent, req)
+        # Subscription changes apply whatever the nonce: unlike SotW they are never
+        # repeated, so dropping them with a stale ACK would lose them for good.
+        became_wildcard = False
+        if WILDCARD in sub and wildcard_type and not w.wildcard:
+            w.wildcard = became_wildcard = True
+        if WILDCARD in unsub and w.wildcard:
+            w.wildcard = False
+        explicit = sub - {WILDCARD}
+        removed = (unsub - {WILDCARD}) & w.names
+        added = explicit - w.names
+        w.names = (w.names | explicit) - unsub
+        if not w.wildcard:
+            # The client dropped what it no longer watches; forget its versions so a
+            # later re-subscribe is answered, and never name them in removals.
+            for n in [n for n in w.versions if n not in w.names]:
+                del w.versions[n]
+            # An explicit subscribe is a request for the resource even if we think
+            # the client has it (Envoy re-subscribes for warming clusters).
+            for n in explicit:
+                w.versions.pop(n, None)
+        if became_wildcard:
+            return Outcome(kind, Reply(), added=added, removed=removed)
+        if explicit and not w.wildcard:
+            return Outcome(kind, Reply(explicit), added=added, removed=removed)
+        if kind is Kind.ACK and w.always_respond:
+            w.versions.clear()
+            return Outcome(kind, Reply(), removed=removed)
+        dirty = self._take_dirty(w) if kind in (Kind.ACK, Kind.NACK) else None
+        return Outcome(kind, dirty=dirty, added=added, removed=removed)
+
+    def _ack_or_nack(self, w: WatchedResource, nonce: str, version: str, req: Request) -> Kind:
+        w.awaiting_ack = False
+        if req.HasField("error_detail"):
+            w.nack = req.error_detail.message or f"code {req.error_detail.code}"
+            w.nack_time = time.time()
+            w.nacks += 1
+            return Kind.NACK
+        w.nonce_acked = nonce
+        w.version_acked = version
+        w.nack = ""
+        return Kind.ACK
+
+    @staticmethod
+    def _take_dirty(w: WatchedResource) -> PushRequest | None:
+        dirty, w.dirty = w.dirty, None
+        return dirty

@@ -1,0 +1,615 @@
+"""The ADS server: SotW and Delta streams, ACK/NACK handling, pushes to connections.
+
+One asyncio task per stream owns its Connection: it handles client requests and
+pushes in order, so per-stream state needs no locks. Responses are written as
+pre-encoded bytes: resource bodies are already serialized Anys, and a resource list
+shared by many proxies (same scope) is framed once and reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import structlog
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from meshpilot.model.proxy import Proxy, ProxyIdError
+from meshpilot.model.push_request import PushRequest
+from meshpilot.monitoring import metrics
+from meshpilot.xds import typeurls
+from meshpilot.xds.connection import Connection, Kind, PendingPush, Reply, WatchedResource
+from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+KNOWN_TYPES = frozenset(typeurls.PUSH_ORDER)
+
+# Envoy's own default is unlimited; a big mesh's CDS easily passes gRPC's 4 MiB.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # A second server on a busy port must fail, not share it silently.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Istio's keepalive: find dead proxies within a minute, tolerate idle clients that ping.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_concurrent_streams", 100_000),
+)
+
+
+# --- Wire encoding -----------------------------------------------------------------
+# DiscoveryResponse and DeltaDiscoveryResponse built by hand from pre-serialized Anys.
+# Protobuf parsers accept fields in any order, so a shared resource block can be
+# appended after the per-stream header (version, type, nonce) without re-encoding it.
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited field (field numbers < 16, so the key is one byte)."""
+    return bytes(((number << 3) | 2,)) + _varint(len(data)) + data
+
+
+def _sotw_entry(r: Resource) -> bytes:
+    return _field(2, r.body.SerializeToString())
+
+
+def _delta_entry(r: Resource) -> bytes:
+    # envoy.service.discovery.v3.Resource: name=3, version=1, resource=2.
+    inner = (
+        _field(3, r.name.encode())
+        + _field(1, r.version.encode())
+        + _field(2, r.body.SerializeToString())
+    )
+    return _field(2, inner)
+
+
+class _BlockCache:
+    """Encoded resource lists keyed by the identity of the (immutable) sequence.
+
+    The generator shares one Generated among proxies of the same scope; framing its
+    resources once per push instead of once per proxy is most of the serving cost.
+    Holding the sequence keeps its id from being reused while cached.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_entries: int = 512) -> None:
+        self._entries: dict[tuple[int, bool], tuple[Sequence[Resource], bytes]] = {}
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, resources: Sequence[Resource], delta: bool) -> bytes:
+        key = (id(resources), delta)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is resources:
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        encode = _delta_entry if delta else _sotw_entry
+        block = b"".join([encode(r) for r in resources])
+        if len(block) > self._max_bytes // 4:
+            return block
+        self._entries[key] = (resources, block)
+        self._bytes += len(block)
+        while self._bytes > self._max_bytes or len(self._entries) > self._max_entries:
+            oldest = next(iter(self._entries))
+            self._bytes -= len(self._entries.pop(oldest)[1])
+        return block
+
+
+# --- Server ------------------------------------------------------------------------
+
+
+class DiscoveryServer:
+    """Holds the ADS connections, answers their requests and pushes config to them.
+
+    All methods must be called from the event loop thread that runs the gRPC server.
+    Requests that arrive before the first push context is known wait for it: answering
+    a reconnecting Envoy with an empty config would wipe its listeners and clusters.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        context: PushContextLike | None = None,
+        *,
+        instance_id: str | None = None,
+        max_queued_requests: int = 64,
+    ) -> None:
+        self.generator = generator
+        # Distinct across restarts and replicas, so nonces never collide with a
+        # previous server's nonce that a reconnecting Envoy still carries.
+        self.instance_id = instance_id or f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        self._nonce_prefix = f"{secrets.token_hex(4)}-"
+        self._nonces = itertools.count(1)
+        self._conn_ids = itertools.count(1)
+        self._connections: dict[str, Connection] = {}
+        self._max_queued_requests = max_queued_requests
+        self._current: PushContextLike | None = None
+        self._ready = asyncio.Event()
+        self._blocks = _BlockCache()
+        self._sotw_cp = _field(
+            6, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
+        )
+        self._delta_cp = _field(
+            7, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
+        )
+        self.servicer = AggregatedDiscoveryService(self)
+        if context is not None:
+            self._set_current(context)
+
+    # Public API.
+
+    @property
+    def current(self) -> PushContextLike | None:
+        """The push context that requests are answered from."""
+        return self._current
+
+    @property
+    def connections(self) -> tuple[Connection, ...]:
+        """A snapshot of the live connections."""
+        return tuple(self._connections.values())
+
+    def connections_for(self, proxy_id: str) -> list[Connection]:
+        """Live connections of one proxy (several are allowed, as in Istio)."""
+        return [c for c in self._connections.values() if c.proxy.id == proxy_id]
+
+    def push(self, request: PushRequest, context: PushContextLike) -> int:
+        """Make `context` current and queue the push on every connection.
+
+        Returns the number of connections queued. Cheap: the work happens in each
+        connection's task, which merges pushes it has not started yet.
+        """
+        self._set_current(context)
+        for conn in self._connections.values():
+            conn.enqueue_push(request, context)
+        return len(self._connections)
+
+    def sync_status(self) -> list[dict[str, Any]]:
+        """Per-connection sync state with Istio's /debug/syncz keys."""
+        out = []
+        for conn in self._connections.values():
+            p = conn.proxy
+            entry: dict[str, Any] = {
+                "proxy": p.id,
+                "conn_id": conn.conn_id,
+                "proxy_type": p.type,
+                "cluster_id": p.cluster_id,
+                "istio_version": p.istio_version,
+                "delta": conn.delta,
+                "address": conn.peer,
+                "connected_at": conn.connected_at,
+            }
+            for type_url, label in _SYNCZ_LABELS.items():
+                w = conn.watched.get(type_url)
+                entry[f"{label}_sent"] = w.nonce_sent if w else ""
+                entry[f"{label}_acked"] = w.nonce_acked if w else ""
+                entry[f"{label}_nack"] = w.nack if w else ""
+            out.append(entry)
+        return out
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the ADS service to a gRPC server (also usable for the TLS port)."""
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.servicer.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.servicer.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    # Stream handling.
+
+    def _set_current(self, context: PushContextLike) -> None:
+        self._current = context
+        self._ready.set()
+
+    async def serve_stream(
+        self,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        *,
+        delta: bool,
+    ) -> None:
+        """Run one ADS stream until the client goes away."""
+        it = aiter(requests)
+        try:
+            first = await anext(it)
+        except StopAsyncIteration:
+            return
+        try:
+            if not first.HasField("node") or not first.node.id:
+                raise ProxyIdError("the first request on an ADS stream must carry node.id")
+            proxy = Proxy.from_node(first.node)
+        except ProxyIdError as e:
+            log.warning("xds rejected stream", peer=context.peer(), error=str(e))
+            # abort() raises: the stream ends with this status, the server goes on.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+
+        conn = Connection(
+            f"{proxy.id}-{next(self._conn_ids)}",
+            proxy,
+            delta=delta,
+            peer=context.peer() or "",
+            max_queued_requests=self._max_queued_requests,
+        )
+        version_label = proxy.istio_version or "unknown"
+        self._connections[conn.conn_id] = conn
+        metrics.XDS_CLIENTS.labels(version_label).inc()
+        log.info("xds connected", conn=conn.conn_id, delta=delta, peer=conn.peer)
+        await conn.put_request(first)
+        reader = asyncio.create_task(self._read(it, conn), name=f"xds-read-{conn.conn_id}")
+        try:
+            await self._ready.wait()
+            writer = _Writer(conn, context)
+            while (event := await conn.next_event()) is not None:
+                if isinstance(event, PendingPush):
+                    await self._push_connection(writer, event.request, event.context)
+                else:
+                    await self._handle_request(writer, event)
+        finally:
+            reader.cancel()
+            del self._connections[conn.conn_id]
+            metrics.XDS_CLIENTS.labels(version_label).dec()
+            log.info("xds disconnected", conn=conn.conn_id)
+
+    @staticmethod
+    async def _read(it: AsyncIterator[Any], conn: Connection) -> None:
+        try:
+            async for req in it:
+                await conn.put_request(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # The RPC failed or was cancelled by the client; the main task ends too.
+            log.debug("xds stream read ended", conn=conn.conn_id, error=repr(e))
+        finally:
+            conn.close_input()
+
+    async def _handle_request(self, writer: _Writer, req: Any) -> None:
+        conn = writer.conn
+        type_url = req.type_url
+        if type_url not in KNOWN_TYPES:
+            if type_url not in conn.warned_types:
+                conn.warned_types.add(type_url)
+                log.warning("xds unknown type ignored", conn=conn.conn_id, type_url=type_url)
+            return
+        outcome = conn.on_delta_request(req) if conn.delta else conn.on_sotw_request(req)
+        w = conn.watched[type_url]
+        short = typeurls.short(type_url)
+        if outcome.kind is Kind.STALE:
+            metrics.XDS_EXPIRED_NONCE.labels(short).inc()
+            log.debug("xds stale nonce", conn=conn.conn_id, type=short, nonce=req.response_nonce)
+        elif outcome.kind is Kind.NACK:
+            metrics.TOTAL_XDS_REJECTS.labels(short).inc()
+            log.warning(
+                "xds nack",
+                conn=conn.conn_id,
+                type=short,
+                nonce=req.response_nonce,
+                error=w.nack,
+            )
+        elif outcome.kind is Kind.INIT:
+            log.debug("xds subscribe", conn=conn.conn_id, type=short, names=len(w.names))
+        if outcome.reply is not None:
+            await self._reply(writer, w, outcome.reply)
+        elif outcome.dirty is not None:
+            ctx = self._current
+            assert ctx is not None
+            await self._push_type(writer, w, outcome.dirty, ctx)
+        self._observe_convergence(conn)
+
+    async def _reply(self, writer: _Writer, w: WatchedResource, reply: Reply) -> None:
+        ctx = self._current
+        assert ctx is not None
+        names = reply.scope if reply.scope is not None else w.subscription
+        gen = self._generate(writer.conn, w.type_url, ctx, names, None)
+        if gen is None:
+            if not writer.conn.delta and w.type_url in typeurls.WILDCARD_TYPES:
+                # An empty SotW CDS/LDS response would delete everything the proxy has.
+                return
+            gen = Generated((), complete=False)
+        await self._send(writer, w, gen, ctx, reply.scope, forced=True)
+
+    async def _push_connection(
+        self, writer: _Writer, request: PushRequest, ctx: PushContextLike
+    ) -> None:
+        conn = writer.conn
+        for type_url in typeurls.PUSH_ORDER:
+            w = conn.watched.get(type_url)
+            if w is None or (not request.full and type_url != typeurls.ENDPOINT):
+                continue
+            if w.awaiting_ack:
+                w.dirty = request if w.dirty is None else w.dirty.merge(request)
+                conn.note_push_started(request.start)
+                continue
+            await self._push_type(writer, w, request, ctx)
+        self._observe_convergence(conn)
+
+    async def _push_type(
+        self, writer: _Writer, w: WatchedResource, request: PushRequest, ctx: PushContextLike
+    ) -> None:
+        if w.idle:
+            return
+        t0 = time.perf_counter()
+        gen = self._generate(writer.conn, w.type_url, ctx, w.subscription, request)
+        if gen is None:
+            return
+        if not writer.conn.delta and not gen.complete and w.type_url in typeurls.WILDCARD_TYPES:
+            # SotW CDS/LDS must be complete; ask again for the full set.
+            gen = self._generate(writer.conn, w.type_url, ctx, w.subscription, None)
+            if gen is None or not gen.complete:
+                return
+        if await self._send(writer, w, gen, ctx, None, forced=False):
+            writer.conn.note_push_started(request.start)
+            metrics.XDS_PUSH_TIME.labels(typeurls.short(w.type_url)).observe(
+                time.perf_counter() - t0
+            )
+
+    def _generate(
+        self,
+        conn: Connection,
+        type_url: str,
+        ctx: PushContextLike,
+        names: frozenset[str] | None,
+        request: PushRequest | None,
+    ) -> Generated | None:
+        try:
+            return self.generator.generate(type_url, conn.proxy, ctx, names, request)
+        except Exception:
+            # A generator bug for one proxy must not end its stream: it keeps the
+            # last config it has, and the error is in the log with the proxy name.
+            log.exception(
+                "xds generate failed",
+                conn=conn.conn_id,
+                type=typeurls.short(type_url),
+                version=ctx.version,
+            )
+            return None
+
+    async def _send(
+        self,
+        writer: _Writer,
+        w: WatchedResource,
+        gen: Generated,
+        ctx: PushContextLike,
+        scope: frozenset[str] | None,
+        *,
+        forced: bool,
+    ) -> bool:
+        """Send `gen` for `w` if there is something new (or `forced`). True if sent."""
+        if writer.conn.delta:
+            data = self._delta_response(writer.conn, w, gen, ctx, scope, forced)
+        else:
+            data = self._sotw_response(writer.conn, w, gen, ctx, scope, forced)
+        if data is None:
+            return False
+        if w.type_url == typeurls.CLUSTER:
+            eds = writer.conn.watched.get(typeurls.ENDPOINT)
+            if eds is not None:
+                eds.always_respond = True
+        elif w.type_url == typeurls.ENDPOINT and gen.complete and scope is None:
+            w.always_respond = False
+        await writer.write(data)
+        metrics.XDS_PUSHES.labels(typeurls.short(w.type_url)).inc()
+        return True
+
+    def _next_nonce(self) -> str:
+        return f"{self._nonce_prefix}{next(self._nonces)}"
+
+    def _sotw_response(
+        self,
+        conn: Connection,
+        w: WatchedResource,
+        gen: Generated,
+        ctx: PushContextLike,
+        scope: frozenset[str] | None,
+        forced: bool,
+    ) -> bytes | None:
+        resources = gen.resources
+        full = gen.complete and scope is None
+        if not forced:
+            if not resources and not gen.complete:
+                return None
+            if full and not w.sent_updates and _same_content(w.sent_base, resources):
+                # Unchanged for this proxy; after a NACK this is what keeps us from
+                # resending the rejected config.
+                return None
+        nonce = self._next_nonce()
+        head = (
+            _field(1, ctx.version.encode())
+            + _field(4, w.type_url.encode())
+            + _field(5, nonce.encode())
+            + self._sotw_cp
+        )
+        data = (head + self._blocks.get(resources, False)) if resources else head
+        w.nonce_sent = nonce
+        w.version_sent = ctx.version
+        w.awaiting_ack = True
+        w.record_sent(resources, full)
+        return data
+
+    def _delta_response(
+        self,
+        conn: Connection,
+        w: WatchedResource,
+        gen: Generated,
+        ctx: PushContextLike,
+        scope: frozenset[str] | None,
+        forced: bool,
+    ) -> bytes | None:
+        versions = w.versions
+        wildcard = w.wildcard
+        names = w.names
+        changed = [
+            r
+            for r in gen.resources
+            if versions.get(r.name) != r.version and (wildcard or r.name in names)
+        ]
+        removed: list[str] = []
+        if gen.complete:
+            present = {r.name for r in gen.resources}
+            if scope is None:
+                removed = [n for n in versions if n not in present]
+            else:
+                # Names the client asked for that do not exist: saying so (as removed)
+                # lets Envoy finish warming instead of waiting for them.
+                removed = [n for n in scope if n not in present and (forced or n in versions)]
+            if not wildcard:
+                removed = [n for n in removed if n in names]
+            removed.sort()
+        if not changed and not removed and not forced:
+            return None
+        nonce = self._next_nonce()
+        parts = [
+            _field(1, ctx.version.encode()),
+            _field(4, w.type_url.encode()),
+            _field(5, nonce.encode()),
+            self._delta_cp,
+        ]
+        parts.extend(_field(6, n.encode()) for n in removed)
+        if len(changed) == len(gen.resources) and changed:
+            parts.append(self._blocks.get(gen.resources, True))
+        else:
+            parts.extend(_delta_entry(r) for r in changed)
+        for r in changed:
+            versions[r.name] = r.version
+        for n in removed:
+            versions.pop(n, None)
+        w.nonce_sent = nonce
+        w.version_sent = ctx.version
+        w.awaiting_ack = True
+        if gen.complete and scope is None:
+            w.record_sent(gen.resources, True)
+        else:
+            w.record_sent(changed, False)
+        return b"".join(parts)
+
+    @staticmethod
+    def _observe_convergence(conn: Connection) -> None:
+        start = conn.take_converged()
+        if start is not None:
+            metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - start)
+
+
+class _Writer:
+    """The write side of one stream, with the connection it belongs to."""
+
+    __slots__ = ("conn", "write")
+
+    def __init__(self, conn: Connection, context: grpc.aio.ServicerContext) -> None:
+        self.conn = conn
+        self.write = context.write
+
+
+_SYNCZ_LABELS = {
+    typeurls.CLUSTER: "cluster",
+    typeurls.LISTENER: "listener",
+    typeurls.ROUTE: "route",
+    typeurls.ENDPOINT: "endpoint",
+    typeurls.SECRET: "secret",
+}
+
+
+def _same_content(a: Sequence[Resource], b: Sequence[Resource]) -> bool:
+    if a is b:
+        return True
+    if len(a) != len(b):
+        return False
+    return all(x.name == y.name and x.version == y.version for x, y in zip(a, b, strict=True))
+
+
+def _serialize(message: Any) -> bytes:
+    # Responses are pre-encoded bytes; messages are accepted too for simplicity elsewhere.
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """The gRPC servicer; all logic is in DiscoveryServer."""
+
+    def __init__(self, discovery: DiscoveryServer) -> None:
+        self._discovery = discovery
+
+    async def StreamAggregatedResources(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._discovery.serve_stream(request_iterator, context, delta=False)
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._discovery.serve_stream(request_iterator, context, delta=True)
+
+
+def create_server(
+    discovery: DiscoveryServer, *, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Server:
+    """An unstarted grpc.aio server with ADS registered; add ports, then start it."""
+    server = grpc.aio.server(options=(*SERVER_OPTIONS, *options))
+    discovery.register(server)
+    return server
+
+
+def bind(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Add a listening port; returns the bound port and raises OSError if it is taken."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as e:
+        raise OSError(f"xDS server cannot listen on {address}: {e}") from e
+    if port == 0:
+        raise OSError(f"xDS server cannot listen on {address}")
+    return port
+
+
+async def start(
+    address: str,
+    discovery: DiscoveryServer,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+) -> grpc.aio.Server:
+    """Create, bind and start the ADS server (e.g. on 127.0.0.1:15010)."""
+    server = create_server(discovery)
+    port = bind(server, address, credentials)
+    await server.start()
+    log.info("xds server listening", address=address, port=port, pid=os.getpid())
+    return server
