@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,6 +23,15 @@ CDS, EDS, LDS, RDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER, typ
 def sample(name: str, **labels: str) -> float:
     """Current value of a metric sample in the process registry (0 if never set)."""
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def eventually(predicate: Callable[[], object], within: float = 2.0) -> None:
+    """Wait until `predicate()` is true; fail the test after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -54,6 +64,17 @@ class Harness:
         c = DeltaClient(self.channel, node_id)
         self.clients.append(c)
         return c
+
+    async def settled(self, within: float = 2.0) -> None:
+        """Wait until the server has processed every ACK: nothing awaits one."""
+        await eventually(
+            lambda: (
+                not any(
+                    w.awaiting_ack for c in self.discovery.connections for w in c.watched.values()
+                )
+            ),
+            within,
+        )
 
     def status(self) -> dict[str, object]:
         """The only sync_status entry (tests with one connection)."""
