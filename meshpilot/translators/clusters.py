@@ -1,0 +1,238 @@
+"""CDS: outbound clusters per visible service port, inbound clusters, and Istio's
+fixed BlackHoleCluster, PassthroughCluster and InboundPassthroughCluster."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import duration_pb2, struct_pb2
+
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
+from meshpilot.model.service import Protocol, Resolution, Service, ServicePort
+from meshpilot.translators import naming
+from meshpilot.translators.common import (
+    HTTP_PROTOCOL_OPTIONS_KEY,
+    INBOUND_PASSTHROUGH_BIND_V4,
+    INBOUND_PASSTHROUGH_BIND_V6,
+    MAX_DURATION_SECONDS,
+    MAX_UINT32,
+    ads_config_source,
+    duration,
+    duration_from_text,
+    is_ip,
+    is_ipv4,
+    pack,
+    pipe_address,
+    socket_address,
+    uint32,
+)
+from meshpilot.translators.endpoints import locality_lb_endpoints
+from meshpilot.translators.plan import InboundPlan, inbound_plans
+
+Cluster = cluster_pb2.Cluster
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+# Istio's passthrough clusters close idle upstream connections after 5 minutes.
+PASSTHROUGH_IDLE_TIMEOUT_SECONDS = 300.0
+
+_DISCOVERY_TYPE = {
+    Resolution.CLIENT_SIDE_LB: Cluster.EDS,
+    Resolution.DNS_LB: Cluster.STRICT_DNS,
+    Resolution.DNS_ROUND_ROBIN: Cluster.LOGICAL_DNS,
+    Resolution.PASSTHROUGH: Cluster.ORIGINAL_DST,
+}
+
+
+def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]:
+    """Every cluster the proxy needs, sorted by name."""
+    connect_timeout = duration_from_text(push.mesh.connect_timeout, DEFAULT_CONNECT_TIMEOUT_SECONDS)
+    out: dict[str, Cluster] = {}
+    for svc in push.sidecar_scope(proxy).services:
+        for sp in svc.ports:
+            if sp.protocol is Protocol.UDP:
+                continue
+            c = _outbound_cluster(push, proxy, svc, sp, connect_timeout)
+            out.setdefault(c.name, c)
+    for plan in inbound_plans(push, proxy):
+        c = _inbound_cluster(plan, connect_timeout)
+        out.setdefault(c.name, c)
+    fixed = [_blackhole(connect_timeout), _passthrough(connect_timeout)]
+    if not proxy.is_router:
+        fixed.append(_inbound_passthrough(proxy, connect_timeout))
+    for c in fixed:
+        out.setdefault(c.name, c)
+    return [out[name] for name in sorted(out)]
+
+
+def _outbound_cluster(
+    push: PushContext,
+    proxy: Proxy,
+    svc: Service,
+    sp: ServicePort,
+    connect_timeout: duration_pb2.Duration,
+) -> Cluster:
+    name = naming.outbound_cluster_name(sp.port, "", svc.hostname)
+    kind = _DISCOVERY_TYPE[svc.resolution]
+    c = _base(name, kind, connect_timeout)
+    if kind == Cluster.EDS:
+        c.eds_cluster_config.eds_config.CopyFrom(ads_config_source())
+        c.eds_cluster_config.service_name = name
+    elif kind in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
+        c.dns_lookup_family = _dns_family(proxy)
+        localities = locality_lb_endpoints(push.service_endpoints(svc.hostname, sp.port))
+        if kind == Cluster.LOGICAL_DNS:
+            # Envoy accepts exactly one host for LOGICAL_DNS; Istio keeps the first.
+            localities = localities[:1]
+            if localities:
+                del localities[0].lb_endpoints[1:]
+                localities[0].load_balancing_weight.value = (
+                    localities[0].lb_endpoints[0].load_balancing_weight.value
+                )
+        c.load_assignment.CopyFrom(
+            endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=localities)
+        )
+    if kind == Cluster.ORIGINAL_DST:
+        c.lb_policy = Cluster.CLUSTER_PROVIDED
+    else:
+        # Istio's default since 1.14: least request balances better than round robin.
+        c.lb_policy = Cluster.LEAST_REQUEST
+    if sp.protocol.is_http2:
+        _set_h2(c)
+    _istio_metadata(c, svc)
+    return c
+
+
+def _inbound_cluster(plan: InboundPlan, connect_timeout: duration_pb2.Duration) -> Cluster:
+    name = plan.cluster_name
+    if not plan.endpoint:
+        c = _base(name, Cluster.ORIGINAL_DST, connect_timeout)
+        c.lb_policy = Cluster.CLUSTER_PROVIDED
+        # Original-destination hosts are per connection; never expire them (Istio).
+        c.cleanup_interval.CopyFrom(duration(MAX_DURATION_SECONDS))
+    else:
+        c = _base(name, Cluster.STATIC, connect_timeout)
+        c.lb_policy = Cluster.ROUND_ROBIN
+        if plan.endpoint.startswith("unix://"):
+            address = pipe_address(plan.endpoint.removeprefix("unix://"))
+        else:
+            address = socket_address(plan.endpoint, plan.endpoint_port)
+        c.load_assignment.CopyFrom(
+            endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=name,
+                endpoints=[
+                    endpoint_components_pb2.LocalityLbEndpoints(
+                        lb_endpoints=[
+                            endpoint_components_pb2.LbEndpoint(
+                                endpoint=endpoint_components_pb2.Endpoint(address=address)
+                            )
+                        ]
+                    )
+                ],
+            )
+        )
+    if plan.endpoint not in (naming.LOCALHOST_V4, "::1") and not plan.endpoint.startswith(
+        "unix://"
+    ):
+        # Traffic to the pod IP would be captured again by iptables unless it comes
+        # from the address the capture rules exempt.
+        c.upstream_bind_config.source_address.CopyFrom(
+            address_pb2.SocketAddress(address=INBOUND_PASSTHROUGH_BIND_V4, port_value=0)
+        )
+    if plan.protocol.is_http2:
+        _set_h2(c)
+    if plan.service is not None:
+        _istio_metadata(c, plan.service)
+    return c
+
+
+def _base(name: str, kind: int, connect_timeout: duration_pb2.Duration) -> Cluster:
+    c = Cluster(name=name, type=kind, alt_stat_name=naming.alt_stat_name(name))
+    c.connect_timeout.CopyFrom(connect_timeout)
+    c.common_lb_config.SetInParent()
+    c.circuit_breakers.CopyFrom(_default_circuit_breakers())
+    return c
+
+
+def _default_circuit_breakers() -> circuit_breaker_pb2.CircuitBreakers:
+    """Istio's defaults: no limits (Envoy's 1024/3 cause 503s during rollouts)."""
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                max_connections=uint32(MAX_UINT32),
+                max_pending_requests=uint32(MAX_UINT32),
+                max_requests=uint32(MAX_UINT32),
+                max_retries=uint32(MAX_UINT32),
+                track_remaining=True,
+            )
+        ]
+    )
+
+
+def _set_h2(c: Cluster) -> None:
+    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    opts.explicit_http_config.http2_protocol_options.SetInParent()
+    c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS_KEY].CopyFrom(pack(opts))
+
+
+def _dns_family(proxy: Proxy) -> int:
+    ips = [ip for ip in proxy.ip_addresses if is_ip(ip)]
+    if not ips or all(is_ipv4(ip) for ip in ips):
+        return Cluster.V4_ONLY
+    if not any(is_ipv4(ip) for ip in ips):
+        return Cluster.V6_ONLY
+    return Cluster.ALL
+
+
+def _istio_metadata(c: Cluster, svc: Service) -> None:
+    """`filter_metadata.istio.services`, as Istio, for telemetry and config dumps."""
+    istio = struct_pb2.Struct()
+    istio.update(
+        {"services": [{"host": svc.hostname, "name": svc.name, "namespace": svc.namespace}]}
+    )
+    if svc.mesh_external:
+        istio.update({"external": True})
+    c.metadata.filter_metadata["istio"].CopyFrom(istio)
+
+
+def _blackhole(connect_timeout: duration_pb2.Duration) -> Cluster:
+    c = Cluster(
+        name=naming.BLACKHOLE_CLUSTER,
+        type=Cluster.STATIC,
+        lb_policy=Cluster.ROUND_ROBIN,
+        alt_stat_name=naming.alt_stat_name(naming.BLACKHOLE_CLUSTER),
+    )
+    c.connect_timeout.CopyFrom(connect_timeout)
+    return c
+
+
+def _passthrough(connect_timeout: duration_pb2.Duration, name: str = "") -> Cluster:
+    name = name or naming.PASSTHROUGH_CLUSTER
+    c = _base(name, Cluster.ORIGINAL_DST, connect_timeout)
+    c.lb_policy = Cluster.CLUSTER_PROVIDED
+    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    opts.common_http_protocol_options.idle_timeout.CopyFrom(
+        duration(PASSTHROUGH_IDLE_TIMEOUT_SECONDS)
+    )
+    # Unknown destinations speak whatever the client speaks.
+    opts.use_downstream_protocol_config.http_protocol_options.SetInParent()
+    opts.use_downstream_protocol_config.http2_protocol_options.SetInParent()
+    c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS_KEY].CopyFrom(pack(opts))
+    return c
+
+
+def _inbound_passthrough(proxy: Proxy, connect_timeout: duration_pb2.Duration) -> Cluster:
+    c = _passthrough(connect_timeout, naming.INBOUND_PASSTHROUGH_CLUSTER)
+    has_v4 = any(is_ipv4(ip) for ip in proxy.ip_addresses) or not proxy.ip_addresses
+    has_v6 = any(is_ip(ip) and not is_ipv4(ip) for ip in proxy.ip_addresses)
+    source = INBOUND_PASSTHROUGH_BIND_V4 if has_v4 else INBOUND_PASSTHROUGH_BIND_V6
+    c.upstream_bind_config.source_address.CopyFrom(
+        address_pb2.SocketAddress(address=source, port_value=0)
+    )
+    if has_v4 and has_v6:
+        extra = c.upstream_bind_config.extra_source_addresses.add()
+        extra.address.CopyFrom(
+            address_pb2.SocketAddress(address=INBOUND_PASSTHROUGH_BIND_V6, port_value=0)
+        )
+    return c

@@ -1,0 +1,207 @@
+"""RDS: sidecar outbound route configurations, named by port (`"9080"`).
+
+One virtual host per HTTP service on the listener, named `HOST:PORT`, with
+Istio's domains: the FQDN, the short forms a client in the proxy's namespace may
+use (`name`, same namespace only; `name.ns` and `name.ns.svc` from anywhere in
+the cluster), the service VIPs, each with and without `:PORT`. A domain is kept
+by the first service (by hostname) that claims it: Envoy rejects duplicates.
+Unknown hosts hit `allow_any` (PassthroughCluster) or, with REGISTRY_ONLY,
+`block_all` (502), as in Istio. A bound (explicit) listener has no original
+destination to pass through to, so it always gets `block_all`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
+from meshpilot.model.service import Service
+from meshpilot.translators import naming
+from meshpilot.translators.common import bool_value, duration, pack, uint32
+from meshpilot.translators.plan import REGISTRY_ONLY, InboundPlan, OutboundListenerPlan, route_plans
+
+RouteConfiguration = route_pb2.RouteConfiguration
+PREVIOUS_HOSTS_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
+# Istio's default retry policy for mesh routes.
+DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+DEFAULT_RETRIES = 2
+DEFAULT_HOST_SELECTION_RETRIES = 5
+BLOCK_ALL_STATUS = 502
+
+
+def route_names_for(push: PushContext, proxy: Proxy) -> list[str]:
+    """Every RDS name this proxy's listeners refer to, sorted."""
+    return sorted(route_plans(push, proxy))
+
+
+def build_route_configs(
+    push: PushContext, proxy: Proxy, names: Iterable[str] | None
+) -> list[route_pb2.RouteConfiguration]:
+    """One RouteConfiguration per requested name (all of them for None), in request
+    order; a name no listener uses still gets a valid empty configuration."""
+    plans = route_plans(push, proxy)
+    wanted = sorted(plans) if names is None else list(dict.fromkeys(names))
+    policy = push.sidecar_scope(proxy).outbound_traffic_policy
+    out = []
+    for name in wanted:
+        plan = plans.get(name)
+        if plan is None:
+            out.append(RouteConfiguration(name=name, validate_clusters=bool_value(False)))
+        else:
+            out.append(_outbound_route_config(name, plan, proxy, policy))
+    return out
+
+
+def _outbound_route_config(
+    name: str, plan: OutboundListenerPlan, proxy: Proxy, policy: str
+) -> RouteConfiguration:
+    rc = RouteConfiguration(name=name, validate_clusters=bool_value(False))
+    claimed: set[str] = set()
+    for svc in sorted(plan.http_services, key=lambda s: s.hostname):
+        domains = [d for d in virtual_host_domains(svc, plan.port, proxy) if d not in claimed]
+        if not domains:
+            continue
+        claimed.update(domains)
+        cluster = naming.outbound_cluster_name(plan.port, "", svc.hostname)
+        rc.virtual_hosts.append(
+            route_components_pb2.VirtualHost(
+                name=naming.virtual_host_name(svc.hostname, plan.port),
+                domains=domains,
+                routes=[_service_route(cluster, svc.hostname, plan.port)],
+                include_request_attempt_count=True,
+            )
+        )
+    if "*" not in claimed:
+        blocked = plan.bound or policy == REGISTRY_ONLY
+        rc.virtual_hosts.append(_block_all() if blocked else _allow_any())
+    return rc
+
+
+def virtual_host_domains(svc: Service, port: int, proxy: Proxy) -> list[str]:
+    """Istio's domains for a service port, without duplicates, in a stable order."""
+    hosts = [svc.hostname, *alt_hostnames(svc.hostname, proxy.dns_domain)]
+    for addr in svc.addresses:
+        vip = _vip_host(addr)
+        if vip:
+            hosts.append(vip)
+    out: list[str] = []
+    for h in hosts:
+        out.extend((h, f"{h}:{port}"))
+    return list(dict.fromkeys(out))
+
+
+def alt_hostnames(hostname: str, proxy_domain: str) -> list[str]:
+    """Shorter names that resolve to `hostname` from a proxy in `proxy_domain`
+    (`NAMESPACE.svc.cluster.local`), after Istio's GenerateAltVirtualHosts."""
+    marker = ".svc."
+    if marker in proxy_domain:
+        proxy_ns, _, rest = proxy_domain.partition(marker)
+        suffix = "svc." + rest
+        if not hostname.endswith("." + suffix):
+            return []
+        parts = hostname[: -len(suffix) - 1].split(".")
+        if len(parts) != 2 or not all(parts):
+            return []
+        name, ns = parts
+        alts = [name] if ns == proxy_ns else []
+        return [*alts, f"{name}.{ns}", f"{name}.{ns}.svc"]
+    if proxy_domain and hostname.endswith("." + proxy_domain):
+        return [hostname[: -len(proxy_domain) - 1]]
+    return []
+
+
+def _vip_host(addr: str) -> str:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return ""  # CIDRs and hostnames never appear in a Host header
+    if ip.is_unspecified:
+        return ""
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def _service_route(cluster: str, hostname: str, port: int) -> route_components_pb2.Route:
+    action = route_components_pb2.RouteAction(
+        cluster=cluster, timeout=duration(0), retry_policy=default_retry_policy()
+    )
+    return route_components_pb2.Route(
+        name=naming.DEFAULT_ROUTE,
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=action,
+        decorator=route_components_pb2.Decorator(operation=f"{hostname}:{port}/*"),
+    )
+
+
+def default_retry_policy() -> route_components_pb2.RetryPolicy:
+    """Istio's: two retries on connect failures, resets and 503, on another host."""
+    return route_components_pb2.RetryPolicy(
+        retry_on=DEFAULT_RETRY_ON,
+        num_retries=uint32(DEFAULT_RETRIES),
+        retriable_status_codes=[503],
+        retry_host_predicate=[
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name=PREVIOUS_HOSTS_PREDICATE,
+                typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=DEFAULT_HOST_SELECTION_RETRIES,
+    )
+
+
+def _allow_any() -> route_components_pb2.VirtualHost:
+    return route_components_pb2.VirtualHost(
+        name=naming.ALLOW_ANY_VHOST,
+        domains=["*"],
+        routes=[
+            route_components_pb2.Route(
+                name=naming.ALLOW_ANY_VHOST,
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                route=route_components_pb2.RouteAction(
+                    cluster=naming.PASSTHROUGH_CLUSTER, timeout=duration(0)
+                ),
+            )
+        ],
+        include_request_attempt_count=True,
+    )
+
+
+def _block_all() -> route_components_pb2.VirtualHost:
+    return route_components_pb2.VirtualHost(
+        name=naming.BLOCK_ALL_VHOST,
+        domains=["*"],
+        routes=[
+            route_components_pb2.Route(
+                name=naming.BLOCK_ALL_VHOST,
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                direct_response=route_components_pb2.DirectResponseAction(status=BLOCK_ALL_STATUS),
+            )
+        ],
+        include_request_attempt_count=True,
+    )
+
+
+def inbound_route_config(plan: InboundPlan) -> RouteConfiguration:
+    """Inline route of an inbound HTTP chain: everything to `inbound|PORT||`."""
+    host = plan.service.hostname if plan.service is not None else ""
+    route = route_components_pb2.Route(
+        name=naming.DEFAULT_ROUTE,
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(cluster=plan.cluster_name, timeout=duration(0)),
+        decorator=route_components_pb2.Decorator(operation=f"{host}:{plan.port}/*"),
+    )
+    return RouteConfiguration(
+        name=plan.cluster_name,
+        validate_clusters=bool_value(False),
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=naming.inbound_virtual_host_name(plan.port),
+                domains=["*"],
+                routes=[route],
+            )
+        ],
+    )
