@@ -160,13 +160,15 @@ def parse_object(
         return error(
             f"{namespace!r} is not a valid namespace (lowercase DNS label)",
             "metadata.namespace",
-            name=str(name),
+            ns=str(namespace),
+            name=name,
         )
     if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
         return error(
             f"{name!r} is not a valid name (lowercase letters, digits, '-' and '.')",
             "metadata.name",
             ns=namespace,
+            name=name,
         )
     labels = metadata.get("labels") or {}
     annotations = metadata.get("annotations") or {}
@@ -184,7 +186,9 @@ def parse_object(
     try:
         model = info.spec_model.model_validate(spec)
     except ValidationError as e:
-        first = e.errors()[0]
+        # A typo shows up as an unknown field plus, often, a missing one: the unknown
+        # one is what the user wrote, so name it.
+        first = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
         extra = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         return error(_message(first) + extra, field_path(tuple(first["loc"])), namespace, name)
     except (ValueError, TypeError, RecursionError) as e:

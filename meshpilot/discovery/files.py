@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchfiles import awatch
+from watchfiles._rust_notify import RustNotify
 
 from meshpilot.api.errors import ConfigError
 from meshpilot.api.parse import ParseResult, parse_text
@@ -38,6 +39,7 @@ MAX_DEPTH = 64
 # A file modified within this window of our read may have been modified again within
 # the same filesystem timestamp tick with the same size: its stat cannot be trusted.
 _RACY_NS = 2_000_000_000
+_STEP_MS = 10
 
 Rel = tuple[str, ...]
 """A path relative to its root, as parts; () is the root itself (a single-file root)."""
@@ -161,9 +163,9 @@ class FileSource:
         """Watch the directories and apply changes until cancelled."""
         retry_after = 5.0
         while True:
-            await self._resync()
-            present = [i for i in range(len(self._roots)) if i not in self._missing_roots]
+            present = [i for i, ident in enumerate(self._identities()) if ident is not None]
             if not present:
+                await self._resync()
                 await asyncio.sleep(self._rescan_interval)
                 continue
             try:
@@ -202,28 +204,62 @@ class FileSource:
     # --- watching -------------------------------------------------------------------------
 
     async def _watch(self, roots: list[int]) -> None:
-        stop = asyncio.Event()
-        monitor = asyncio.create_task(self._monitor(self._identities(), stop))
+        """Apply inotify events until cancelled or until a root is replaced.
+
+        watchfiles' RustNotify rather than `awatch`: its watches exist once it is
+        constructed, so the rescan after it misses nothing, and stopping it takes one
+        step rather than a whole timeout.
+        """
+        identities = self._identities()
+        stop = threading.Event()
         paths = [self._roots[i].absolute for i in roots]
+        # Setting up recursive watches lists the whole tree: not on the loop.
+        watcher = await asyncio.to_thread(RustNotify, paths, False, False, 300, True, True)
+        monitor: asyncio.Task[None] | None = None
         try:
             self._watching = True
-            async for changes in awatch(
-                *paths,
-                watch_filter=None,
-                debounce=self._debounce_ms,
-                step=10,
-                stop_event=stop,
-                rust_timeout=1000,
-                ignore_permission_denied=True,
-            ):
-                await self.apply_changes(path for _, path in changes)
+            await self._resync()
+            monitor = asyncio.create_task(self._monitor(identities, stop))
+            while True:
+                raw = await self._next_changes(watcher, stop)
+                if raw == "stop":
+                    return
+                if isinstance(raw, set):
+                    paths = [path for _, path in raw]
+                    await self.apply_changes(paths)
+                    if any(self._locate(path) == (i, ()) for path in paths for i in roots):
+                        # A root itself was deleted or replaced; its inode number may
+                        # be reused at once, which the monitor cannot tell apart.
+                        return
+                elif raw != "timeout":
+                    raise RuntimeError(f"file watcher returned {raw!r}")
         finally:
             self._watching = False
-            monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await monitor
+            stop.set()
+            if monitor is not None:
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor
+            watcher.close()
 
-    async def _monitor(self, identities: list[tuple[int, int] | None], stop: asyncio.Event) -> None:
+    async def _next_changes(
+        self, watcher: RustNotify, stop: threading.Event
+    ) -> set[tuple[int, str]] | str:
+        pending = asyncio.ensure_future(
+            asyncio.to_thread(watcher.watch, self._debounce_ms, _STEP_MS, 1000, stop)
+        )
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # The thread sees `stop` within a step; closing the watcher under it would
+            # fail, so wait for it before letting the cancellation through.
+            stop.set()
+            await asyncio.wait([pending])
+            raise
+
+    async def _monitor(
+        self, identities: list[tuple[int, int] | None], stop: threading.Event
+    ) -> None:
         """Restart the watch when a root is replaced; resync now and then regardless.
 
         inotify watches inodes: a root deleted and recreated, or a missing root that
