@@ -20,9 +20,9 @@ class ConfigError:
 
     @property
     def object_ref(self) -> str:
-        if not self.kind:
-            return ""
-        return f"{self.kind} {self.namespace}/{self.name}" if self.name else self.kind
+        # The name alone still helps when the kind is what is missing or wrong.
+        name = f"{self.namespace}/{self.name}" if self.name else ""
+        return f"{self.kind} {name}".strip()
 
     def __str__(self) -> str:
         where = self.origin

@@ -45,10 +45,7 @@ def parse_text(text: str, origin: str) -> ParseResult:
     try:
         documents = list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        result.errors.append(ConfigError(origin, f"invalid YAML{where}: {problem}"))
+        result.errors.append(ConfigError(origin, _yaml_error(e, text)))
         return result
     except RecursionError:
         result.errors.append(ConfigError(origin, "invalid YAML: nested too deeply"))
@@ -57,10 +54,50 @@ def parse_text(text: str, origin: str) -> ParseResult:
         if doc is None:
             continue
         if too_big := _size_problem(doc):
-            result.errors.append(ConfigError(origin, too_big, index))
+            kind, namespace, name = _identity(doc)
+            result.errors.append(ConfigError(origin, too_big, index, kind, namespace, name))
             continue
         _parse_document(doc, origin, index, result)
     return result
+
+
+def _yaml_error(e: yaml.YAMLError, text: str) -> str:
+    """The problem, where it is, and what the parser was in the middle of."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    line = column = None
+    if mark is not None:
+        line, column = mark.line + 1, mark.column + 1
+    elif isinstance(e, yaml.reader.ReaderError):
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - text.rfind("\n", 0, e.position)
+    where = f" at line {line}, column {column}" if line is not None else ""
+    message = f"invalid YAML{where}: {problem}"
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and context_mark is not None and context_mark.line + 1 != line:
+        message += f" ({context} started at line {context_mark.line + 1})"
+    if line is not None and column is not None:
+        lines = text.splitlines()
+        if line <= len(lines) and lines[line - 1][column - 1 : column] == "\t":
+            message += " (a tab: YAML indents with spaces only)"
+    return message
+
+
+def _identity(doc: Any) -> tuple[str, str, str]:
+    """Kind, namespace and name of a document, where it states them plainly."""
+    if not isinstance(doc, dict):
+        return "", "", ""
+    kind = doc.get("kind")
+    metadata = doc.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    namespace = metadata.get("namespace") if isinstance(metadata, dict) else None
+    if not isinstance(name, str):
+        return (kind if isinstance(kind, str) else ""), "", ""
+    return (
+        kind if isinstance(kind, str) else "",
+        namespace if isinstance(namespace, str) and namespace else "default",
+        name,
+    )
 
 
 def _size_problem(doc: Any) -> str | None:
@@ -128,8 +165,12 @@ def parse_object(
     """Validate one object (a decoded YAML/JSON mapping) into a Config."""
     kind = doc.get("kind")
     api_version = doc.get("apiVersion")
+    # Name the object in errors about its kind or apiVersion too, when it is plain.
+    _, known_ns, known_name = _identity(doc)
 
-    def error(message: str, fld: str = "", ns: str = "", name: str = "") -> ConfigError:
+    def error(
+        message: str, fld: str = "", ns: str = known_ns, name: str = known_name
+    ) -> ConfigError:
         return ConfigError(origin, message, index, str(kind or ""), ns, name, fld)
 
     if not isinstance(kind, str) or not kind:
@@ -213,7 +254,11 @@ def _message(err: Any) -> str:
     if err.get("type") == "missing":
         return "missing required field"
     value = err.get("input")
-    if err.get("type") not in ("model_type",) and not isinstance(value, dict | list):
+    if (
+        err.get("type") not in ("model_type",)
+        and not isinstance(value, dict | list)
+        and repr(value) not in msg
+    ):
         return f"{msg} (got {value!r})"
     return msg
 
