@@ -30,7 +30,7 @@ from meshpilot.translators.common import (
     uint32,
 )
 from meshpilot.translators.endpoints import locality_lb_endpoints
-from meshpilot.translators.plan import InboundPlan, inbound_plans
+from meshpilot.translators.plan import UNIX_PREFIX, InboundPlan, inbound_plans
 
 Cluster = cluster_pb2.Cluster
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
@@ -114,8 +114,8 @@ def _inbound_cluster(plan: InboundPlan, connect_timeout: duration_pb2.Duration) 
     else:
         c = _base(name, Cluster.STATIC, connect_timeout)
         c.lb_policy = Cluster.ROUND_ROBIN
-        if plan.endpoint.startswith("unix://"):
-            address = pipe_address(plan.endpoint.removeprefix("unix://"))
+        if plan.endpoint.startswith(UNIX_PREFIX):
+            address = pipe_address(plan.endpoint.removeprefix(UNIX_PREFIX))
         else:
             address = socket_address(plan.endpoint, plan.endpoint_port)
         c.load_assignment.CopyFrom(
@@ -133,7 +133,7 @@ def _inbound_cluster(plan: InboundPlan, connect_timeout: duration_pb2.Duration) 
             )
         )
     if plan.endpoint not in (naming.LOCALHOST_V4, "::1") and not plan.endpoint.startswith(
-        "unix://"
+        UNIX_PREFIX
     ):
         # Traffic to the pod IP would be captured again by iptables unless it comes
         # from the address the capture rules exempt.

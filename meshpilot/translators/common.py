@@ -6,7 +6,7 @@ import ipaddress
 import math
 
 from envoy.config.core.v3 import address_pb2, config_source_pb2
-from google.protobuf import any_pb2, duration_pb2, message, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
 from meshpilot.api.base import parse_duration
 
@@ -101,23 +101,3 @@ def is_ipv4(text: str) -> bool:
         return ipaddress.ip_address(text).version == 4
     except ValueError:
         return False
-
-
-def struct_value(value: object) -> struct_pb2.Value:
-    """A JSON-like Python value as a protobuf Value."""
-    out = struct_pb2.Value()
-    if value is None:
-        out.null_value = struct_pb2.NULL_VALUE
-    elif isinstance(value, bool):
-        out.bool_value = value
-    elif isinstance(value, int | float):
-        out.number_value = float(value)
-    elif isinstance(value, str):
-        out.string_value = value
-    elif isinstance(value, dict):
-        out.struct_value.update(value)
-    elif isinstance(value, list | tuple):
-        out.list_value.extend(list(value))
-    else:
-        raise TypeError(f"cannot convert {type(value).__name__} to a protobuf Value")
-    return out

@@ -39,11 +39,13 @@ from meshpilot.translators.common import (
     cidr_range,
     duration,
     pack,
+    pipe_address,
     socket_address,
     uint32,
 )
 from meshpilot.translators.plan import (
     REGISTRY_ONLY,
+    UNIX_PREFIX,
     InboundPlan,
     OutboundListenerPlan,
     TcpChain,
@@ -96,11 +98,12 @@ def build_listeners(push: PushContext, proxy: Proxy) -> list[listener_pb2.Listen
 
 
 def _outbound_listener(plan: OutboundListenerPlan, egress_cluster: str) -> Listener:
-    lst = Listener(
-        name=plan.name,
-        address=socket_address(plan.address, plan.port),
-        traffic_direction=base_pb2.OUTBOUND,
+    address = (
+        pipe_address(plan.address.removeprefix(UNIX_PREFIX))
+        if plan.is_unix
+        else socket_address(plan.address, plan.port)
     )
+    lst = Listener(name=plan.name, address=address, traffic_direction=base_pb2.OUTBOUND)
     if not plan.bound:
         lst.bind_to_port.CopyFrom(bool_value(False))
     for chain in plan.tcp_chains:

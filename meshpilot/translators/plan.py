@@ -39,6 +39,7 @@ from meshpilot.translators.common import (
 _TLS_PROTOCOLS = frozenset({Protocol.HTTPS, Protocol.TLS})
 REGISTRY_ONLY = "REGISTRY_ONLY"
 INTERCEPTION_NONE = "NONE"
+UNIX_PREFIX = "unix://"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,13 @@ class OutboundListenerPlan:
 
     @property
     def name(self) -> str:
+        if self.is_unix:
+            return self.address  # Istio names unix-socket listeners by their path
         return naming.listener_name(self.address, self.port)
+
+    @property
+    def is_unix(self) -> bool:
+        return self.address.startswith(UNIX_PREFIX)
 
     @property
     def needs_tls_inspector(self) -> bool:
@@ -312,7 +319,7 @@ def _default_endpoint(text: str, proxy: Proxy) -> tuple[str, int]:
     IP), `unix:///path`; empty means the original destination."""
     if not text:
         return "", 0
-    if text.startswith("unix://"):
+    if text.startswith(UNIX_PREFIX):
         return text, 0
     host, _, port_text = text.rpartition(":")
     host = host.strip("[]")
