@@ -90,7 +90,13 @@ class Processes:
                 await proc.wait()
 
     def dead(self) -> list[str]:
-        return [n for n, p in self.children if p.returncode is not None]
+        """Long-running children that exited (one-shot commands exit 0 by design)."""
+        return [
+            n
+            for n, p in self.children
+            if p.returncode not in (None, 0)
+            or (p.returncode == 0 and not n.startswith("bootstrap-"))
+        ]
 
 
 async def _get(session: aiohttp.ClientSession, url: str, **kw: object) -> tuple[int, str]:

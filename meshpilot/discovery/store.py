@@ -16,6 +16,7 @@ import structlog
 
 from meshpilot.api.errors import ConfigError
 from meshpilot.model.config import Config, ConfigKey
+from meshpilot.monitoring import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -103,6 +104,7 @@ class ConfigStore:
         if new_errors and new_errors != previous.errors:
             for err in new_errors:
                 log.warning("config rejected", error=str(err))
+                metrics.CONFIG_ERRORS_TOTAL.labels(err.kind or "unknown").inc()
         self._origins[origin] = _Origin(fresh, new_errors)
         return self._commit()
 
@@ -171,6 +173,7 @@ class ConfigStore:
         new_dupes = [d for d in dupes if d not in self._duplicates]
         for d in new_dupes:
             log.warning("config rejected", error=str(d))
+            metrics.CONFIG_ERRORS_TOTAL.labels(d.kind or "unknown").inc()
         self._duplicates = dupes
         self._merged = merged
         if changed:

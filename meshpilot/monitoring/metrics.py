@@ -64,13 +64,13 @@ PUSH_TRIGGERS = Counter(
     registry=REGISTRY,
 )
 CONFIG_ERRORS = Gauge(
-    "meshpilot_config_errors",
+    "meshpilot_config_errors_current",
     "Config objects or documents currently rejected, by kind.",
     ["kind"],
     registry=REGISTRY,
 )
 CONFIG_ERRORS_TOTAL = Counter(
-    "meshpilot_config_errors_total",
+    "meshpilot_config_errors",
     "Config errors found, counted once per change.",
     ["kind"],
     registry=REGISTRY,
