@@ -3,6 +3,8 @@ fixed BlackHoleCluster, PassthroughCluster and InboundPassthroughCluster."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -10,7 +12,6 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
 from meshpilot.model.proxy import Proxy
-from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Protocol, Resolution, Service, ServicePort
 from meshpilot.translators import naming
 from meshpilot.translators.common import (
@@ -31,6 +32,10 @@ from meshpilot.translators.common import (
 )
 from meshpilot.translators.endpoints import locality_lb_endpoints
 from meshpilot.translators.plan import UNIX_PREFIX, InboundPlan, inbound_plans
+
+if TYPE_CHECKING:
+    # Type only: keeps the translators from importing the store and sources at runtime.
+    from meshpilot.model.push_context import PushContext
 
 Cluster = cluster_pb2.Cluster
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0

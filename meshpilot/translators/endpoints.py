@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import struct_pb2
 
 from meshpilot.model.proxy import Locality
-from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Endpoint, labels_match
 from meshpilot.translators import naming
 from meshpilot.translators.common import socket_address, uint32
@@ -22,6 +22,10 @@ _CANONICAL_REVISION_LABELS = (
     "app.kubernetes.io/version",
     "version",
 )
+
+if TYPE_CHECKING:
+    # Type only: keeps the translators from importing the store and sources at runtime.
+    from meshpilot.model.push_context import PushContext
 
 
 def subset_labels(push: PushContext, hostname: str, subset: str) -> Mapping[str, str] | None:

@@ -17,6 +17,8 @@ Sidecar says `captureMode: NONE` everywhere.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -29,7 +31,6 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import message
 
 from meshpilot.model.proxy import Proxy
-from meshpilot.model.push_context import PushContext
 from meshpilot.translators import naming
 from meshpilot.translators.common import (
     PROXY_INBOUND_PORT,
@@ -55,6 +56,10 @@ from meshpilot.translators.plan import (
     outbound_plans,
 )
 from meshpilot.translators.routes import inbound_route_config
+
+if TYPE_CHECKING:
+    # Type only: keeps the translators from importing the store and sources at runtime.
+    from meshpilot.model.push_context import PushContext
 
 Listener = listener_pb2.Listener
 FilterChain = listener_components_pb2.FilterChain

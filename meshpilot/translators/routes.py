@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 
 from meshpilot.model.proxy import Proxy
-from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Service
 from meshpilot.translators import naming
 from meshpilot.translators.common import bool_value, duration, pack, uint32
 from meshpilot.translators.plan import REGISTRY_ONLY, InboundPlan, OutboundListenerPlan, route_plans
+
+if TYPE_CHECKING:
+    # Type only: keeps the translators from importing the store and sources at runtime.
+    from meshpilot.model.push_context import PushContext
 
 RouteConfiguration = route_pb2.RouteConfiguration
 PREVIOUS_HOSTS_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
