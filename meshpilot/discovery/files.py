@@ -111,6 +111,7 @@ class _ScanResult:
     loaded: dict[Rel, _Loaded]
     # Directories that could not be listed: what we knew under them stays.
     unlisted: list[Rel]
+    root_exists: bool = True
 
 
 class FileSource:
@@ -163,7 +164,8 @@ class FileSource:
         """Watch the directories and apply changes until cancelled."""
         retry_after = 5.0
         while True:
-            present = [i for i, ident in enumerate(self._identities()) if ident is not None]
+            identities = await asyncio.to_thread(self._identities)
+            present = [i for i, ident in enumerate(identities) if ident is not None]
             if not present:
                 await self._resync()
                 await asyncio.sleep(self._rescan_interval)
@@ -210,7 +212,7 @@ class FileSource:
         constructed, so the rescan after it misses nothing, and stopping it takes one
         step rather than a whole timeout.
         """
-        identities = self._identities()
+        identities = await asyncio.to_thread(self._identities)
         stop = threading.Event()
         paths = [self._roots[i].absolute for i in roots]
         # Setting up recursive watches lists the whole tree: not on the loop.
@@ -268,7 +270,7 @@ class FileSource:
         next_resync = time.monotonic() + self._resync_interval
         while True:
             await asyncio.sleep(self._rescan_interval)
-            if self._identities() != identities:
+            if await asyncio.to_thread(self._identities) != identities:
                 stop.set()
                 return
             if time.monotonic() >= next_resync:
@@ -339,18 +341,22 @@ class FileSource:
         for index, root_scopes in sorted(by_root.items()):
             known = {rel: st for (i, rel), st in self._files.items() if i == index}
             force = {rel for i, rel in forced if i == index}
-            result = await asyncio.to_thread(
-                _scan, self._roots[index], root_scopes, known, force, self._max_file_bytes
-            )
+            try:
+                result = await asyncio.to_thread(
+                    _scan, self._roots[index], root_scopes, known, force, self._max_file_bytes
+                )
+            except Exception:
+                # A bug here must not stop the source: the next event or resync retries.
+                log.exception("config scan failed", directory=str(self._roots[index].given))
+                continue
             self._apply(index, root_scopes, known, result)
 
     def _apply(
         self, index: int, scopes: list[_Scope], known: dict[Rel, _FileState], result: _ScanResult
     ) -> None:
         root = self._roots[index]
-        root_exists = os.path.exists(root.absolute)
         if any(s.rel == () for s in scopes):
-            self._note_root(index, root_exists)
+            self._note_root(index, result.root_exists)
         changed = False
         # Removals first: a file renamed in the same batch then does not briefly
         # collide with itself under its old name.
@@ -408,7 +414,11 @@ def _outermost(scopes: set[_Scope]) -> list[_Scope]:
     out = []
     for s in scopes:
         if not any(
-            o is not s and o.recursive and o.root == s.root and o.rel != s.rel and o.covers(s.rel)
+            o != s
+            and o.recursive
+            and o.root == s.root
+            and o.covers(s.rel)
+            and (o.rel != s.rel or not s.recursive)
             for o in scopes
         ):
             out.append(s)
@@ -434,11 +444,11 @@ def _scan(
     forced: set[Rel],
     max_bytes: int,
 ) -> _ScanResult:
-    out = _ScanResult({}, {}, [])
+    out = _ScanResult({}, {}, [], os.path.exists(root.absolute))
     for scope in scopes:
         _walk(root, scope, out)
     now = time.time_ns()
-    for rel, st in out.found.items():
+    for rel, st in list(out.found.items()):
         state = known.get(rel)
         if (
             state is not None
@@ -447,7 +457,11 @@ def _scan(
             and st.mtime_ns + _RACY_NS < state.read_at_ns
         ):
             continue
-        out.loaded[rel] = _load(root, rel, state, max_bytes, now)
+        loaded = _load(root, rel, state, max_bytes, now)
+        if loaded is None:
+            del out.found[rel]  # deleted since it was listed: an event will follow
+        else:
+            out.loaded[rel] = loaded
     return out
 
 
@@ -497,7 +511,9 @@ def _walk(root: _Root, scope: _Scope, out: _ScanResult) -> None:
         stack.extend(reversed(subdirs))
 
 
-def _load(root: _Root, rel: Rel, state: _FileState | None, max_bytes: int, now_ns: int) -> _Loaded:
+def _load(
+    root: _Root, rel: Rel, state: _FileState | None, max_bytes: int, now_ns: int
+) -> _Loaded | None:
     origin = root.origin(rel)
     path = root.fs_path(rel)
 
@@ -516,6 +532,8 @@ def _load(root: _Root, rel: Rel, state: _FileState | None, max_bytes: int, now_n
             if st.size > max_bytes:
                 return failed(f"file is {st.size} bytes, over the {max_bytes} byte limit", st)
             data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None
     except OSError as e:
         return failed(f"cannot read file: {e.strerror or e}", _StatKey(0, 0, -1, 0))
     if len(data) > max_bytes:

@@ -387,3 +387,41 @@ async def test_duplicates_across_files_have_a_deterministic_winner(conf: Path) -
             assert src.stats()["errors"] == 1
             (conf / "a.yaml").unlink()
             await wait_until(lambda: hosts(store) == {"x": "b"} and not store.errors())  # noqa: B023
+
+
+async def test_temp_and_hidden_files_ignored_while_watching(conf: Path) -> None:
+    store = ConfigStore()
+    src = source(store, conf)
+    await src.load_initial()
+    async with running(src):
+        (conf / ".hidden.yaml").write_text(dr("hidden"))
+        (conf / "b.yaml~").write_text(dr("backup"))
+        (conf / ".b.yaml.swp").write_text(dr("swap"))
+        (conf / "c.yaml").write_text(dr("c"))
+        await wait_until(lambda: "c" in hosts(store))
+        await asyncio.sleep(0.1)
+        assert hosts(store) == {"c": "h"}
+        assert store.origins() == [str(conf / "c.yaml")]
+
+
+async def test_a_failing_scan_does_not_stop_the_source(
+    conf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (conf / "a.yaml").write_text(dr("a"))
+    real_scan = files._scan
+    calls = 0
+
+    def flaky(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return real_scan(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files, "_scan", flaky)
+    store = ConfigStore()
+    src = source(store, conf)
+    await src.load_initial()  # logged, not raised
+    assert hosts(store) == {}
+    await src.load_initial()
+    assert hosts(store) == {"a": "h"}
