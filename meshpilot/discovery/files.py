@@ -110,7 +110,7 @@ class _ScanResult:
     found: dict[Rel, _StatKey]
     loaded: dict[Rel, _Loaded]
     # Directories that could not be listed: what we knew under them stays.
-    unlisted: list[Rel]
+    unlisted: dict[Rel, str]
     root_exists: bool = True
 
 
@@ -140,6 +140,7 @@ class FileSource:
         self._resync_interval = resync_interval
         self._files: dict[tuple[int, Rel], _FileState] = {}
         self._missing_roots: set[int] = set()
+        self._unlisted: dict[tuple[int, Rel], str] = {}
         self._lock = asyncio.Lock()
         self._watching = False
         self._watch_failures = 0
@@ -357,6 +358,7 @@ class FileSource:
         root = self._roots[index]
         if any(s.rel == () for s in scopes):
             self._note_root(index, result.root_exists)
+        self._note_unlisted(index, scopes, result.unlisted)
         changed = False
         # Removals first: a file renamed in the same batch then does not briefly
         # collide with itself under its old name.
@@ -395,6 +397,19 @@ class FileSource:
             changed = True
         if changed:
             self._last_change = time.time()
+
+    def _note_unlisted(self, index: int, scopes: list[_Scope], unlisted: dict[Rel, str]) -> None:
+        """Log an unreadable directory once, not on every rescan."""
+        for key in [k for k in self._unlisted if k[0] == index]:
+            listed_now = any(s.rel == key[1] or (s.recursive and s.covers(key[1])) for s in scopes)
+            if key[1] not in unlisted and listed_now:
+                del self._unlisted[key]
+        for rel, error in unlisted.items():
+            if self._unlisted.get((index, rel)) != error:
+                self._unlisted[(index, rel)] = error
+                log.warning(
+                    "cannot list config directory", path=self._roots[index].origin(rel), error=error
+                )
 
     def _note_root(self, index: int, exists: bool) -> None:
         """A missing directory is reported as an error on the directory's own name."""
@@ -444,7 +459,7 @@ def _scan(
     forced: set[Rel],
     max_bytes: int,
 ) -> _ScanResult:
-    out = _ScanResult({}, {}, [], os.path.exists(root.absolute))
+    out = _ScanResult({}, {}, {}, os.path.exists(root.absolute))
     for scope in scopes:
         _walk(root, scope, out)
     now = time.time_ns()
@@ -489,8 +504,7 @@ def _walk(root: _Root, scope: _Scope, out: _ScanResult) -> None:
         try:
             entries = sorted(os.scandir(root.fs_path(rel)), key=lambda e: e.name)
         except OSError as e:
-            log.warning("cannot list config directory", path=root.origin(rel), error=str(e))
-            out.unlisted.append(rel)
+            out.unlisted[rel] = e.strerror or str(e)
             continue
         subdirs = []
         for entry in entries:

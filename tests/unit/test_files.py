@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from meshpilot.discovery import files
 from meshpilot.discovery.files import FileSource
@@ -425,3 +426,31 @@ async def test_a_failing_scan_does_not_stop_the_source(
     assert hosts(store) == {}
     await src.load_initial()
     assert hosts(store) == {"a": "h"}
+
+
+async def test_unlistable_directory_keeps_its_files_and_is_logged_once(
+    conf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (conf / "a.yaml").write_text(dr("a"))
+    (conf / "locked").mkdir()
+    (conf / "locked" / "b.yaml").write_text(dr("b"))
+    store = ConfigStore()
+    src = source(store, conf)
+    await src.load_initial()
+    assert sorted(hosts(store)) == ["a", "b"]
+
+    real_scandir = os.scandir
+    locked = str(conf / "locked")
+
+    def scandir(path: str) -> object:
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with capture_logs() as logs:
+        await src.load_initial()
+        await src.load_initial()
+    assert sorted(hosts(store)) == ["a", "b"]  # unknown is not deleted
+    warnings = [e for e in logs if e["event"] == "cannot list config directory"]
+    assert len(warnings) == 1 and warnings[0]["path"] == locked
