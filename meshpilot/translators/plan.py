@@ -183,19 +183,19 @@ def _reserved(port: int, bound: bool) -> bool:
 
 def _finish(entry: _Entry, named_ports: set[int]) -> OutboundListenerPlan | None:
     http: dict[str, Service] = {}
-    tcp: list[tuple[Service, ServicePort, Protocol]] = []
+    tcp: dict[str, tuple[Service, ServicePort, Protocol]] = {}
     for svc, sp in sorted(entry.members, key=lambda m: m[0].hostname):
         protocol = entry.forced or sp.protocol
         if protocol.is_http:
             http.setdefault(svc.hostname, svc)
-        elif svc.hostname not in {s.hostname for s, _, _ in tcp}:
-            tcp.append((svc, sp, protocol))
+        else:
+            tcp.setdefault(svc.hostname, (svc, sp, protocol))
     chains: list[TcpChain] = []
     leftovers: list[TcpChain] = []
     used_cidrs: set[str] = set()
     used_snis: set[str] = set()
-    tls_count = sum(1 for _, _, p in tcp if p in _TLS_PROTOCOLS)
-    for svc, sp, protocol in tcp:
+    tls_count = sum(1 for _, _, p in tcp.values() if p in _TLS_PROTOCOLS)
+    for svc, sp, protocol in tcp.values():
         cluster = naming.outbound_cluster_name(sp.port, "", svc.hostname)
         plain = TcpChain(cluster, svc)
         if not entry.bound and svc.addresses:

@@ -92,6 +92,14 @@ spec:
   clusterIP: None
   ports: [{name: mongo, port: 27017}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: search, namespace: default}
+spec:
+  type: ExternalName
+  externalName: search.example.com
+  ports: [{name: http, port: 8088}]
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: api, namespace: default}

@@ -91,6 +91,14 @@ def test_dns_service_entry_is_strict_dns_with_inline_endpoints() -> None:
     assert c.metadata.filter_metadata["istio"]["external"] is True
 
 
+def test_external_name_service_is_strict_dns() -> None:
+    c = by_name(build_clusters(push_of(), sidecar()))[
+        "outbound|8088||search.default.svc.cluster.local"
+    ]
+    assert c.type == C.STRICT_DNS
+    assert c.load_assignment.cluster_name == c.name
+
+
 def test_dns_round_robin_is_logical_dns_with_one_endpoint() -> None:
     c = by_name(build_clusters(push_of(), sidecar()))["outbound|8081||legacy.example.com"]
     assert c.type == C.LOGICAL_DNS

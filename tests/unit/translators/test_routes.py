@@ -24,7 +24,7 @@ def _vhosts(rc: route_pb2.RouteConfiguration) -> dict[str, list[str]]:
 
 
 def test_route_names_are_ports_of_http_listeners() -> None:
-    assert route_names_for(push_of(), sidecar()) == ["7070", "8081", "9080"]
+    assert route_names_for(push_of(), sidecar()) == ["7070", "8081", "8088", "9080"]
 
 
 def test_virtual_hosts_per_service_with_istio_domains() -> None:
