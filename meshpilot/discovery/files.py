@@ -63,7 +63,6 @@ class _FileState:
     digest: str
     read_at_ns: int
     objects: int
-    errors: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +390,7 @@ class FileSource:
             if loaded.failed and state is not None:
                 objects = state.objects
             self._files[(index, rel)] = _FileState(
-                loaded.stat, loaded.digest, loaded.read_at_ns, objects, len(parsed.errors)
+                loaded.stat, loaded.digest, loaded.read_at_ns, objects
             )
             log.debug("config file loaded", file=origin, objects=objects, errors=len(parsed.errors))
             changed = True
@@ -542,7 +541,10 @@ def _load(
         # O_NONBLOCK: a FIFO swapped in after the stat must not hang the thread.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
-            st = _StatKey.of(os.fstat(f.fileno()))
+            raw = os.fstat(f.fileno())
+            if not stat.S_ISREG(raw.st_mode):
+                return None  # swapped for a FIFO or device since it was listed
+            st = _StatKey.of(raw)
             if st.size > max_bytes:
                 return failed(f"file is {st.size} bytes, over the {max_bytes} byte limit", st)
             data = f.read(max_bytes + 1)
