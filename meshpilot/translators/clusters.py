@@ -101,7 +101,7 @@ def _outbound_cluster(
     if kind == Cluster.ORIGINAL_DST:
         c.lb_policy = Cluster.CLUSTER_PROVIDED
     else:
-        # Istio's default since 1.14: least request balances better than round robin.
+        # Istio's default: least request balances better than round robin.
         c.lb_policy = Cluster.LEAST_REQUEST
     if sp.protocol.is_http2:
         _set_h2(c)

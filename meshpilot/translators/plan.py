@@ -147,6 +147,8 @@ def outbound_plans(push: PushContext, proxy: Proxy) -> list[OutboundListenerPlan
             key = (address, egress.port.port)
             if key in entries or _reserved(egress.port.port, bound):
                 continue
+            if egress.port.protocol is Protocol.UDP:
+                continue
             entry = _Entry(address, egress.port.port, bound, egress.port.protocol)
             for svc in egress.services:
                 sp = svc.port(egress.port.port)
