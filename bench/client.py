@@ -1,0 +1,441 @@
+"""Simulated Envoy proxies: many real ADS streams in one process.
+
+    python -m bench.client --target 127.0.0.1:15010 --first 0 --count 250 [--delta]
+
+Each proxy has its own channel (and TCP connection) and subscribes like Envoy: CDS
+(wildcard), then EDS for the EDS clusters it got, then LDS (wildcard) once endpoints
+arrived, then RDS for the route names of the HTTP connection managers. Every response
+is ACKed. Only the envelope of a response is parsed; the resource names are decoded
+once per process and config version and shared by all its streams (all proxies of
+one namespace get the same config).
+
+Commands (JSON lines on stdin): go, mark, status, eds_report, capture, quit.
+Events (JSON lines on stdout): ready, synced, marked, status, eds_report, captured,
+stream_error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import time
+from typing import Any
+
+import grpc
+
+from bench import wire
+from bench.procs import Control
+
+MAX_MESSAGE = 256 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    # One TCP connection per proxy, as with real Envoys (no shared subchannels).
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+)
+
+CDS_B, EDS_B, LDS_B, RDS_B = (t.encode() for t in wire.TYPES)
+
+
+def node_id(index: int, namespace: str) -> str:
+    """`sidecar~10.100.y.z~proxy-N.NS~NS.svc.cluster.local`; the IP is never contacted
+    and is outside the benchmark's WorkloadEntry range, so all proxies share a scope."""
+    ip = f"10.{100 + index // 65536}.{(index // 256) % 256}.{index % 256}"
+    return f"sidecar~{ip}~proxy-{index}.{namespace}~{namespace}.svc.cluster.local"
+
+
+class Shared:
+    """Per-process caches: decoded names and resource counts by (type, version, size)."""
+
+    def __init__(self, delta: bool) -> None:
+        self.delta = delta
+        self.names: dict[tuple[bytes, bytes, int], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self.counts: dict[tuple[bytes, bytes, int], int] = {}
+        self.decoded = 0
+
+    def count(self, data: bytes, env: wire.Envelope) -> int:
+        key = (env.type_url, env.version, len(data))
+        n = self.counts.get(key)
+        if n is None:
+            n = self.counts[key] = wire.count(data, 2)
+        return n
+
+    def names_of(self, data: bytes, env: wire.Envelope) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(names to subscribe in the dependent type, names removed) for CDS/LDS."""
+        key = (env.type_url, env.version, len(data))
+        got = self.names.get(key)
+        if got is None:
+            self.decoded += 1
+            if env.type_url == CDS_B:
+                names = wire.eds_cluster_names(data, self.delta)
+            else:
+                names = wire.route_names(data, self.delta)
+            removed = wire.strings(data, 6) if self.delta else []
+            got = self.names[key] = (tuple(names), tuple(removed))
+        return got
+
+
+class Proxy:
+    """One simulated Envoy: one channel, one ADS stream."""
+
+    __slots__ = (
+        "cds_ok",
+        "channel",
+        "eds_block",
+        "eds_got",
+        "eds_log",
+        "eds_names",
+        "eds_nonce",
+        "eds_version",
+        "error",
+        "index",
+        "last_ack",
+        "last_rx",
+        "lds_ok",
+        "lds_requested",
+        "n_resp",
+        "node",
+        "rds_block",
+        "rds_got",
+        "rds_names",
+        "rds_nonce",
+        "rds_version",
+        "synced_at",
+    )
+
+    def __init__(self, index: int, node: bytes, channel: grpc.aio.Channel) -> None:
+        self.index = index
+        self.node = node
+        self.channel = channel
+        self.cds_ok = self.lds_ok = self.lds_requested = False
+        self.eds_names: Any = ()
+        self.eds_block = b""
+        self.eds_got = 0
+        self.eds_version = self.eds_nonce = b""
+        self.rds_names: Any = ()
+        self.rds_block = b""
+        self.rds_got = 0
+        self.rds_version = self.rds_nonce = b""
+        self.synced_at = 0.0
+        self.n_resp = 0
+        self.last_rx = 0.0
+        self.last_ack = 0.0
+        self.eds_log: list[tuple[bytes, float]] | None = None
+        self.error = ""
+
+    def synced(self) -> bool:
+        return (
+            self.cds_ok
+            and self.lds_ok
+            and self.eds_got >= len(self.eds_names)
+            and self.rds_got >= len(self.rds_names)
+        )
+
+
+class Simulator:
+    def __init__(self, args: argparse.Namespace, ctl: Control) -> None:
+        self.args = args
+        self.ctl = ctl
+        self.delta: bool = args.delta
+        self.shared = Shared(self.delta)
+        self.proxies: list[Proxy] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.n_synced = 0
+        self.synced_reported = False
+        self.capture_phase = "initial"
+        self.capture: list[tuple[str, bytes]] = []
+        self.errors = 0
+        self.t_go = 0.0
+        self.t_connected: list[float] = []
+        self.f_cds = wire.field(2 if self.delta else 4, wire.CLUSTER.encode())
+        self.f_eds = wire.field(2 if self.delta else 4, wire.ENDPOINT.encode())
+        self.f_lds = wire.field(2 if self.delta else 4, wire.LISTENER.encode())
+        self.f_rds = wire.field(2 if self.delta else 4, wire.ROUTE.encode())
+
+    def prepare(self) -> None:
+        meta = {"NAMESPACE": self.args.namespace}
+        for i in range(self.args.first, self.args.first + self.args.count):
+            channel = grpc.aio.insecure_channel(self.args.target, options=CHANNEL_OPTIONS)
+            node = wire.node_bytes(node_id(i, self.args.namespace), meta)
+            self.proxies.append(Proxy(i, node, channel))
+
+    def go(self) -> None:
+        self.t_go = time.monotonic()
+        run = self.run_delta if self.delta else self.run_sotw
+        for p in self.proxies:
+            self.tasks.append(asyncio.create_task(self._guard(p, run)))
+
+    async def _guard(self, p: Proxy, run: Any) -> None:
+        try:
+            await run(p)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.errors += 1
+            p.error = repr(e)[:300]
+            if self.errors == 1:
+                self.ctl.emit("stream_error", proxy=p.index, error=p.error)
+
+    def _on_synced(self, p: Proxy, now: float) -> None:
+        p.synced_at = now
+        self.n_synced += 1
+        if self.n_synced == len(self.proxies) and not self.synced_reported:
+            self.synced_reported = True
+            times = sorted(x.synced_at for x in self.proxies)
+            self.ctl.emit(
+                "synced",
+                t_go=self.t_go,
+                first=times[0],
+                p50=times[len(times) // 2],
+                last=times[-1],
+                decoded=self.shared.decoded,
+            )
+
+    def _received(self, p: Proxy, data: bytes, now: float) -> None:
+        p.n_resp += 1
+        p.last_rx = now
+        if p.index == self.args.first and self.args.capture:
+            self.capture.append((self.capture_phase, data))
+
+    # --- SotW --------------------------------------------------------------------------
+
+    async def run_sotw(self, p: Proxy) -> None:
+        call = p.channel.stream_stream(wire.ADS_SOTW)(wait_for_ready=True)
+        shared = self.shared
+        mono = time.monotonic
+        req = wire.sotw_request
+        await call.write(req(self.f_cds, b"", b"", b"", p.node))
+        while True:
+            data = await call.read()
+            if data is grpc.aio.EOF:
+                raise EOFError("server closed the stream")
+            now = mono()
+            self._received(p, data, now)
+            env = wire.envelope(data)
+            t = env.type_url
+            if t == EDS_B:
+                p.eds_version, p.eds_nonce = env.version, env.nonce
+                await call.write(req(self.f_eds, env.version, env.nonce, p.eds_block))
+                p.eds_got += shared.count(data, env)
+                if p.eds_log is not None:
+                    p.eds_log.append((env.version, mono()))
+                if not p.lds_requested:
+                    p.lds_requested = True
+                    await call.write(req(self.f_lds, b"", b"", b""))
+            elif t == CDS_B:
+                names, _ = shared.names_of(data, env)
+                if names != p.eds_names:
+                    p.eds_names, p.eds_got = names, 0
+                    p.eds_block = wire.repeated(3, names)
+                    await call.write(req(self.f_eds, p.eds_version, p.eds_nonce, p.eds_block))
+                await call.write(req(self.f_cds, env.version, env.nonce, b""))
+                p.cds_ok = True
+            elif t == LDS_B:
+                names, _ = shared.names_of(data, env)
+                if names != p.rds_names:
+                    p.rds_names, p.rds_got = names, 0
+                    p.rds_block = wire.repeated(3, names)
+                    await call.write(req(self.f_rds, p.rds_version, p.rds_nonce, p.rds_block))
+                await call.write(req(self.f_lds, env.version, env.nonce, b""))
+                p.lds_ok = True
+            elif t == RDS_B:
+                p.rds_version, p.rds_nonce = env.version, env.nonce
+                await call.write(req(self.f_rds, env.version, env.nonce, p.rds_block))
+                p.rds_got += shared.count(data, env)
+            else:
+                await call.write(req(wire.field(4, t), env.version, env.nonce, b""))
+            p.last_ack = mono()
+            if not p.synced_at and p.synced():
+                self._on_synced(p, p.last_ack)
+
+    # --- Delta -------------------------------------------------------------------------
+
+    async def run_delta(self, p: Proxy) -> None:
+        call = p.channel.stream_stream(wire.ADS_DELTA)(wait_for_ready=True)
+        shared = self.shared
+        mono = time.monotonic
+        req = wire.delta_request
+        eds: set[str] = set()
+        rds: set[str] = set()
+        await call.write(req(self.f_cds, node=p.node))
+        while True:
+            data = await call.read()
+            if data is grpc.aio.EOF:
+                raise EOFError("server closed the stream")
+            now = mono()
+            self._received(p, data, now)
+            env = wire.envelope(data, delta=True)
+            t = env.type_url
+            if t == EDS_B:
+                await call.write(req(self.f_eds, env.nonce))
+                p.eds_got += shared.count(data, env)
+                if p.eds_log is not None:
+                    p.eds_log.append((env.version, mono()))
+                if not p.lds_requested:
+                    p.lds_requested = True
+                    await call.write(req(self.f_lds))
+            elif t == CDS_B:
+                names, removed = shared.names_of(data, env)
+                add = [n for n in names if n not in eds]
+                drop = [n for n in removed if n in eds]
+                if add or drop:
+                    eds.update(add)
+                    eds.difference_update(drop)
+                    p.eds_names = eds
+                    sub = wire.repeated(3, add) + wire.repeated(4, drop)
+                    await call.write(req(self.f_eds, subscribe=sub))
+                await call.write(req(self.f_cds, env.nonce))
+                p.cds_ok = True
+            elif t == LDS_B:
+                names, _ = shared.names_of(data, env)
+                add = [n for n in names if n not in rds]
+                if add:
+                    rds.update(add)
+                    p.rds_names = rds
+                    await call.write(req(self.f_rds, subscribe=wire.repeated(3, add)))
+                await call.write(req(self.f_lds, env.nonce))
+                p.lds_ok = True
+            elif t == RDS_B:
+                await call.write(req(self.f_rds, env.nonce))
+                p.rds_got += shared.count(data, env)
+            else:
+                await call.write(req(wire.field(2, t), env.nonce))
+            p.last_ack = mono()
+            if not p.synced_at and p.synced():
+                self._on_synced(p, p.last_ack)
+
+    # --- commands ----------------------------------------------------------------------
+
+    def mark(self, phase: str, eds_log: bool) -> None:
+        for p in self.proxies:
+            p.n_resp = 0
+            p.last_rx = p.last_ack = 0.0
+            p.eds_log = [] if eds_log else None
+        self.capture_phase = phase
+        self.ctl.emit("marked", phase=phase, t=time.monotonic())
+
+    def status(self) -> None:
+        ps = self.proxies
+        self.ctl.emit(
+            "status",
+            streams=len(ps),
+            synced=self.n_synced,
+            errors=self.errors,
+            with_resp=sum(1 for p in ps if p.n_resp),
+            min_resp=min((p.n_resp for p in ps), default=0),
+            max_resp=max((p.n_resp for p in ps), default=0),
+            last_rx=max((p.last_rx for p in ps), default=0.0),
+            last_ack=max((p.last_ack for p in ps), default=0.0),
+            now=time.monotonic(),
+        )
+
+    def eds_report(self, versions: list[str]) -> None:
+        """Per change i: over this process's proxies, the latest first-ACK of an EDS
+        response at version i or later (a later one includes change i, coalesced)."""
+        index = {v.encode(): i for i, v in enumerate(versions)}
+        n = len(versions)
+        worst: list[float | None] = [None] * n
+        got = [0] * n
+        for p in self.proxies:
+            first: list[float | None] = [None] * n
+            for version, t in p.eds_log or ():
+                i = index.get(version)
+                if i is None:
+                    continue
+                for j in range(i, -1, -1):
+                    if first[j] is not None:
+                        break
+                    first[j] = t
+            for j, t in enumerate(first):
+                if t is None:
+                    continue
+                got[j] += 1
+                w = worst[j]
+                if w is None or t > w:
+                    worst[j] = t
+        self.ctl.emit("eds_report", worst=worst, got=got)
+
+    def write_capture(self, phase: str, path: str) -> None:
+        msgs = [d for ph, d in self.capture if ph == phase]
+        wire.write_script(path, msgs)
+        per_type: dict[str, dict[str, Any]] = {}
+        for d in msgs:
+            env = wire.envelope(d, self.delta)
+            short = wire.SHORT.get(env.type_url.decode(), env.type_url.decode())
+            sizes = wire.resource_sizes(d, self.delta)
+            entry = per_type.setdefault(
+                short, {"responses": 0, "response_bytes": 0, "resources": 0, "sizes": []}
+            )
+            entry["responses"] += 1
+            entry["response_bytes"] += len(d)
+            entry["resources"] += len(sizes)
+            entry["sizes"].extend(sizes)
+        for entry in per_type.values():
+            sizes = entry.pop("sizes")
+            entry["resource_bytes_mean"] = round(statistics.fmean(sizes), 1) if sizes else 0
+            entry["resource_bytes_max"] = max(sizes, default=0)
+        self.ctl.emit(
+            "captured",
+            phase=phase,
+            path=path,
+            messages=len(msgs),
+            bytes=sum(len(d) for d in msgs),
+            per_type=per_type,
+        )
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for p in self.proxies:
+            with contextlib.suppress(Exception):
+                await p.channel.close(grace=None)
+
+    async def handle(self, cmd: dict[str, Any]) -> str | None:
+        name = cmd["cmd"]
+        if name == "go":
+            self.go()
+        elif name == "mark":
+            self.mark(cmd["phase"], bool(cmd.get("eds_log")))
+        elif name == "status":
+            self.status()
+        elif name == "eds_report":
+            self.eds_report(cmd["versions"])
+        elif name == "capture":
+            self.write_capture(cmd["phase"], cmd["path"])
+        elif name == "quit":
+            return "quit"
+        else:
+            raise ValueError(f"unknown command {name!r}")
+        return None
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    ctl = Control()
+    sim = Simulator(args, ctl)
+    sim.prepare()
+    ctl.emit("ready", pid=os.getpid(), streams=len(sim.proxies))
+    try:
+        await ctl.serve(sim.handle)
+    finally:
+        await sim.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--count", type=int, default=250)
+    ap.add_argument("--namespace", default="bench")
+    ap.add_argument("--delta", action="store_true")
+    ap.add_argument("--capture", action="store_true", help="keep the first proxy's responses")
+    asyncio.run(main_async(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The control plane under test, in its own process, driven over stdin/stdout.
+
+    python -m bench.server --services 1000 [--port 0]
+
+Builds `MeshServer` exactly as `meshpilot serve` does, loads the benchmark mesh into
+its store before `start()` (Services as one origin, each WorkloadEntry as its own
+object, like an informer's initial list), then serves ADS on 127.0.0.1.
+
+Commands (JSON lines on stdin):
+  stats                         -> stats {rss_kb, cpu, threads, build_s, gen_s, ...}
+  changes {n, interval}         -> change {i, t, wall, version, host} per change,
+                                   then changes_done. Each change moves one
+                                   WorkloadEntry's address with `store.apply()`.
+  add_service {index}           -> pushed {t, version}: a new Service + WorkloadEntry
+                                   (one origin, one commit): a full push to everyone.
+  quit
+All times are `time.monotonic()` (CLOCK_MONOTONIC, comparable across processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+from bench import mesh
+from bench.procs import Control, cpu_seconds, rss_kb, thread_cpu
+from meshpilot import logs
+from meshpilot.api.parse import parse_object
+from meshpilot.model.config import Config
+from meshpilot.model.push_context import PushContext
+from meshpilot.model.push_request import PushRequest
+from meshpilot.serve import MeshServer
+from meshpilot.settings import Settings
+
+T = TypeVar("T")
+
+
+def _config(doc: dict[str, Any], origin: str) -> Config:
+    cfg = parse_object(doc, origin)
+    if not isinstance(cfg, Config):
+        raise ValueError(f"benchmark object rejected: {cfg}")
+    return cfg
+
+
+class InstrumentedServer(MeshServer):
+    """MeshServer with timers around context builds and translator calls (cache misses).
+
+    The timers only add a `perf_counter()` pair per build; the pipeline is unchanged.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.build_s = 0.0
+        self.builds = 0
+        self.gen_s = 0.0
+        self.gen_calls = 0
+        cache = self.generator.cache
+        original = cache.get_or_build
+
+        def timed(version: str, key: Hashable, build: Callable[[], T]) -> T:
+            def run() -> T:
+                t0 = time.perf_counter()
+                try:
+                    return build()
+                finally:
+                    self.gen_s += time.perf_counter() - t0
+                    self.gen_calls += 1
+
+            return original(version, key, run)
+
+        cache.get_or_build = timed  # type: ignore[method-assign]
+
+    def _build_context(self, previous: PushContext | None, request: PushRequest) -> PushContext:
+        t0 = time.perf_counter()
+        try:
+            return super()._build_context(previous, request)
+        finally:
+            self.build_s += time.perf_counter() - t0
+            self.builds += 1
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, ctl: Control) -> None:
+        self.args = args
+        self.ctl = ctl
+        settings = Settings(
+            xds_address=f"127.0.0.1:{args.port}",
+            monitoring_address="127.0.0.1:0",
+            debounce_after=args.debounce,
+        )
+        self.server = InstrumentedServer(settings)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.moves = 0
+
+    def load(self) -> dict[str, float]:
+        n, ns = self.args.services, self.args.namespace
+        t0 = time.perf_counter()
+        services = [_config(mesh.service(i, ns), "bench://services") for i in range(n)]
+        entries = [_config(mesh.workload_entry(i, ns), "bench://workloads") for i in range(n)]
+        t1 = time.perf_counter()
+        store = self.server.store
+        store.set_origin("bench://services", services)
+        for cfg in entries:
+            store.apply(cfg)
+        t2 = time.perf_counter()
+        return {"parse_s": round(t1 - t0, 3), "store_s": round(t2 - t1, 3)}
+
+    def stats(self) -> dict[str, Any]:
+        pid = os.getpid()
+        s = self.server
+        ctx = s.pusher.current
+        return {
+            "rss_kb": rss_kb(pid),
+            "cpu": cpu_seconds(pid),
+            "threads": thread_cpu(pid),
+            "connections": len(s.discovery.connections),
+            "build_s": s.build_s,
+            "builds": s.builds,
+            "gen_s": s.gen_s,
+            "gen_calls": s.gen_calls,
+            "pushes": s.pusher.pushes,
+            "version": ctx.version if ctx else "",
+        }
+
+    async def _next_version(self, previous: str, within: float = 30.0) -> str:
+        """Wait until the pusher has built (and fanned out) a context after `previous`."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            ctx = self.server.pusher.current
+            if ctx is not None and ctx.version != previous:
+                return ctx.version
+            await asyncio.sleep(0.002)
+        raise TimeoutError("no push context was built after the change")
+
+    def _current_version(self) -> str:
+        ctx = self.server.pusher.current
+        return ctx.version if ctx else ""
+
+    async def changes(self, n: int, interval: float) -> None:
+        """Move n WorkloadEntries, one every `interval` seconds, through the store."""
+        ns, services = self.args.namespace, self.args.services
+        start = time.monotonic()
+        for i in range(n):
+            await asyncio.sleep(max(0.0, start + i * interval - time.monotonic()))
+            index = (i * 37) % services
+            self.moves += 1
+            cfg = _config(mesh.workload_entry(index, ns, moved=self.moves), "bench://changes")
+            previous = self._current_version()
+            t, wall = time.monotonic(), time.time()
+            self.server.store.apply(cfg)
+            version = await self._next_version(previous)
+            self.ctl.emit(
+                "change",
+                i=i,
+                t=t,
+                wall=wall,
+                version=version,
+                host=mesh.hostname(index, ns),
+                address=cfg.spec.address,
+                built_after=round(time.monotonic() - t, 4),
+            )
+        self.ctl.emit("changes_done", n=n)
+
+    async def add_service(self, index: int) -> None:
+        ns = self.args.namespace
+        cfgs = [
+            _config(mesh.service(index, ns), "bench://extra"),
+            _config(mesh.workload_entry(index, ns), "bench://extra"),
+        ]
+        previous = self._current_version()
+        build_before = self.server.build_s
+        t = time.monotonic()
+        self.server.store.set_origin(f"bench://extra-{index}", cfgs)
+        version = await self._next_version(previous)
+        self.ctl.emit(
+            "pushed",
+            t=t,
+            version=version,
+            built_after=round(time.monotonic() - t, 4),
+            build_s=round(self.server.build_s - build_before, 4),
+        )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.ctl.emit("error", error=repr(t.exception()))
+
+        task.add_done_callback(done)
+
+    def handle(self, cmd: dict[str, Any]) -> str | None:
+        name = cmd["cmd"]
+        if name == "stats":
+            self.ctl.emit("stats", **self.stats())
+        elif name == "changes":
+            self._spawn(self.changes(int(cmd["n"]), float(cmd["interval"])))
+        elif name == "add_service":
+            self._spawn(self.add_service(int(cmd["index"])))
+        elif name == "quit":
+            return "quit"
+        else:
+            raise ValueError(f"unknown command {name!r}")
+        return None
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    ctl = Control()
+    logs.configure("console", args.log_level)
+    bench = Bench(args, ctl)
+    loaded = bench.load()
+    t0 = time.perf_counter()
+    await bench.server.start()
+    start_s = time.perf_counter() - t0
+    try:
+        ctl.emit(
+            "ready",
+            pid=os.getpid(),
+            port=bench.server.xds_port,
+            start_s=round(start_s, 3),
+            objects=len(bench.server.store.snapshot()),
+            errors=len(bench.server.store.errors()),
+            **loaded,
+            **bench.stats(),
+        )
+        await ctl.serve(bench.handle)
+    finally:
+        for task in list(bench._tasks):
+            task.cancel()
+        await asyncio.wait_for(bench.server.stop(), 10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--namespace", default=mesh.NAMESPACE)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--debounce", type=float, default=0.1)
+    ap.add_argument("--log-level", default="warning")
+    asyncio.run(main_async(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
