@@ -8,7 +8,8 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class ConfigError:
-    """One rejected document or object. `field` is a path like `spec.http[0].timeout`."""
+    """One rejected document or object. `field` is a path like `spec.http[0].timeout`;
+    `document` counts from 1 within its file."""
 
     origin: str
     message: str

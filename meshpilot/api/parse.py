@@ -50,7 +50,7 @@ def parse_text(text: str, origin: str) -> ParseResult:
     except RecursionError:
         result.errors.append(ConfigError(origin, "invalid YAML: nested too deeply"))
         return result
-    for index, doc in enumerate(documents):
+    for index, doc in enumerate(documents, start=1):  # people count documents from 1
         if doc is None:
             continue
         if too_big := _size_problem(doc):

@@ -99,6 +99,14 @@ def _service_endpoints(
                     Endpoint(svc.hostname, port.target_port or port.port, port.name)
                 )
             return {k: tuple(v) for k, v in per_port.items()}
+    if svc.resolution is Resolution.DNS_LB and svc.source is not None:
+        kube_cfg = snapshot.get(svc.source)
+        external = getattr(kube_cfg.spec, "external_name", "") if kube_cfg else ""
+        if external:
+            # ExternalName: the cluster resolves the external name, on the service port.
+            for port in svc.ports:
+                per_port[port.port].append(Endpoint(external, port.port, port.name))
+            return {k: tuple(v) for k, v in per_port.items()}
     if svc.selector:
         for we_cfg in workloads_by_ns.get(svc.namespace, ()):
             we: WorkloadEntrySpec = we_cfg.spec

@@ -48,6 +48,8 @@ class WatchedResource:
     # clusters after a CDS update with unchanged names and nonce.
     always_respond: bool = False
     # Delta only: name -> version the client has (sent by us or declared on reconnect).
+    # Holds subscribed names only (unless wildcard), so removals computed from it never
+    # name a resource the client did not subscribe to.
     versions: dict[str, str] = field(default_factory=dict)
     # What was sent, for debug endpoints: the last full set plus partial updates since.
     # References to shared Resource objects only; never copies.

@@ -34,9 +34,19 @@ class ConfigGenerator:
             (i.service.hostname, i.port.port, i.endpoint_port)
             for i in push.service_instances(proxy)
         )
-        # Ingress listeners bind to (and default endpoints point at) the proxy's own IP.
+        # Ingress listeners bind to (and default endpoints point at) the proxy's own IP;
+        # otherwise only the IP family matters (DNS lookup family, passthrough source).
         ip = proxy.ip_addresses if (scope.ingress or instances) else ()
-        return (proxy.type, scope.key, instances, ip, proxy.interception_mode)
+        families = tuple(":" in a for a in proxy.ip_addresses)
+        return (
+            proxy.type,
+            scope.key,
+            instances,
+            ip,
+            families,
+            proxy.interception_mode,
+            proxy.dns_domain,
+        )
 
     # --- Generator ----------------------------------------------------------------------
 

@@ -490,8 +490,6 @@ class DiscoveryServer:
                 # Names the client asked for that do not exist: saying so (as removed)
                 # lets Envoy finish warming instead of waiting for them.
                 removed = [n for n in scope if n not in present and (forced or n in versions)]
-            if not wildcard:
-                removed = [n for n in removed if n in names]
             removed.sort()
         if not changed and not removed and not forced:
             return None

@@ -101,7 +101,7 @@ async def test_origins_are_relative_when_directory_is(
     await source(store, Path("conf")).load_initial()
     assert store.origins() == ["conf/bad.yaml"]
     [err] = store.errors()
-    assert str(err).startswith("conf/bad.yaml document 1 (DestinationRule default/Bad)")
+    assert str(err).startswith("conf/bad.yaml document 2 (DestinationRule default/Bad)")
     assert store.snapshot().of_kind("DestinationRule")  # the valid document is served
 
 
@@ -333,7 +333,7 @@ async def test_last_good_version_kept_while_invalid_and_restored_when_fixed(conf
         await wait_until(lambda: hosts(store).get("a") == "v3")
         assert hosts(store)["b"] == "v1"
         [err] = store.errors()
-        assert (err.document, err.name, err.field) == (1, "b", "spec.hots")
+        assert (err.document, err.name, err.field) == (2, "b", "spec.hots")
         assert err.message.startswith("unknown field")
 
         path.write_text(dr("a", "v4") + "---\n" + dr("b", "v4"))

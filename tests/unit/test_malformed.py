@@ -38,7 +38,7 @@ class Expect:
     served: frozenset[str] = frozenset()
 
 
-def obj(kind: str, name: str, field: str, fragment: str, document: int = 0, **kw: object) -> Expect:
+def obj(kind: str, name: str, field: str, fragment: str, document: int = 1, **kw: object) -> Expect:
     return Expect(document, field, fragment, kind, name, NS, **kw)  # type: ignore[arg-type]
 
 
@@ -54,22 +54,22 @@ EXPECTED: dict[str, Expect] = {
     "python-tag.yaml": Expect(WHOLE, "", "could not determine a constructor"),
     "binary-garbage.yaml": Expect(WHOLE, "", "not valid UTF-8"),
     "not-a-mapping-list.yaml": Expect(
-        0, "", "expected a mapping, got list", served=frozenset({"ok-not-a-mapping-list"})
+        1, "", "expected a mapping, got list", served=frozenset({"ok-not-a-mapping-list"})
     ),
     "not-a-mapping-scalar.yaml": Expect(
-        1, "", "expected a mapping, got str", served=frozenset({"ok-not-a-mapping-scalar"})
+        2, "", "expected a mapping, got str", served=frozenset({"ok-not-a-mapping-scalar"})
     ),
     "unknown-kind.yaml": obj("VirtualServce", "typo-kind", "kind", "unknown kind 'VirtualServce'"),
-    "missing-kind.yaml": Expect(0, "kind", "missing required field", "", "no-kind", "default"),
+    "missing-kind.yaml": Expect(1, "kind", "missing required field", "", "no-kind", "default"),
     "wrong-apiversion.yaml": obj(VS, "future", "apiVersion", "unsupported apiVersion"),
     "wrong-api-group.yaml": obj(
         "Gateway", "wrong-group", "apiVersion", "expected networking.istio.io/v1"
     ),
-    "missing-metadata.yaml": Expect(0, "metadata", "missing required field", VS),
-    "missing-name.yaml": Expect(0, "metadata.name", "missing required field", VS),
+    "missing-metadata.yaml": Expect(1, "metadata", "missing required field", VS),
+    "missing-name.yaml": Expect(1, "metadata.name", "missing required field", VS),
     "invalid-name-uppercase.yaml": obj(VS, "Reviews", "metadata.name", "not a valid name"),
     "invalid-namespace.yaml": Expect(
-        0, "metadata.namespace", "not a valid namespace", VS, "reviews-ns", "My_Namespace"
+        1, "metadata.namespace", "not a valid namespace", VS, "reviews-ns", "My_Namespace"
     ),
     "labels-not-strings.yaml": obj(VS, "int-label", "metadata.labels", "map of strings"),
     "spec-not-a-mapping.yaml": obj(VS, "spec-list", "spec", "expected a mapping, got list"),
@@ -116,7 +116,7 @@ EXPECTED: dict[str, Expect] = {
         "multi-bad",
         "spec.http[0].route[0].weight",
         "(got 'lots')",
-        document=1,
+        document=2,
         served=frozenset({"ok-multi-first", "ok-multi-third"}),
     ),
 }

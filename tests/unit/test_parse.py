@@ -50,7 +50,7 @@ def test_valid_object_is_typed_and_keyed() -> None:
     assert cfg.labels == {"app": "reviews"}
     assert cfg.annotations == {"note": "x"}
     assert cfg.creation_timestamp is not None and cfg.creation_timestamp.year == 2024
-    assert cfg.origin == "vs.yaml#0"
+    assert cfg.origin == "vs.yaml#1"
     assert cfg.revision
 
 
@@ -128,7 +128,7 @@ def test_error_carries_document_object_and_field() -> None:
     [err] = result.errors
     assert (err.origin, err.document, err.kind, err.namespace, err.name) == (
         "vs.yaml",
-        1,
+        2,
         "VirtualService",
         "bookinfo",
         "other",
@@ -136,7 +136,7 @@ def test_error_carries_document_object_and_field() -> None:
     assert err.field == "spec.http[0].timeout"
     assert "invalid duration" in err.message
     assert str(err).startswith(
-        "vs.yaml document 1 (VirtualService bookinfo/other): spec.http[0].timeout: "
+        "vs.yaml document 2 (VirtualService bookinfo/other): spec.http[0].timeout: "
     )
 
 

@@ -123,7 +123,7 @@ def test_duplicate_across_origins_sorted_origin_wins() -> None:
             load(store, origin, dr("x", origin.replace(".yaml", "")))
         assert host_of(store, "x") == "a"
         [err] = store.errors()
-        assert err.origin == "b.yaml" and "already defined in a.yaml#0" in err.message
+        assert err.origin == "b.yaml" and "already defined in a.yaml#1" in err.message
     # Removing the winner promotes the other copy and clears the error.
     assert store.remove_origin("a.yaml") == {key("x")}
     assert host_of(store, "x") == "b"
