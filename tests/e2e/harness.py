@@ -2,6 +2,18 @@
 
 Everything started here is stopped by its pid (SIGTERM, then SIGKILL), never by name,
 and every start fails loudly with the process's log tail instead of hanging or skipping.
+
+    async def test_reviews_via_envoy(processes: ProcessTracker) -> None:
+        ip = unique_loopback_ip()
+        xds_port = free_port(ip)
+        await processes.spawn([sys.executable, "-m", "meshpilot", "serve", ...],
+                              ready_line=None, ready=lambda: port_open(ip, xds_port))
+        backend = await processes.demo_http(unique_loopback_ip(), service="reviews")
+        envoy = await processes.envoy(name="productpage-v1", namespace="default", ip=ip,
+                                      xds_address=f"{ip}:{xds_port}")
+        await envoy.wait_live()
+        resp = await http_get(f"http://{ip}:9080/", headers={"Host": "reviews:9080"})
+        assert backend.requests[-1].host == "reviews:9080"
 """
 
 from __future__ import annotations
@@ -156,15 +168,20 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on host:port (a `ready=` predicate)."""
+    try:
+        async with asyncio.timeout(1.0):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 async def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
     """Wait until something accepts TCP connections on host:port."""
-
-    async def connectable() -> bool:
-        _, writer = await asyncio.open_connection(host, port)
-        writer.close()
-        return True
-
-    await wait_for(connectable, timeout, message=f"a listener on {host}:{port}")
+    await wait_for(lambda: port_open(host, port), timeout, message=f"a listener on {host}:{port}")
 
 
 # --- clients --------------------------------------------------------------------------
@@ -258,13 +275,15 @@ async def tcp_roundtrip(
 # --- processes ------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
+# Looked up once in the parent: the child must not dlopen between fork and exec.
+_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
 
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: if pytest is killed outright (SIGKILL,
     # OOM), the kernel sends SIGKILL to the child, so no Envoy outlives its test run.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -321,7 +340,7 @@ class ManagedProcess:
                 # Own session: a Ctrl-C aimed at pytest reaches us first, and we stop
                 # children in order instead of them dying mid-request.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_die_with_parent if sys.platform == "linux" and _PRCTL else None,
             )
         return self
 

@@ -27,6 +27,7 @@ from tests.e2e.harness import (
     free_port,
     http_get,
     http_request,
+    port_open,
     tcp_roundtrip,
     unique_loopback_ip,
     wait_for,
@@ -251,8 +252,10 @@ async def test_demo_http_process_prints_ready_and_exits_cleanly(processes: Proce
     assert proc.log_text().splitlines()[0] == "ready"
     body = (await http_get(f"http://{ip}:{port}/details/0")).json()
     assert (body["service"], body["served_by"]) == ("details", f"{ip}:{port}")
+    assert await port_open(ip, port)
     proc.kill_now()
     assert proc.returncode == 0
+    assert not await port_open(ip, port)
 
 
 async def test_tracker_kills_everything_even_when_the_test_fails(tmp_path: Path) -> None:
