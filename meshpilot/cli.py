@@ -50,7 +50,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 async def _serve(settings: Settings) -> int:
     from meshpilot.serve import MeshServer
 
-    server = MeshServer(settings)
+    try:
+        server = MeshServer(settings)
+    except (OSError, ValueError) as e:
+        print(f"meshpilot serve: --mesh-config: {e}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
