@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from meshpilot.api.base import Duration, IstioModel, Labels, Port
+from meshpilot.api.base import Duration, IstioModel, Labels, Port, Regex
 
 # --- shared ---------------------------------------------------------------------------
 
@@ -33,7 +33,7 @@ class StringMatch(IstioModel):
 
     exact: str | None = None
     prefix: str | None = None
-    regex: str | None = None
+    regex: Regex | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> StringMatch:
@@ -379,7 +379,7 @@ class HTTPDirectResponse(IstioModel):
 
 
 class RegexRewrite(IstioModel):
-    match: str
+    match: Regex
     rewrite: str
 
 
