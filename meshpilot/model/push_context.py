@@ -24,6 +24,14 @@ from meshpilot.model.registry import (
     build_endpoints,
     build_services,
 )
+from meshpilot.model.routing import (
+    DestinationRuleIndex,
+    ResolvedDestinationRule,
+    ResolvedVirtualService,
+    VirtualServiceIndex,
+    resolve_host,
+    resolve_virtual_services,
+)
 from meshpilot.model.service import Endpoint, Service, ServicePort, labels_match
 from meshpilot.model.sidecar_scope import SidecarScope, build_sidecar_scope
 
@@ -61,6 +69,10 @@ class PushContext:
     _instances_cache: dict[tuple, tuple[ServiceInstance, ...]] = field(default_factory=dict)
     _by_ip: dict[str, list[tuple[Service, ServicePort, Endpoint]]] | None = None
     _by_ns: dict[str, list[Service]] | None = None
+    # Routing config; shared unchanged by endpoint-only contexts.
+    _virtual_services: tuple[ResolvedVirtualService, ...] = ()
+    _vs_by_ns: dict[str, VirtualServiceIndex] = field(default_factory=dict)
+    _destination_rules: DestinationRuleIndex | None = None
 
     # --- construction --------------------------------------------------------------------
 
@@ -103,6 +115,9 @@ class PushContext:
             changed_hosts=frozenset(changed_hosts),
             _services_sorted=self._services_sorted,
             _sidecars_by_ns=self._sidecars_by_ns,
+            _virtual_services=self._virtual_services,
+            _vs_by_ns=self._vs_by_ns,
+            _destination_rules=self._destination_rules,
         )
         # Scopes depend on services and Sidecars only, both unchanged.
         ctx._scope_cache = self._scope_cache
@@ -128,6 +143,16 @@ class PushContext:
             changed_hosts=changed_hosts,
             _services_sorted=tuple(sorted(services.values(), key=lambda s: s.hostname)),
             _sidecars_by_ns={ns: tuple(_oldest_first(v)) for ns, v in sidecars.items()},
+            _virtual_services=tuple(
+                resolve_virtual_services(
+                    snapshot.of_kind(kinds.VIRTUAL_SERVICE).values(), mesh.domain_suffix
+                )
+            ),
+            _destination_rules=DestinationRuleIndex(
+                snapshot.of_kind(kinds.DESTINATION_RULE).values(),
+                mesh.domain_suffix,
+                mesh.root_namespace,
+            ),
         )
 
     # --- queries -------------------------------------------------------------------------
@@ -213,6 +238,37 @@ class PushContext:
                 index.setdefault(svc.namespace, []).append(svc)
             self._by_ns = index
         return self._by_ns
+
+    # --- routing ---------------------------------------------------------------------------
+
+    def resolve_host(self, host: str, namespace: str) -> str:
+        """A host as written in config (short or FQDN) to the FQDN Istio means by it."""
+        return resolve_host(host, namespace, self.mesh.domain_suffix)
+
+    @property
+    def virtual_services_all(self) -> tuple[ResolvedVirtualService, ...]:
+        return self._virtual_services
+
+    def virtual_services(self, namespace: str) -> VirtualServiceIndex:
+        """Sidecar ("mesh") VirtualServices visible from `namespace`, one per host."""
+        index = self._vs_by_ns.get(namespace)
+        if index is None:
+            index = self._vs_by_ns[namespace] = VirtualServiceIndex(
+                self._virtual_services, namespace
+            )
+        return index
+
+    def virtual_service_for(self, namespace: str, hostname: str) -> ResolvedVirtualService | None:
+        return self.virtual_services(namespace).for_host(hostname)
+
+    @property
+    def destination_rules(self) -> DestinationRuleIndex:
+        assert self._destination_rules is not None
+        return self._destination_rules
+
+    def destination_rule(self, client_ns: str, service: Service) -> ResolvedDestinationRule | None:
+        """Istio's order: the client's namespace, the service's, then the root namespace."""
+        return self.destination_rules.lookup(client_ns, service.hostname, service.namespace)
 
     def configs(self, kind: str) -> Mapping[ConfigKey, Config]:
         return self.snapshot.of_kind(kind)
