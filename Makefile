@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench clean protos
 
 install: $(STAMP)
 
@@ -32,3 +32,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Regenerate the Istio CA API modules after editing meshpilot/protos/*.proto.
+protos: install
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. meshpilot/protos/istio_ca.proto
