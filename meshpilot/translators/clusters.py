@@ -1,25 +1,38 @@
-"""CDS: outbound clusters per visible service port, inbound clusters, and Istio's
-fixed BlackHoleCluster, PassthroughCluster and InboundPassthroughCluster."""
+"""CDS: outbound clusters per visible service port (and per DestinationRule subset),
+inbound clusters, and Istio's fixed BlackHoleCluster, PassthroughCluster and
+InboundPassthroughCluster.
+
+DestinationRule traffic policies are merged and converted in traffic_policy.py; the
+rule that applies is looked up for the proxy's namespace, as Istio does.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
+from meshpilot.api.networking import Subset
 from meshpilot.model.proxy import Proxy
-from meshpilot.model.service import Protocol, Resolution, Service, ServicePort
+from meshpilot.model.routing import ResolvedDestinationRule
+from meshpilot.model.service import (
+    Endpoint,
+    Protocol,
+    Resolution,
+    Service,
+    ServicePort,
+    labels_match,
+)
 from meshpilot.translators import naming
 from meshpilot.translators.common import (
     HTTP_PROTOCOL_OPTIONS_KEY,
     INBOUND_PASSTHROUGH_BIND_V4,
     INBOUND_PASSTHROUGH_BIND_V6,
     MAX_DURATION_SECONDS,
-    MAX_UINT32,
     ads_config_source,
     duration,
     duration_from_text,
@@ -28,10 +41,25 @@ from meshpilot.translators.common import (
     pack,
     pipe_address,
     socket_address,
-    uint32,
 )
-from meshpilot.translators.endpoints import locality_lb_endpoints
+from meshpilot.translators.endpoints import locality_lb_endpoints_of
+from meshpilot.translators.locality import apply_locality_lb, group_by_locality
 from meshpilot.translators.plan import UNIX_PREFIX, InboundPlan, inbound_plans
+from meshpilot.translators.traffic_policy import (
+    NO_POLICY,
+    HttpProtocolOptions,
+    add_config_metadata,
+    apply_connection_pool,
+    apply_load_balancer,
+    apply_outlier_detection,
+    apply_tls,
+    default_thresholds,
+    locality_lb_setting,
+    merge_traffic_policy,
+    policy_for,
+    set_h2,
+    should_h2_upgrade,
+)
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
@@ -55,11 +83,15 @@ def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]
     connect_timeout = duration_from_text(push.mesh.connect_timeout, DEFAULT_CONNECT_TIMEOUT_SECONDS)
     out: dict[str, Cluster] = {}
     for svc in push.sidecar_scope(proxy).services:
-        for sp in svc.ports:
-            if sp.protocol is Protocol.UDP:
-                continue
-            c = _outbound_cluster(push, proxy, svc, sp, connect_timeout)
-            out.setdefault(c.name, c)
+        ports = [sp for sp in svc.ports if sp.protocol is not Protocol.UDP]
+        if not ports:
+            continue
+        dr = push.destination_rule(proxy.namespace, svc)
+        subsets: list[Subset | None] = [None, *(dr.spec.subsets if dr is not None else ())]
+        for sp in ports:
+            for subset in subsets:
+                c = _outbound_cluster(push, proxy, svc, sp, dr, subset, connect_timeout)
+                out.setdefault(c.name, c)
     for plan in inbound_plans(push, proxy):
         c = _inbound_cluster(plan, connect_timeout)
         out.setdefault(c.name, c)
@@ -71,22 +103,85 @@ def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]
     return [out[name] for name in sorted(out)]
 
 
+def outbound_cluster_names(push: PushContext, proxy: Proxy) -> frozenset[str]:
+    """Names of the `outbound|PORT|SUBSET|HOST` clusters `build_clusters` gives `proxy`.
+
+    A cluster exists iff its host is a service in the proxy's sidecar scope, its port
+    is one of that service's (non-UDP) ports, and its subset is "" or a subset of the
+    DestinationRule that applies to the proxy. Routes must name only these.
+    """
+    names: set[str] = set()
+    for svc in push.sidecar_scope(proxy).services:
+        ports = [sp.port for sp in svc.ports if sp.protocol is not Protocol.UDP]
+        if not ports:
+            continue
+        dr = push.destination_rule(proxy.namespace, svc)
+        subsets = ["", *(s.name for s in dr.spec.subsets)] if dr is not None else [""]
+        for port in ports:
+            for subset in subsets:
+                names.add(naming.outbound_cluster_name(port, subset, svc.hostname))
+    return frozenset(names)
+
+
+def dns_clusters_depend_on_locality(push: PushContext, proxy: Proxy) -> bool:
+    """Whether a DNS cluster of this proxy carries endpoints prioritised or weighted by
+    locality: then its CDS output depends on the proxy's locality (and labels), not only
+    on its scope. The same for every proxy of a scope and namespace."""
+    for svc in push.sidecar_scope(proxy).services:
+        if svc.resolution not in (Resolution.DNS_LB, Resolution.DNS_ROUND_ROBIN):
+            continue
+        dr = push.destination_rule(proxy.namespace, svc)
+        if dr is None:
+            continue
+        for sp in svc.ports:
+            for subset in ["", *(s.name for s in dr.spec.subsets)]:
+                policy = policy_for(dr, subset, sp.port)
+                setting = locality_lb_setting(policy)
+                if setting is not None and (
+                    setting.distribute or policy.outlier_detection is not None
+                ):
+                    return True
+    return False
+
+
 def _outbound_cluster(
     push: PushContext,
     proxy: Proxy,
     svc: Service,
     sp: ServicePort,
+    dr: ResolvedDestinationRule | None,
+    subset: Subset | None,
     connect_timeout: duration_pb2.Duration,
 ) -> Cluster:
-    name = naming.outbound_cluster_name(sp.port, "", svc.hostname)
+    subset_name = subset.name if subset is not None else ""
+    name = naming.outbound_cluster_name(sp.port, subset_name, svc.hostname)
+    policy = (
+        merge_traffic_policy(
+            dr.spec.traffic_policy, subset.traffic_policy if subset else None, sp.port
+        )
+        if dr is not None
+        else NO_POLICY
+    )
+    locality_setting = locality_lb_setting(policy)
     kind = _DISCOVERY_TYPE[svc.resolution]
     c = _base(name, kind, connect_timeout)
+    opts = HttpProtocolOptions()
     if kind == Cluster.EDS:
         c.eds_cluster_config.eds_config.CopyFrom(ads_config_source())
         c.eds_cluster_config.service_name = name
     elif kind in (Cluster.STRICT_DNS, Cluster.LOGICAL_DNS):
         c.dns_lookup_family = _dns_family(proxy)
-        localities = locality_lb_endpoints(push.service_endpoints(svc.hostname, sp.port))
+        endpoints: Iterable[Endpoint] = push.service_endpoints(svc.hostname, sp.port)
+        if subset is not None:
+            # DNS clusters carry their endpoints inline: filter them here as EDS would.
+            endpoints = [ep for ep in endpoints if labels_match(subset.labels, ep.labels)]
+        groups = apply_locality_lb(
+            group_by_locality(endpoints),
+            proxy,
+            locality_setting,
+            policy.outlier_detection is not None,
+        )
+        localities = locality_lb_endpoints_of(groups)
         if kind == Cluster.LOGICAL_DNS:
             # Envoy accepts exactly one host for LOGICAL_DNS; Istio keeps the first.
             localities = localities[:1]
@@ -95,18 +190,41 @@ def _outbound_cluster(
                 localities[0].load_balancing_weight.value = (
                     localities[0].lb_endpoints[0].load_balancing_weight.value
                 )
+                localities[0].priority = 0
         c.load_assignment.CopyFrom(
             endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=localities)
         )
-    if kind == Cluster.ORIGINAL_DST:
-        c.lb_policy = Cluster.CLUSTER_PROVIDED
-    else:
-        # Istio's default: least request balances better than round robin.
-        c.lb_policy = Cluster.LEAST_REQUEST
     if sp.protocol.is_http2:
-        _set_h2(c)
+        set_h2(opts)
+    # Istio's applyTrafficPolicy order: later steps may override earlier ones.
+    apply_connection_pool(c, opts, policy.connection_pool)
+    if should_h2_upgrade(policy.connection_pool):
+        set_h2(opts)
+    apply_outlier_detection(c, policy.outlier_detection)
+    apply_load_balancer(c, policy.load_balancer, locality_setting)
+    apply_tls(c, opts, policy.tls, is_router=proxy.is_router, h2=_is_h2(opts))
+    if c.type == Cluster.ORIGINAL_DST:
+        c.lb_policy = Cluster.CLUSTER_PROVIDED
+    _pack_http_options(c, opts)
     _istio_metadata(c, svc)
+    if dr is not None:
+        add_config_metadata(c.metadata, dr, subset_name)
     return c
+
+
+def _is_h2(opts: HttpProtocolOptions) -> bool:
+    return opts.WhichOneof(
+        "upstream_protocol_options"
+    ) == "explicit_http_config" and opts.explicit_http_config.HasField("http2_protocol_options")
+
+
+def _pack_http_options(c: Cluster, opts: HttpProtocolOptions) -> None:
+    if not opts.ListFields():
+        return
+    if opts.WhichOneof("upstream_protocol_options") is None:
+        # Envoy requires a protocol choice once the options exist: HTTP/1.1, as before.
+        opts.explicit_http_config.http_protocol_options.SetInParent()
+    c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS_KEY].CopyFrom(pack(opts))
 
 
 def _inbound_cluster(plan: InboundPlan, connect_timeout: duration_pb2.Duration) -> Cluster:
@@ -161,23 +279,12 @@ def _base(name: str, kind: int, connect_timeout: duration_pb2.Duration) -> Clust
 
 
 def _default_circuit_breakers() -> circuit_breaker_pb2.CircuitBreakers:
-    """Istio's defaults: no limits (Envoy's 1024/3 cause 503s during rollouts)."""
-    return circuit_breaker_pb2.CircuitBreakers(
-        thresholds=[
-            circuit_breaker_pb2.CircuitBreakers.Thresholds(
-                max_connections=uint32(MAX_UINT32),
-                max_pending_requests=uint32(MAX_UINT32),
-                max_requests=uint32(MAX_UINT32),
-                max_retries=uint32(MAX_UINT32),
-                track_remaining=True,
-            )
-        ]
-    )
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[default_thresholds()])
 
 
 def _set_h2(c: Cluster) -> None:
-    opts = http_protocol_options_pb2.HttpProtocolOptions()
-    opts.explicit_http_config.http2_protocol_options.SetInParent()
+    opts = HttpProtocolOptions()
+    set_h2(opts)
     c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS_KEY].CopyFrom(pack(opts))
 
 
@@ -216,7 +323,7 @@ def _passthrough(connect_timeout: duration_pb2.Duration, name: str = "") -> Clus
     name = name or naming.PASSTHROUGH_CLUSTER
     c = _base(name, Cluster.ORIGINAL_DST, connect_timeout)
     c.lb_policy = Cluster.CLUSTER_PROVIDED
-    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    opts = HttpProtocolOptions()
     opts.common_http_protocol_options.idle_timeout.CopyFrom(
         duration(PASSTHROUGH_IDLE_TIMEOUT_SECONDS)
     )

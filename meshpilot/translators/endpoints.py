@@ -1,18 +1,39 @@
-"""EDS: ClusterLoadAssignments for `outbound|PORT|SUBSET|HOST` clusters."""
+"""EDS: ClusterLoadAssignments for `outbound|PORT|SUBSET|HOST` clusters.
+
+A subset's assignment holds the endpoints its labels select, in the DestinationRule
+that applies to the requesting proxy (which depends on the proxy's namespace). Locality
+priorities and weights depend on the proxy's locality, only where the rule asks for
+them; `eds_cache_key` says which proxies can share one assignment.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import struct_pb2
 
-from meshpilot.model.proxy import Locality
-from meshpilot.model.service import Endpoint, labels_match
+from meshpilot.api.networking import LocalityLbSetting
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.service import Endpoint, Service, labels_match
 from meshpilot.translators import naming
 from meshpilot.translators.common import socket_address, uint32
+from meshpilot.translators.locality import (
+    LocalityGroup,
+    apply_locality_lb,
+    endpoint_weight,
+    group_by_locality,
+    locality_key,
+)
+from meshpilot.translators.traffic_policy import (
+    dr_identity,
+    find_subset,
+    locality_lb_setting,
+    policy_for,
+)
 
 ISTIO_METADATA = "istio"
 TRANSPORT_SOCKET_MATCH_METADATA = "envoy.transport_socket_match"
@@ -28,32 +49,80 @@ if TYPE_CHECKING:
     from meshpilot.model.push_context import PushContext
 
 
-def subset_labels(push: PushContext, hostname: str, subset: str) -> Mapping[str, str] | None:
-    """Labels that select the endpoints of `subset`; None keeps every endpoint.
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Everything a ClusterLoadAssignment depends on besides the endpoints themselves."""
 
-    The hook for DestinationRule subsets. Until they are indexed every subset sees
-    all endpoints of its host.
-    """
-    del push, hostname, subset
-    return None
+    hostname: str
+    port: int
+    # None: every endpoint of the port; else the subset's label selector.
+    selector: Mapping[str, str] | None
+    setting: LocalityLbSetting | None
+    enable_failover: bool
+    key: Hashable
+
+
+def subset_labels(
+    push: PushContext, proxy: Proxy, service: Service, subset: str
+) -> Mapping[str, str] | None:
+    """Labels selecting the endpoints of `subset` in the DestinationRule that applies to
+    `proxy`; None when that rule has no such subset."""
+    found = find_subset(push.destination_rule(proxy.namespace, service), subset)
+    return found.labels if found is not None else None
+
+
+def _plan(push: PushContext, proxy: Proxy, cluster_name: str) -> _Plan | None:
+    """None for names that get an empty assignment: not outbound, unknown host or port,
+    or a subset the applicable DestinationRule does not define."""
+    parsed = naming.parse_cluster_name(cluster_name)
+    if parsed is None or parsed[0] != naming.OUTBOUND:
+        return None
+    _, port, subset, hostname = parsed
+    svc = push.services.get(hostname)
+    if svc is None or svc.port(port) is None:
+        return None
+    dr = push.destination_rule(proxy.namespace, svc)
+    selector: Mapping[str, str] | None = None
+    if subset:
+        found = find_subset(dr, subset)
+        if found is None:
+            return None
+        selector = found.labels
+    policy = policy_for(dr, subset, port)
+    setting = locality_lb_setting(policy)
+    enable_failover = policy.outlier_detection is not None
+    where = locality_key(setting, enable_failover, proxy)
+    # The rule matters through the subset's labels and the locality setting; proxies
+    # that see different rules (or none) share an assignment whenever neither applies.
+    rule = dr_identity(dr) if (subset or where is not None) else None
+    return _Plan(
+        hostname, port, selector, setting, enable_failover, ("eds", cluster_name, rule, where)
+    )
+
+
+def eds_cache_key(push: PushContext, proxy: Proxy, cluster_name: str) -> Hashable:
+    """Proxies with equal keys get the same ClusterLoadAssignment for `cluster_name` from
+    the same push context. Always a tuple `("eds", cluster_name, ...)`."""
+    plan = _plan(push, proxy, cluster_name)
+    return plan.key if plan is not None else ("eds", cluster_name)
 
 
 def build_load_assignment(
-    push: PushContext, cluster_name: str
+    push: PushContext, proxy: Proxy, cluster_name: str
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """The CLA for `cluster_name`; empty (never None) for anything unknown, because
-    Envoy keeps a cluster warming until it gets the CLA it asked for."""
+    """The CLA for `cluster_name` as `proxy` sees it; empty (never None) for anything
+    unknown, because Envoy keeps a cluster warming until it gets the CLA it asked for."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
-    parsed = naming.parse_cluster_name(cluster_name)
-    if parsed is None or parsed[0] != naming.OUTBOUND:
+    plan = _plan(push, proxy, cluster_name)
+    if plan is None:
         return cla
-    _, port, subset, hostname = parsed
-    endpoints: Iterable[Endpoint] = push.service_endpoints(hostname, port)
-    if subset:
-        selector = subset_labels(push, hostname, subset)
-        if selector is not None:
-            endpoints = [ep for ep in endpoints if labels_match(selector, ep.labels)]
-    cla.endpoints.extend(locality_lb_endpoints(endpoints))
+    endpoints: Iterable[Endpoint] = push.service_endpoints(plan.hostname, plan.port)
+    if plan.selector:
+        endpoints = [ep for ep in endpoints if labels_match(plan.selector, ep.labels)]
+    groups = apply_locality_lb(
+        group_by_locality(endpoints), proxy, plan.setting, plan.enable_failover
+    )
+    cla.endpoints.extend(locality_lb_endpoints_of(groups))
     return cla
 
 
@@ -61,17 +130,20 @@ def locality_lb_endpoints(
     endpoints: Iterable[Endpoint],
 ) -> list[endpoint_components_pb2.LocalityLbEndpoints]:
     """Endpoints grouped by locality (sorted), weighted, in a stable order."""
-    by_locality: dict[str, list[Endpoint]] = {}
-    for ep in endpoints:
-        by_locality.setdefault(ep.locality, []).append(ep)
+    return locality_lb_endpoints_of(group_by_locality(endpoints))
+
+
+def locality_lb_endpoints_of(
+    groups: Iterable[LocalityGroup],
+) -> list[endpoint_components_pb2.LocalityLbEndpoints]:
     out = []
-    for locality in sorted(by_locality):
-        group = sorted(by_locality[locality], key=lambda e: (e.address, e.port))
-        loc = Locality.parse(locality)
+    for g in groups:
+        loc = g.locality
         lle = endpoint_components_pb2.LocalityLbEndpoints(
             locality=base_pb2.Locality(region=loc.region, zone=loc.zone, sub_zone=loc.subzone),
-            lb_endpoints=[lb_endpoint(ep) for ep in group],
-            load_balancing_weight=uint32(sum(_weight(ep) for ep in group)),
+            lb_endpoints=[lb_endpoint(ep) for ep in g.endpoints],
+            load_balancing_weight=uint32(g.weight),
+            priority=g.priority,
         )
         out.append(lle)
     return out
@@ -80,16 +152,11 @@ def locality_lb_endpoints(
 def lb_endpoint(ep: Endpoint) -> endpoint_components_pb2.LbEndpoint:
     out = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=socket_address(ep.address, ep.port)),
-        load_balancing_weight=uint32(_weight(ep)),
+        load_balancing_weight=uint32(endpoint_weight(ep)),
     )
     if ep.workload_name or ep.tls_mode == "istio":
         _endpoint_metadata(out.metadata, ep)
     return out
-
-
-def _weight(ep: Endpoint) -> int:
-    # Envoy requires weights >= 1; the sum per locality must fit in uint32.
-    return min(max(ep.weight, 1), 2**24)
 
 
 def _endpoint_metadata(md: base_pb2.Metadata, ep: Endpoint) -> None:

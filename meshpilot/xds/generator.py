@@ -60,11 +60,18 @@ class ConfigGenerator:
     ) -> Generated | None:
         incremental = request is not None and not request.full
         if type_url == typeurls.ENDPOINT:
-            return self._endpoints(push, names, request if incremental else None)
+            return self._endpoints(push, proxy, names, request if incremental else None)
         if incremental:
             return None
         if type_url == typeurls.CLUSTER:
-            return self._whole(push, proxy, "cds", type_url, clusters.build_clusters)
+            return self._whole(
+                push,
+                proxy,
+                "cds",
+                type_url,
+                clusters.build_clusters,
+                extra=self._cds_locality(push, proxy),
+            )
         if type_url == typeurls.LISTENER:
             return self._whole(push, proxy, "lds", type_url, listeners.build_listeners)
         if type_url == typeurls.ROUTE:
@@ -78,8 +85,10 @@ class ConfigGenerator:
         tag: str,
         type_url: str,
         build: Callable[[PushContext, Proxy], Sequence[Message]],
+        extra: Hashable = None,
     ) -> Generated:
-        key = (tag, self._proxy_scope(push, proxy))
+        scope = self._proxy_scope(push, proxy)
+        key = (tag, scope) if extra is None else (tag, scope, extra)
 
         def make() -> tuple[Resource, ...]:
             return tuple(_resource(m, type_url) for m in build(push, proxy))
@@ -112,9 +121,22 @@ class ConfigGenerator:
             out.append(res)
         return Generated(out, complete=True)
 
+    def _cds_locality(self, push: PushContext, proxy: Proxy) -> Hashable:
+        """Proxy locality and labels, for scopes whose DNS clusters carry endpoints
+        ordered by locality (DestinationRule failover or distribute); else None."""
+        depends = self.cache.get_or_build(
+            push.version,
+            ("cds-locality", self._proxy_scope(push, proxy), proxy.namespace),
+            lambda: clusters.dns_clusters_depend_on_locality(push, proxy),
+        )
+        if not depends:
+            return None
+        return (proxy.locality, tuple(sorted(proxy.labels.items())))
+
     def _endpoints(
         self,
         push: PushContext,
+        proxy: Proxy,
         names: frozenset[str] | None,
         request: PushRequest | None,
     ) -> Generated | None:
@@ -128,15 +150,17 @@ class ConfigGenerator:
             wanted = [n for n in names if _cluster_host(n) in hosts]
             if not wanted:
                 return None
-        out = [self._load_assignment(push, name) for name in sorted(wanted)]
+        out = [self._load_assignment(push, proxy, name) for name in sorted(wanted)]
         return Generated(out, complete=request is None)
 
-    def _load_assignment(self, push: PushContext, cluster_name: str) -> Resource:
+    def _load_assignment(self, push: PushContext, proxy: Proxy, cluster_name: str) -> Resource:
+        # Keyed per cluster and, only where DestinationRule subsets or locality make the
+        # assignment proxy-dependent, per rule and locality: proxies share the rest.
         return self.cache.get_or_build(
             push.version,
-            ("eds", cluster_name),
+            endpoints.eds_cache_key(push, proxy, cluster_name),
             lambda: _resource(
-                endpoints.build_load_assignment(push, cluster_name), typeurls.ENDPOINT
+                endpoints.build_load_assignment(push, proxy, cluster_name), typeurls.ENDPOINT
             ),
         )
 
@@ -147,8 +171,12 @@ class ConfigGenerator:
         changed = current.changed_hosts
 
         def keep(key: Hashable) -> bool:
+            # EDS keys are ("eds", cluster_name, ...): the host is in the cluster name.
             return (
-                isinstance(key, tuple) and key[0] == "eds" and _cluster_host(key[1]) not in changed
+                isinstance(key, tuple)
+                and len(key) > 1
+                and key[0] == "eds"
+                and _cluster_host(key[1]) not in changed
             )
 
         self.cache.carry_over(previous.version, current.version, keep)

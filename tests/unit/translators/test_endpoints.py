@@ -6,7 +6,7 @@ import pytest
 
 from meshpilot.translators.endpoints import build_load_assignment
 
-from ._helpers import RATINGS, REVIEWS, push_of, serialized
+from ._helpers import RATINGS, REVIEWS, push_of, serialized, sidecar
 
 
 def _eps(cla) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
@@ -23,7 +23,7 @@ def _eps(cla) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
 
 def test_service_endpoints_with_target_port_and_weight() -> None:
     name = f"outbound|9080||{REVIEWS}"
-    cla = build_load_assignment(push_of(), name)
+    cla = build_load_assignment(push_of(), sidecar(), name)
     assert cla.cluster_name == name
     assert _eps(cla) == [("10.0.0.1", 8080, 1), ("10.0.0.2", 8080, 5)]
     (loc,) = cla.endpoints
@@ -31,7 +31,7 @@ def test_service_endpoints_with_target_port_and_weight() -> None:
 
 
 def test_endpoint_metadata_like_istio() -> None:
-    cla = build_load_assignment(push_of(), f"outbound|9080||{REVIEWS}")
+    cla = build_load_assignment(push_of(), sidecar(), f"outbound|9080||{REVIEWS}")
     first = cla.endpoints[0].lb_endpoints[0]
     istio = first.metadata.filter_metadata["istio"]
     assert istio["workload"] == "reviews-v1;default;reviews;v1;"
@@ -41,7 +41,7 @@ def test_endpoint_metadata_like_istio() -> None:
 
 
 def test_grouped_by_locality_with_summed_weights() -> None:
-    cla = build_load_assignment(push_of(), "outbound|5432||db.internal")
+    cla = build_load_assignment(push_of(), sidecar(), "outbound|5432||db.internal")
     localities = [
         (
             (loc.locality.region, loc.locality.zone, loc.locality.sub_zone),
@@ -65,20 +65,20 @@ def test_grouped_by_locality_with_summed_weights() -> None:
     ],
 )
 def test_unknown_cluster_gets_empty_assignment(name: str) -> None:
-    cla = build_load_assignment(push_of(), name)
+    cla = build_load_assignment(push_of(), sidecar(), name)
     assert cla.cluster_name == name
     assert len(cla.endpoints) == 0
 
 
-def test_subset_is_accepted_and_not_filtered_yet() -> None:
-    push = push_of()
-    cla = build_load_assignment(push, f"outbound|9080|v1|{REVIEWS}")
+def test_subset_without_destination_rule_is_empty() -> None:
+    # No rule defines the subset: no cluster has that name, and no endpoint belongs to it.
+    cla = build_load_assignment(push_of(), sidecar(), f"outbound|9080|v1|{REVIEWS}")
     assert cla.cluster_name == f"outbound|9080|v1|{REVIEWS}"
-    assert _eps(cla) == _eps(build_load_assignment(push, f"outbound|9080||{REVIEWS}"))
+    assert len(cla.endpoints) == 0
 
 
 def test_deterministic() -> None:
     names = [f"outbound|9080||{REVIEWS}", "outbound|5432||db.internal"]
-    a = [build_load_assignment(push_of(), n) for n in names]
-    b = [build_load_assignment(push_of(), n) for n in names]
+    a = [build_load_assignment(push_of(), sidecar(), n) for n in names]
+    b = [build_load_assignment(push_of(), sidecar(), n) for n in names]
     assert serialized(a) == serialized(b)

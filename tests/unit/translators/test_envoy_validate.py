@@ -95,8 +95,8 @@ def test_envoy_accepts_gateway_clusters() -> None:
 def test_envoy_accepts_endpoints() -> None:
     push, proxy = _case("capture")
     names = [c.name for c in build_clusters(push, proxy) if c.name.startswith("outbound|")]
-    clas = [build_load_assignment(push, n) for n in names]
-    clas.append(build_load_assignment(push, "outbound|1||unknown.example.com"))
+    clas = [build_load_assignment(push, proxy, n) for n in names]
+    clas.append(build_load_assignment(push, proxy, "outbound|1||unknown.example.com"))
     assert any(len(cla.endpoints) > 1 for cla in clas)  # localities are exercised
     hostname_clas = [c for c in clas if _has_hostnames(c)]
     ip_clas = [c for c in clas if not _has_hostnames(c)]
