@@ -228,8 +228,8 @@ class Connection:
     def on_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> Outcome:
         type_url = req.type_url
         w = self._watched.get(type_url)
-        names = frozenset(req.resource_names)
         if not req.response_nonce or w is None:
+            names = frozenset(req.resource_names)
             # First request for this type, or a reconnect carrying another server's nonce.
             if w is None:
                 w = self._watched[type_url] = WatchedResource(type_url)
@@ -240,7 +240,10 @@ class Connection:
             return Outcome(Kind.STALE)
         kind = self._ack_or_nack(w, req.response_nonce, req.version_info, req)
         added = removed = frozenset[str]()
-        if not w.wildcard:
+        raw = req.resource_names
+        # Every EDS ACK repeats all names; the common unchanged case avoids a new set.
+        if not w.wildcard and not (len(raw) == len(w.names) and w.names.issuperset(raw)):
+            names = frozenset(raw)
             added, removed = names - w.names, w.names - names
             w.names = names
         if added:

@@ -87,39 +87,81 @@ def _delta_entry(r: Resource) -> bytes:
     return _field(2, inner)
 
 
-class _BlockCache:
-    """Encoded resource lists keyed by the identity of the (immutable) sequence.
+class _Encoder:
+    """Encoded resources, keyed by the identity of immutable shared objects.
 
-    The generator shares one Generated among proxies of the same scope; framing its
-    resources once per push instead of once per proxy is most of the serving cost.
-    Holding the sequence keeps its id from being reused while cached.
+    Two levels: whole resource lists (the generator shares one Generated among proxies
+    of the same scope, so a CDS push frames its clusters once, not once per proxy), and
+    single resources (per-proxy lists such as EDS for a proxy's own cluster names still
+    share their ClusterLoadAssignments). Holding the object keeps its id from being
+    reused while cached.
     """
 
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_entries: int = 512) -> None:
-        self._entries: dict[tuple[int, bool], tuple[Sequence[Resource], bytes]] = {}
-        self._bytes = 0
-        self._max_bytes = max_bytes
+    def __init__(
+        self,
+        max_block_bytes: int = 64 * 1024 * 1024,
+        max_blocks: int = 512,
+        max_entries: int = 200_000,
+    ) -> None:
+        self._blocks: dict[tuple[int, bool], tuple[Sequence[Resource], bytes]] = {}
+        self._block_bytes = 0
+        self._max_block_bytes = max_block_bytes
+        self._max_blocks = max_blocks
+        # id(resource) -> (resource, encoded entry); one map per wire format.
+        self._entries: tuple[dict[int, tuple[Resource, bytes]], ...] = ({}, {})
         self._max_entries = max_entries
         self.hits = 0
         self.misses = 0
 
-    def get(self, resources: Sequence[Resource], delta: bool) -> bytes:
+    def entry(self, r: Resource, delta: bool) -> bytes:
+        cached = self._entries[delta].get(id(r))
+        if cached is not None and cached[0] is r:
+            return cached[1]
+        return self._add_entry(r, delta)
+
+    def _add_entry(self, r: Resource, delta: bool) -> bytes:
+        data = _delta_entry(r) if delta else _sotw_entry(r)
+        entries = self._entries[delta]
+        if len(entries) >= self._max_entries:
+            # Drop the older half at once: amortized O(1), unlike popping one at a time.
+            kept = dict(itertools.islice(entries.items(), self._max_entries // 2, None))
+            entries.clear()
+            entries.update(kept)
+        entries[id(r)] = (r, data)
+        return data
+
+    def block(self, resources: Sequence[Resource], delta: bool) -> bytes:
         key = (id(resources), delta)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] is resources:
+        cached = self._blocks.pop(key, None)
+        if cached is not None and cached[0] is resources:
             self.hits += 1
-            return entry[1]
+            self._blocks[key] = cached  # most recently used goes last
+            return cached[1]
+        if cached is not None:
+            self._block_bytes -= len(cached[1])
         self.misses += 1
-        encode = _delta_entry if delta else _sotw_entry
-        block = b"".join([encode(r) for r in resources])
-        if len(block) > self._max_bytes // 4:
-            return block
-        self._entries[key] = (resources, block)
-        self._bytes += len(block)
-        while self._bytes > self._max_bytes or len(self._entries) > self._max_entries:
-            oldest = next(iter(self._entries))
-            self._bytes -= len(self._entries.pop(oldest)[1])
-        return block
+        get = self._entries[delta].get
+        parts = []
+        for r in resources:
+            hit = get(id(r))
+            parts.append(hit[1] if hit is not None and hit[0] is r else self._add_entry(r, delta))
+        data = b"".join(parts)
+        if len(data) <= self._max_block_bytes // 4:
+            self._blocks[key] = (resources, data)
+            self._block_bytes += len(data)
+            while self._block_bytes > self._max_block_bytes or len(self._blocks) > self._max_blocks:
+                oldest = next(iter(self._blocks))
+                self._block_bytes -= len(self._blocks.pop(oldest)[1])
+        return data
+
+
+def _per_type(metric: Any) -> dict[str, Any]:
+    # labels() takes a lock and a dict lookup per call; resolve the children once.
+    return {t: metric.labels(typeurls.short(t)) for t in typeurls.PUSH_ORDER}
+
+
+_PUSHES = _per_type(metrics.XDS_PUSHES)
+_PUSH_TIME = _per_type(metrics.XDS_PUSH_TIME)
 
 
 # --- Server ------------------------------------------------------------------------
@@ -152,7 +194,7 @@ class DiscoveryServer:
         self._max_queued_requests = max_queued_requests
         self._current: PushContextLike | None = None
         self._ready = asyncio.Event()
-        self._blocks = _BlockCache()
+        self._encoder = _Encoder()
         self._sotw_cp = _field(
             6, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
         )
@@ -377,9 +419,7 @@ class DiscoveryServer:
                 return
         if await self._send(writer, w, gen, ctx, None, forced=False):
             writer.conn.note_push_started(request.start)
-            metrics.XDS_PUSH_TIME.labels(typeurls.short(w.type_url)).observe(
-                time.perf_counter() - t0
-            )
+            _PUSH_TIME[w.type_url].observe(time.perf_counter() - t0)
 
     def _generate(
         self,
@@ -426,7 +466,7 @@ class DiscoveryServer:
         elif w.type_url == typeurls.ENDPOINT and gen.complete and scope is None:
             w.always_respond = False
         await writer.write(data)
-        metrics.XDS_PUSHES.labels(typeurls.short(w.type_url)).inc()
+        _PUSHES[w.type_url].inc()
         return True
 
     def _next_nonce(self) -> str:
@@ -457,7 +497,7 @@ class DiscoveryServer:
             + _field(5, nonce.encode())
             + self._sotw_cp
         )
-        data = (head + self._blocks.get(resources, False)) if resources else head
+        data = (head + self._encoder.block(resources, False)) if resources else head
         w.nonce_sent = nonce
         w.version_sent = ctx.version
         w.awaiting_ack = True
@@ -502,9 +542,9 @@ class DiscoveryServer:
         ]
         parts.extend(_field(6, n.encode()) for n in removed)
         if len(changed) == len(gen.resources) and changed:
-            parts.append(self._blocks.get(gen.resources, True))
+            parts.append(self._encoder.block(gen.resources, True))
         else:
-            parts.extend(_delta_entry(r) for r in changed)
+            parts.extend([self._encoder.entry(r, True) for r in changed])
         for r in changed:
             versions[r.name] = r.version
         for n in removed:

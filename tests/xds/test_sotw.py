@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 
 from meshpilot.model.push_request import PushRequest
+from meshpilot.xds.resources import Generated
 from meshpilot.xds.server import DiscoveryServer
 from tests.xds.client import SotwClient, names_of, tags_of
 from tests.xds.conftest import CDS, EDS, LDS, RDS, Harness, sample, start_harness
@@ -50,6 +52,15 @@ async def test_missing_names_do_not_hold_back_the_answer(harness: Harness) -> No
     c = harness.sotw()
     c.request(EDS, ["a", "not-yet"])
     assert names_of(await c.recv()) == ["a"]
+
+
+async def test_reconnect_with_another_servers_nonce_gets_a_full_answer(harness: Harness) -> None:
+    c = harness.sotw()
+    c.request(CDS, nonce="nonce-from-the-previous-server", version="v0")
+    resp = await c.recv()
+    assert names_of(resp) == ["a", "b", "c"]
+    c.request(EDS, ["b"], nonce="nonce-from-the-previous-server", version="v0")
+    assert names_of(await c.recv()) == ["b"]
 
 
 async def test_ack_sends_nothing_and_is_recorded(harness: Harness) -> None:
@@ -348,3 +359,24 @@ async def test_nonces_are_distinct_across_server_instances() -> None:
     first, second = DiscoveryServer(FakeGenerator()), DiscoveryServer(FakeGenerator())
     assert first._next_nonce() != second._next_nonce()
     assert first.instance_id != second.instance_id
+
+
+async def test_shared_generated_output_is_encoded_once_per_push(harness: Harness) -> None:
+    shared = Generated(tuple(harness.gen.resources[CDS][n] for n in ("a", "b", "c")))
+    real = harness.gen.generate
+
+    def generate(type_url: str, *args: Any) -> Generated | None:
+        return shared if type_url == CDS else real(type_url, *args)
+
+    harness.gen.generate = generate  # type: ignore[method-assign]
+    encoder = harness.discovery._encoder
+    misses = encoder.misses
+    ids = [f"sidecar~10.1.0.{i}~p{i}.default~default.svc.cluster.local" for i in range(3)]
+    clients = [harness.sotw(node_id) for node_id in ids]
+    for c in clients:
+        c.request(CDS)
+    responses = [await c.recv() for c in clients]
+    assert encoder.misses == misses + 1
+    assert len({r.nonce for r in responses}) == 3
+    assert all(names_of(r) == ["a", "b", "c"] for r in responses)
+    assert all(r.version_info == "v1" for r in responses)
