@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.cors.v3 import cors_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
@@ -68,6 +70,8 @@ FilterChainMatch = listener_components_pb2.FilterChainMatch
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 ROUTER_FILTER = "envoy.filters.http.router"
+FAULT_FILTER = "envoy.filters.http.fault"
+CORS_FILTER = "envoy.filters.http.cors"
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 TLS_INSPECTOR_FILTER = "envoy.filters.listener.tls_inspector"
 INTERCEPTION_TPROXY = "TPROXY"
@@ -119,7 +123,7 @@ def _outbound_listener(plan: OutboundListenerPlan, egress_cluster: str) -> Liste
         hcm.rds.config_source.CopyFrom(ads_config_source())
         lst.filter_chains.append(FilterChain(filters=[_filter(HCM_FILTER, hcm)]))
     elif plan.catch_all is not None:
-        lst.filter_chains.append(FilterChain(filters=[_tcp_proxy(plan.catch_all.cluster)]))
+        lst.filter_chains.append(FilterChain(filters=[_chain_tcp_proxy(plan.catch_all)]))
     else:
         # Traffic to this port for an address no service claims: what virtualOutbound
         # would have done with it.
@@ -142,7 +146,7 @@ def _tcp_chain(chain: TcpChain) -> FilterChain:
         if rng is not None:
             match.prefix_ranges.append(rng)
     match.server_names.extend(chain.server_names)
-    return FilterChain(filter_chain_match=match, filters=[_tcp_proxy(chain.cluster)])
+    return FilterChain(filter_chain_match=match, filters=[_chain_tcp_proxy(chain)])
 
 
 def _virtual_outbound(proxy: Proxy, egress_cluster: str) -> Listener:
@@ -231,8 +235,21 @@ def _filter(name: str, config: message.Message) -> listener_components_pb2.Filte
     return listener_components_pb2.Filter(name=name, typed_config=pack(config))
 
 
-def _tcp_proxy(cluster: str) -> listener_components_pb2.Filter:
-    return _filter(TCP_PROXY_FILTER, tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster))
+def _chain_tcp_proxy(chain: TcpChain) -> listener_components_pb2.Filter:
+    """tcp_proxy to a chain's cluster, or to its weighted clusters (VirtualService `tcp`)."""
+    if not chain.weighted:
+        return _tcp_proxy(chain.cluster, chain.stat_prefix)
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=chain.stat_prefix or chain.cluster)
+    for name, weight in chain.weighted:
+        proxy.weighted_clusters.clusters.add(name=name, weight=weight)
+    return _filter(TCP_PROXY_FILTER, proxy)
+
+
+def _tcp_proxy(cluster: str, stat_prefix: str = "") -> listener_components_pb2.Filter:
+    return _filter(
+        TCP_PROXY_FILTER,
+        tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or cluster, cluster=cluster),
+    )
 
 
 def _hcm(stat_prefix: str) -> hcm_pb2.HttpConnectionManager:
@@ -246,8 +263,12 @@ def _hcm(stat_prefix: str) -> hcm_pb2.HttpConnectionManager:
         # Long-lived streams (gRPC, websockets) must not be cut by Envoy's 5m default.
         stream_idle_timeout=duration(0),
         upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
+        # Istio's order: fault and cors (empty; routes configure them per route through
+        # typed_per_filter_config), then the router.
         http_filters=[
-            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
+            hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault())),
+            hcm_pb2.HttpFilter(name=CORS_FILTER, typed_config=pack(cors_pb2.Cors())),
+            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router())),
         ],
     )
     return hcm

@@ -35,6 +35,7 @@ from meshpilot.translators.common import (
     cidr_range,
     is_ipv4,
 )
+from meshpilot.translators.l4_route import L4Routes, L4Target, TlsRoute
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
@@ -48,12 +49,32 @@ UNIX_PREFIX = "unix://"
 
 @dataclass(frozen=True, slots=True)
 class TcpChain:
-    """A tcp_proxy filter chain to one service port, matched by CIDR or SNI."""
+    """A tcp_proxy filter chain for one service port, matched by CIDR or SNI.
+
+    It goes to the service's own cluster unless a VirtualService `tcp`/`tls` rule
+    routes it: then to `cluster`, or to `weighted` clusters when there are several.
+    """
 
     cluster: str
     service: Service
     prefix_ranges: tuple[str, ...] = ()
     server_names: tuple[str, ...] = ()
+    weighted: tuple[tuple[str, int], ...] = ()
+    stat_prefix: str = ""
+
+
+def _chain(
+    cluster: str,
+    svc: Service,
+    target: L4Target | None,
+    prefix_ranges: tuple[str, ...] = (),
+    server_names: tuple[str, ...] = (),
+) -> TcpChain:
+    if target is None:
+        return TcpChain(cluster, svc, prefix_ranges, server_names)
+    return TcpChain(
+        target.cluster, svc, prefix_ranges, server_names, target.weighted, target.stat_prefix
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +190,9 @@ def outbound_plans(push: PushContext, proxy: Proxy) -> list[OutboundListenerPlan
                 )
     plans: list[OutboundListenerPlan] = []
     named_ports: set[int] = set()
+    l4 = L4Routes(push, proxy)
     for entry in entries.values():
-        plan = _finish(entry, named_ports)
+        plan = _finish(entry, named_ports, l4)
         if plan is not None:
             plans.append(plan)
     return plans
@@ -183,7 +205,7 @@ def _reserved(port: int, bound: bool) -> bool:
     return port in (PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT)
 
 
-def _finish(entry: _Entry, named_ports: set[int]) -> OutboundListenerPlan | None:
+def _finish(entry: _Entry, named_ports: set[int], l4: L4Routes) -> OutboundListenerPlan | None:
     http: dict[str, Service] = {}
     tcp: dict[str, tuple[Service, ServicePort, Protocol]] = {}
     for svc, sp in sorted(entry.members, key=lambda m: m[0].hostname):
@@ -195,21 +217,30 @@ def _finish(entry: _Entry, named_ports: set[int]) -> OutboundListenerPlan | None
     chains: list[TcpChain] = []
     leftovers: list[TcpChain] = []
     used_cidrs: set[str] = set()
-    used_snis: set[str] = set()
+    # (CIDRs, server name) pairs already matched: Envoy rejects duplicate matches.
+    used_snis: set[tuple[tuple[str, ...], str]] = set()
     tls_count = sum(1 for _, _, p in tcp.values() if p in _TLS_PROTOCOLS)
     for svc, sp, protocol in tcp.values():
         cluster = naming.outbound_cluster_name(sp.port, "", svc.hostname)
-        plain = TcpChain(cluster, svc)
+        if protocol in _TLS_PROTOCOLS:
+            tls_routes = l4.tls_routes(svc, entry.port)
+            if tls_routes is not None:
+                _tls_route_chains(entry, svc, tls_routes, chains, leftovers, used_cidrs, used_snis)
+                continue
+            target = None
+        else:
+            target = l4.tcp_target(svc, entry.port)
+        plain = _chain(cluster, svc, target)
         if not entry.bound and svc.addresses:
             # The original destination tells services apart on a captured listener.
             cidrs = _cidrs(svc.addresses, used_cidrs)
             if cidrs:
-                chains.append(TcpChain(cluster, svc, prefix_ranges=cidrs))
+                chains.append(_chain(cluster, svc, target, prefix_ranges=cidrs))
             continue
         if protocol in _TLS_PROTOCOLS and (not entry.bound or tls_count > 1):
-            if svc.hostname not in used_snis:
-                used_snis.add(svc.hostname)
-                chains.append(TcpChain(cluster, svc, server_names=(svc.hostname,)))
+            if ((), svc.hostname) not in used_snis:
+                used_snis.add(((), svc.hostname))
+                chains.append(_chain(cluster, svc, target, server_names=(svc.hostname,)))
             if entry.bound:
                 leftovers.append(plain)
             continue
@@ -235,6 +266,39 @@ def _finish(entry: _Entry, named_ports: set[int]) -> OutboundListenerPlan | None
         tcp_chains=tuple(chains),
         catch_all=catch_all,
     )
+
+
+def _tls_route_chains(
+    entry: _Entry,
+    svc: Service,
+    routes: list[TlsRoute],
+    chains: list[TcpChain],
+    leftovers: list[TcpChain],
+    used_cidrs: set[str],
+    used_snis: set[tuple[tuple[str, ...], str]],
+) -> None:
+    """Chains for a TLS service routed by a VirtualService: one per `tls` match, on
+    its SNI names (and the service's VIPs on a captured listener), as Istio."""
+    cidrs: tuple[str, ...] = ()
+    if not entry.bound and svc.addresses:
+        cidrs = _cidrs(svc.addresses, used_cidrs)
+        if not cidrs:
+            return  # another service owns these addresses on this port
+    for route in routes:
+        if not route.server_names:
+            chain = _chain(route.target.cluster, svc, route.target, prefix_ranges=cidrs)
+            if cidrs:
+                chains.append(chain)
+            else:
+                leftovers.append(chain)  # no match at all: a catch-all candidate
+            continue
+        names = tuple(n for n in route.server_names if (cidrs, n) not in used_snis)
+        if not names:
+            continue
+        used_snis.update((cidrs, n) for n in names)
+        chains.append(
+            _chain(route.target.cluster, svc, route.target, prefix_ranges=cidrs, server_names=names)
+        )
 
 
 def _cidrs(addresses: Iterable[str], used: set[str]) -> tuple[str, ...]:

@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.service import Service
 from meshpilot.translators import naming
-from meshpilot.translators.common import bool_value, duration, pack, uint32
+from meshpilot.translators.common import bool_value, duration, uint32
+from meshpilot.translators.http_route import MAX_DIRECT_RESPONSE_BODY_BYTES, HttpRouteBuilder
 from meshpilot.translators.plan import REGISTRY_ONLY, InboundPlan, OutboundListenerPlan, route_plans
 
 if TYPE_CHECKING:
@@ -30,11 +30,6 @@ if TYPE_CHECKING:
     from meshpilot.model.push_context import PushContext
 
 RouteConfiguration = route_pb2.RouteConfiguration
-PREVIOUS_HOSTS_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
-# Istio's default retry policy for mesh routes.
-DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
-DEFAULT_RETRIES = 2
-DEFAULT_HOST_SELECTION_RETRIES = 5
 BLOCK_ALL_STATUS = 502
 
 
@@ -51,32 +46,38 @@ def build_route_configs(
     plans = route_plans(push, proxy)
     wanted = sorted(plans) if names is None else list(dict.fromkeys(names))
     policy = push.sidecar_scope(proxy).outbound_traffic_policy
+    builder = HttpRouteBuilder(push, proxy)
     out = []
     for name in wanted:
         plan = plans.get(name)
         if plan is None:
             out.append(RouteConfiguration(name=name, validate_clusters=bool_value(False)))
         else:
-            out.append(_outbound_route_config(name, plan, proxy, policy))
+            out.append(_outbound_route_config(name, plan, builder, policy))
     return out
 
 
 def _outbound_route_config(
-    name: str, plan: OutboundListenerPlan, proxy: Proxy, policy: str
+    name: str, plan: OutboundListenerPlan, builder: HttpRouteBuilder, policy: str
 ) -> RouteConfiguration:
-    rc = RouteConfiguration(name=name, validate_clusters=bool_value(False))
+    rc = RouteConfiguration(
+        name=name,
+        validate_clusters=bool_value(False),
+        max_direct_response_body_size_bytes=uint32(MAX_DIRECT_RESPONSE_BODY_BYTES),
+    )
     claimed: set[str] = set()
     for svc in sorted(plan.http_services, key=lambda s: s.hostname):
-        domains = [d for d in virtual_host_domains(svc, plan.port, proxy) if d not in claimed]
+        domains = [
+            d for d in virtual_host_domains(svc, plan.port, builder.proxy) if d not in claimed
+        ]
         if not domains:
             continue
         claimed.update(domains)
-        cluster = naming.outbound_cluster_name(plan.port, "", svc.hostname)
         rc.virtual_hosts.append(
             route_components_pb2.VirtualHost(
                 name=naming.virtual_host_name(svc.hostname, plan.port),
                 domains=domains,
-                routes=[_service_route(cluster, svc.hostname, plan.port)],
+                routes=builder.service_routes(svc, plan.port),
                 include_request_attempt_count=True,
             )
         )
@@ -127,34 +128,6 @@ def _vip_host(addr: str) -> str:
     if ip.is_unspecified:
         return ""
     return f"[{ip}]" if ip.version == 6 else str(ip)
-
-
-def _service_route(cluster: str, hostname: str, port: int) -> route_components_pb2.Route:
-    action = route_components_pb2.RouteAction(
-        cluster=cluster, timeout=duration(0), retry_policy=default_retry_policy()
-    )
-    return route_components_pb2.Route(
-        name=naming.DEFAULT_ROUTE,
-        match=route_components_pb2.RouteMatch(prefix="/"),
-        route=action,
-        decorator=route_components_pb2.Decorator(operation=f"{hostname}:{port}/*"),
-    )
-
-
-def default_retry_policy() -> route_components_pb2.RetryPolicy:
-    """Istio's: two retries on connect failures, resets and 503, on another host."""
-    return route_components_pb2.RetryPolicy(
-        retry_on=DEFAULT_RETRY_ON,
-        num_retries=uint32(DEFAULT_RETRIES),
-        retriable_status_codes=[503],
-        retry_host_predicate=[
-            route_components_pb2.RetryPolicy.RetryHostPredicate(
-                name=PREVIOUS_HOSTS_PREDICATE,
-                typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
-            )
-        ],
-        host_selection_retry_max_attempts=DEFAULT_HOST_SELECTION_RETRIES,
-    )
 
 
 def _allow_any() -> route_components_pb2.VirtualHost:

@@ -112,8 +112,13 @@ def test_http_port_uses_rds_named_by_port() -> None:
     assert src.resource_api_version == config_source_pb2.V3
     assert hcm.stat_prefix == "outbound_0.0.0.0_9080"
     assert hcm.use_remote_address.value is False
-    assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.router"]
-    assert hcm.http_filters[0].typed_config.type_url.endswith("router.v3.Router")
+    # Istio's order: fault and cors carry per-route config, the router comes last.
+    assert [f.name for f in hcm.http_filters] == [
+        "envoy.filters.http.fault",
+        "envoy.filters.http.cors",
+        "envoy.filters.http.router",
+    ]
+    assert hcm.http_filters[-1].typed_config.type_url.endswith("router.v3.Router")
 
 
 def test_tcp_port_chains_match_service_addresses() -> None:
