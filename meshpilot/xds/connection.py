@@ -44,8 +44,9 @@ class WatchedResource:
     awaiting_ack: bool = False
     # Pushes that arrived while awaiting the ACK, merged; sent when the ACK/NACK comes.
     dirty: PushRequest | None = None
-    # Answer the next ACK-looking request anyway: Envoy re-requests EDS for warming
-    # clusters after a CDS update with unchanged names and nonce.
+    # SotW EDS after a CDS response: send the next full push even if unchanged, and
+    # answer the next ACK-looking request (Envoy re-requests EDS for warming clusters
+    # with unchanged names and nonce).
     always_respond: bool = False
     # Delta only: name -> version the client has (sent by us or declared on reconnect).
     # Holds subscribed names only (unless wildcard), so removals computed from it never
@@ -299,9 +300,6 @@ class Connection:
             return Outcome(kind, Reply(), added=added, removed=removed)
         if explicit and not w.wildcard:
             return Outcome(kind, Reply(explicit), added=added, removed=removed)
-        if kind is Kind.ACK and w.always_respond:
-            w.versions.clear()
-            return Outcome(kind, Reply(), removed=removed)
         dirty = self._take_dirty(w) if kind in (Kind.ACK, Kind.NACK) else None
         return Outcome(kind, dirty=dirty, added=added, removed=removed)
 

@@ -459,7 +459,7 @@ class DiscoveryServer:
             data = self._sotw_response(writer.conn, w, gen, ctx, scope, forced)
         if data is None:
             return False
-        if w.type_url == typeurls.CLUSTER:
+        if w.type_url == typeurls.CLUSTER and not writer.conn.delta:
             eds = writer.conn.watched.get(typeurls.ENDPOINT)
             if eds is not None:
                 eds.always_respond = True
@@ -486,9 +486,15 @@ class DiscoveryServer:
         if not forced:
             if not resources and not gen.complete:
                 return None
-            if full and not w.sent_updates and _same_content(w.sent_base, resources):
+            if (
+                full
+                and not w.sent_updates
+                and not w.always_respond
+                and _same_content(w.sent_base, resources)
+            ):
                 # Unchanged for this proxy; after a NACK this is what keeps us from
-                # resending the rejected config.
+                # resending the rejected config. EDS right after a CDS change still
+                # goes: updated clusters warm until they get their endpoints.
                 return None
         nonce = self._next_nonce()
         head = (
@@ -549,6 +555,13 @@ class DiscoveryServer:
             versions[r.name] = r.version
         for n in removed:
             versions.pop(n, None)
+        if w.type_url == typeurls.CLUSTER and changed:
+            eds = conn.watched.get(typeurls.ENDPOINT)
+            if eds is not None:
+                # An updated cluster warms until it gets its endpoints again, and a
+                # delta client does not re-request them: send them with this push.
+                for r in changed:
+                    eds.versions.pop(r.name, None)
         w.nonce_sent = nonce
         w.version_sent = ctx.version
         w.awaiting_ack = True

@@ -73,6 +73,8 @@ class FakeGenerator:
     )
     calls: list[Call] = field(default_factory=list)
     fail_for: set[str] = field(default_factory=set)
+    # Types for which a push finds nothing to send (generate returns None).
+    unchanged_on_push: set[str] = field(default_factory=set)
 
     def put(self, type_url: str, name: str, tag: str = "1") -> Resource:
         r = Resource.of(name, make_message(type_url, name, tag), type_url)
@@ -93,6 +95,8 @@ class FakeGenerator:
         self.calls.append(Call(type_url, proxy.id, push.version, names, request))
         if type_url in self.fail_for:
             raise RuntimeError(f"generator failure for {type_url}")
+        if request is not None and type_url in self.unchanged_on_push:
+            return None
         have = self.resources[type_url]
         if names is None:
             return Generated(tuple(have[n] for n in sorted(have)), complete=True)

@@ -240,3 +240,19 @@ async def test_delta_wildcard_unsubscribe(harness: Harness) -> None:
     harness.push()
     await c.expect_nothing()
     assert not harness.discovery.connections[0].watched[CDS].wildcard
+
+
+async def test_cds_change_resends_endpoints_of_updated_clusters(harness: Harness) -> None:
+    c = harness.delta()
+    await subscribe(c, CDS)
+    await subscribe(c, EDS, ("a", "b"))
+    await harness.settled()
+    harness.gen.put(CDS, "a", tag="2")  # cluster changed, endpoints did not
+    harness.push()
+    cds, eds = await c.recv_many(2)
+    assert (cds.type_url, delta_names(cds)) == (CDS, ["a"])
+    # Only the updated cluster's endpoints: it warms until it gets them again.
+    assert (eds.type_url, delta_names(eds)) == (EDS, ["a"])
+    c.ack(cds)
+    c.ack(eds)
+    await c.expect_nothing()

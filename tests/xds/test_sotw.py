@@ -202,17 +202,36 @@ async def test_full_push_sends_types_in_push_order(harness: Harness) -> None:
     assert sample("pilot_xds_pushes_total", type="rds") >= 2
 
 
-async def test_eds_request_after_cds_push_is_answered_for_warming(harness: Harness) -> None:
+async def test_cds_change_is_followed_by_eds_for_warming_clusters(harness: Harness) -> None:
     c = harness.sotw()
     await subscribe(c, CDS)
     e1, _ = await subscribe(c, EDS, ("a", "b"))
-    await c.expect_nothing()
+    await harness.settled()
     harness.gen.put(CDS, "a", tag="2")  # cluster changed, endpoints did not
+    harness.push()
+    cds, eds = await c.recv_many(2)
+    assert cds.type_url == CDS
+    assert eds.type_url == EDS
+    assert names_of(eds) == ["a", "b"]
+    # Envoy's warming re-request still carries the older EDS nonce: stale, ignored.
+    c.ack(cds)
+    c.request(EDS, ["a", "b"], nonce=e1.nonce, version=e1.version_info)
+    c.ack(eds, ["a", "b"])
+    await c.expect_nothing()
+
+
+async def test_eds_rerequest_after_cds_push_is_answered(harness: Harness) -> None:
+    c = harness.sotw()
+    await subscribe(c, CDS)
+    e1, _ = await subscribe(c, EDS, ("a", "b"))
+    await harness.settled()
+    harness.gen.unchanged_on_push.add(EDS)
+    harness.gen.put(CDS, "a", tag="2")
     harness.push()
     cds = await c.recv()
     assert cds.type_url == CDS
-    await c.expect_nothing()  # nothing new for EDS
-    # Envoy re-requests EDS for the warming cluster: same names, same nonce.
+    await c.expect_nothing()  # nothing new for EDS in this push
+    # Envoy re-requests EDS for the warming cluster: same names, same nonce as the ACK.
     c.ack(cds)
     c.request(EDS, ["a", "b"], nonce=e1.nonce, version=e1.version_info)
     eds = await c.recv()
