@@ -268,7 +268,9 @@ class Connection:
             w.versions = {
                 n: v for n, v in req.initial_resource_versions.items() if w.wildcard or n in w.names
             }
-            return Outcome(Kind.INIT, Reply(), added=w.names)
+            # Explicit names are the reply's scope so that missing ones are reported.
+            scope = None if w.wildcard else w.names
+            return Outcome(Kind.INIT, Reply(scope), added=w.names)
 
         kind = Kind.SUBSCRIPTION
         if req.response_nonce:

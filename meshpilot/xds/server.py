@@ -255,16 +255,23 @@ class DiscoveryServer:
             out.append(entry)
         return out
 
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add the ADS service to a gRPC server (also usable for the TLS port)."""
+    def register(
+        self, server: grpc.aio.Server, servicer: AggregatedDiscoveryService | None = None
+    ) -> None:
+        """Add the ADS service to a gRPC server.
+
+        `servicer` replaces the default one on this server only: the secure port
+        (meshpilot/ca/secure.py) passes one that authenticates the peer first.
+        """
+        servicer = servicer or self.servicer
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self.servicer.StreamAggregatedResources,
+                servicer.StreamAggregatedResources,
                 request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
                 response_serializer=_serialize,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self.servicer.DeltaAggregatedResources,
+                servicer.DeltaAggregatedResources,
                 request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
                 response_serializer=_serialize,
             ),
@@ -456,7 +463,7 @@ class DiscoveryServer:
         if writer.conn.delta:
             data = self._delta_response(writer.conn, w, gen, ctx, scope, forced)
         else:
-            data = self._sotw_response(writer.conn, w, gen, ctx, scope, forced)
+            data = self._sotw_response(w, gen, ctx, scope, forced)
         if data is None:
             return False
         if w.type_url == typeurls.CLUSTER and not writer.conn.delta:
@@ -474,7 +481,6 @@ class DiscoveryServer:
 
     def _sotw_response(
         self,
-        conn: Connection,
         w: WatchedResource,
         gen: Generated,
         ctx: PushContextLike,

@@ -144,11 +144,17 @@ async def test_no_removals_of_names_never_subscribed(harness: Harness) -> None:
 
 async def test_subscribing_a_missing_name_is_answered_as_removed(harness: Harness) -> None:
     c = harness.delta()
-    await subscribe(c, EDS, ("a",))
+    first = await subscribe(c, EDS, ("a", "missing"))
+    assert delta_names(first) == ["a"]
+    assert list(first.removed_resources) == ["missing"]
     c.request(EDS, subscribe=["nope"])
     resp = await c.recv()
     assert delta_names(resp) == []
     assert list(resp.removed_resources) == ["nope"]
+    c.ack(resp)
+    # Said once, when asked: later pushes do not repeat it.
+    harness.push()
+    await c.expect_nothing()
 
 
 async def test_delta_nack_recorded_and_not_resent(harness: Harness) -> None:
