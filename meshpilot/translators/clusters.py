@@ -202,7 +202,7 @@ def _outbound_cluster(
         set_h2(opts)
     apply_outlier_detection(c, policy.outlier_detection)
     apply_load_balancer(c, policy.load_balancer, locality_setting)
-    apply_tls(c, opts, policy.tls, is_router=proxy.is_router, h2=_is_h2(opts))
+    apply_tls(c, opts, policy.tls, h2=_is_h2(opts))
     if c.type == Cluster.ORIGINAL_DST:
         c.lb_policy = Cluster.CLUSTER_PROVIDED
     _pack_http_options(c, opts)

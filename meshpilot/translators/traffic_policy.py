@@ -404,7 +404,6 @@ def apply_tls(
     opts: HttpProtocolOptions,
     tls: ClientTLSSettings | None,
     *,
-    is_router: bool,
     h2: bool,
 ) -> None:
     """Set the cluster's transport socket for a DestinationRule `tls` block."""
@@ -413,7 +412,7 @@ def apply_tls(
     if tls.mode == "ISTIO_MUTUAL":
         ctx = istio_mutual_tls_context(c.name, tls, h2=h2)
     else:
-        ctx = upstream_tls_context(c, opts, tls, is_router=is_router, h2=h2)
+        ctx = upstream_tls_context(opts, tls, h2=h2)
     if ctx is None:
         return
     c.transport_socket.name = TLS_TRANSPORT_SOCKET
@@ -433,12 +432,7 @@ def istio_mutual_tls_context(
 
 
 def upstream_tls_context(
-    c: Cluster,
-    opts: HttpProtocolOptions,
-    tls: ClientTLSSettings,
-    *,
-    is_router: bool,
-    h2: bool,
+    opts: HttpProtocolOptions, tls: ClientTLSSettings, *, h2: bool
 ) -> tls_pb2.UpstreamTlsContext | None:
     """SIMPLE and MUTUAL origination with certificates read from files by Envoy.
 
@@ -449,18 +443,14 @@ def upstream_tls_context(
         # Istio does not give credentialName to sidecars (every sidecar in scope would
         # wait for a secret it may not be allowed to read); gateways need SDS.
         # TODO(issue 4): gateways: SDS secret `kubernetes://NAME`.
-        del is_router
         return None
     if tls.mode == "MUTUAL" and not (tls.client_certificate and tls.private_key):
         # Istio's validation rejects this rule; it never builds a context for it.
         return None
-    common = common_pb2.CommonTlsContext(
-        tls_params=common_pb2.TlsParameters(
-            tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2,
-            tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3,
-        )
-    )
-    ctx = tls_pb2.UpstreamTlsContext(common_tls_context=common, sni=tls.sni)
+    ctx = tls_pb2.UpstreamTlsContext(sni=tls.sni)
+    common = ctx.common_tls_context
+    common.tls_params.tls_minimum_protocol_version = common_pb2.TlsParameters.TLSv1_2
+    common.tls_params.tls_maximum_protocol_version = common_pb2.TlsParameters.TLSv1_3
     insecure = bool(tls.insecure_skip_verify)
     _auto_sni_and_san(opts, tls, insecure)
     if tls.mode == "MUTUAL":
