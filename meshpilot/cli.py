@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meshpilot import logs
 from meshpilot.agent import bootstrap
+from meshpilot.ca import cli as ca_cli
 from meshpilot.settings import Settings, duration_arg
 
 
@@ -45,6 +46,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--log-format", choices=("console", "json"), default=env("LOG_FORMAT", "console")
     )
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    ca_cli.add_serve_arguments(p)
 
 
 async def _serve(settings: Settings) -> int:
@@ -77,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     bootstrap.register(sub)
+    ca_cli.register(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         settings = Settings(
@@ -88,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             debounce_max=args.debounce_max,
             log_format=args.log_format,
             log_level=args.log_level,
+            **ca_cli.settings_kwargs(args),
         )
         try:
             logs.configure(settings.log_format, settings.log_level)
@@ -99,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if args.command == "bootstrap":
         return bootstrap.run(args)
+    if args.command == "token":
+        return ca_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

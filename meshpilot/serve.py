@@ -58,6 +58,8 @@ class MeshServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.xds_port = 0
         self.monitoring_port = 0
+        self.secure: Any = None  # meshpilot.ca.secure.SecurePort when --ca-dir is set
+        self.secure_port = 0
 
     # --- pipeline ------------------------------------------------------------------------
 
@@ -107,6 +109,11 @@ class MeshServer:
         self._grpc = xds_server.create_server(self.discovery)
         self.xds_port = xds_server.bind(self._grpc, self.settings.xds_address)
         await self._grpc.start()
+        if self.settings.ca_dir is not None:
+            from meshpilot.ca.secure import start_secure_port
+
+            self.secure = await start_secure_port(self.settings, self.mesh, self.discovery)
+            self.secure_port = self.secure.port
         self._ready = True
         self.pusher.start()
         if self.files is not None:
@@ -127,6 +134,8 @@ class MeshServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.pusher.stop()
+        if self.secure is not None:
+            await self.secure.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
         if self._monitoring is not None:

@@ -27,6 +27,12 @@ class Settings:
     debounce_max: float = 10.0
     log_format: str = "console"
     log_level: str = "info"
+    # CA and the secure port (15012): enabled by ca_dir; trust_domain None = mesh config's.
+    ca_dir: Path | None = None
+    trust_domain: str | None = None
+    secure_xds_address: str = "127.0.0.1:15012"
+    workload_cert_ttl: float = 24 * 3600.0
+    max_workload_cert_ttl: float = 90 * 24 * 3600.0
 
     @staticmethod
     def env_default(name: str, default: str) -> str:
@@ -35,6 +41,9 @@ class Settings:
     def validate(self) -> None:
         split_address(self.xds_address)
         split_address(self.monitoring_address)
+        split_address(self.secure_xds_address)
+        if not 0 < self.workload_cert_ttl <= self.max_workload_cert_ttl:
+            raise ValueError("--workload-cert-ttl must be > 0 and <= --max-workload-cert-ttl")
         if self.debounce_after < 0 or self.debounce_max < self.debounce_after:
             raise ValueError("debounce: need 0 <= --debounce-after <= --debounce-max")
         for d in self.config_dirs:

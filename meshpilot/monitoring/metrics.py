@@ -82,3 +82,52 @@ CONFIG_OBJECTS = Gauge(
     registry=REGISTRY,
 )
 SERVICES = Gauge("pilot_services", "Total services known to pilot.", registry=REGISTRY)
+
+# --- CA (Citadel's names; prometheus_client adds `_total` to counters) ------------------
+CA_CSR_COUNT = Counter(
+    "citadel_server_csr_count", "The number of CSRs received by Citadel server.", registry=REGISTRY
+)
+CA_AUTHN_FAILURES = Counter(
+    "citadel_server_authentication_failure_count",
+    "The number of authentication failures.",
+    registry=REGISTRY,
+)
+CA_CSR_PARSING_ERRORS = Counter(
+    "citadel_server_csr_parsing_err_count",
+    "The number of errors occurred when parsing the CSR.",
+    registry=REGISTRY,
+)
+CA_CSR_SIGN_ERRORS = Counter(
+    "citadel_server_csr_sign_err_count",
+    "The number of errors occurred when signing the CSR.",
+    ["error"],
+    registry=REGISTRY,
+)
+CA_CERT_ISSUANCES = Counter(
+    "citadel_server_success_cert_issuance_count",
+    "The number of certificates issuances that have succeeded.",
+    registry=REGISTRY,
+)
+CA_ROOT_CERT_EXPIRY = Gauge(
+    "citadel_server_root_cert_expiry_timestamp",
+    "The unix timestamp, in seconds, when Citadel root cert will expire.",
+    registry=REGISTRY,
+)
+CA_CERT_CHAIN_EXPIRY = Gauge(
+    "citadel_server_cert_chain_expiry_timestamp",
+    "The unix timestamp, in seconds, when Citadel cert chain will expire.",
+    registry=REGISTRY,
+)
+CA_CSR_REFUSED = Counter(
+    "meshpilot_ca_csr_refused",
+    "CSRs refused, by gRPC status code and reason (every refusal, including those "
+    "Istio has no counter for).",
+    ["code", "reason"],
+    registry=REGISTRY,
+)
+XDS_SECURE_REFUSED = Counter(
+    "meshpilot_xds_secure_refused",
+    "ADS streams refused on the secure port, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
