@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from meshpilot.api.mesh import MeshConfig, load_mesh_config
 from meshpilot.discovery.files import FileSource
 from meshpilot.discovery.store import ConfigStore
+from meshpilot.model import analysis
 from meshpilot.model.config import ConfigKey
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
@@ -155,6 +156,15 @@ class MeshServer:
     def configz(self) -> dict[str, Any]:
         snap = self.store.snapshot()
         ctx = self.pusher.current
+        # Analysis runs on demand and once per context version: a push never pays for it.
+        cached: tuple[str, list[analysis.Message]] | None = self.__dict__.get("_analysis")
+        if ctx is not None and (cached is None or cached[0] != ctx.version):
+            found = analysis.analyze(ctx)
+            before = set(cached[1]) if cached is not None else set()
+            for m in found:
+                if m not in before:
+                    log.warning("config analysis", finding=str(m), code=m.code)
+            cached = self.__dict__["_analysis"] = (ctx.version, found)
         return {
             "version": ctx.version if ctx else "",
             "objects": [
@@ -171,6 +181,7 @@ class MeshServer:
             "errors": [dict(e.to_dict(), text=str(e)) for e in self.store.errors()],
             "services": sorted(ctx.services) if ctx else [],
             "files": self.files.stats() if self.files is not None else None,
+            "analysis": [m.to_dict() for m in cached[1]] if cached is not None else [],
         }
 
     def config_dump(self, proxy_id: str) -> dict[str, Any] | None:

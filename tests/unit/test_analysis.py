@@ -1,0 +1,297 @@
+"""Config analysis: Istio's codes for references to nothing, conflicts, dead rules."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from meshpilot.api.mesh import MeshConfig
+from meshpilot.api.parse import parse_text
+from meshpilot.discovery.store import ConfigStore
+from meshpilot.model.analysis import Message, analyze
+from meshpilot.model.push_context import PushContext
+from meshpilot.serve import MeshServer
+from meshpilot.settings import Settings
+
+SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "istio-samples" / "samples"
+
+WORKLOADS = """
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v1, namespace: default}
+spec: {address: 10.1.0.1, labels: {app: reviews, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v2, namespace: default}
+spec: {address: 10.1.0.2, labels: {app: reviews, version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-v1, namespace: default}
+spec: {address: 10.1.0.3, labels: {app: ratings, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: details-v1, namespace: default}
+spec: {address: 10.1.0.4, labels: {app: details, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: productpage-v1, namespace: default}
+spec: {address: 10.1.0.5, labels: {app: productpage, version: v1}}
+"""
+
+
+def sample(relpath: str) -> str:
+    path = SAMPLES / relpath
+    if not path.is_file():
+        raise RuntimeError(f"Istio sample missing: expected {path} (the shared corpus)")
+    return path.read_text()
+
+
+def push_of(*docs: str) -> PushContext:
+    text = "\n---\n".join(
+        [sample("bookinfo/platform/kube/bookinfo.yaml"), WORKLOADS]
+        + [textwrap.dedent(d).strip("\n") for d in docs]
+    )
+    result = parse_text(text, "mesh.yaml")
+    assert result.errors == [], [str(e) for e in result.errors]
+    store = ConfigStore()
+    store.set_origin("mesh.yaml", result.configs)
+    return PushContext.build(store.snapshot(), MeshConfig())
+
+
+def codes(messages: list[Message]) -> list[tuple[str, str, str]]:
+    return [(m.code, m.object_name, m.field) for m in messages]
+
+
+def test_bookinfo_samples_are_clean_apart_from_pods_that_do_not_exist() -> None:
+    msgs = analyze(
+        push_of(
+            sample("bookinfo/networking/destination-rule-all.yaml"),
+            sample("bookinfo/networking/virtual-service-reviews-test-v2.yaml"),
+            sample("bookinfo/networking/virtual-service-ratings-test-delay.yaml"),
+        )
+    )
+    # Only the subsets no WorkloadEntry here stands in for: IST0173, as istioctl says.
+    assert {(m.code, m.object_name, m.field) for m in msgs} == {
+        ("IST0173", "details", "spec.subsets[1]"),
+        ("IST0173", "ratings", "spec.subsets[1]"),
+        ("IST0173", "ratings", "spec.subsets[2]"),
+        ("IST0173", "ratings", "spec.subsets[3]"),
+        ("IST0173", "reviews", "spec.subsets[2]"),
+    }
+    v3 = next(m for m in msgs if m.object_name == "reviews")
+    assert v3.level == "Error"
+    assert v3.name == "DestinationRuleSubsetNotSelectPods"
+    assert "The Subset v3 defined in the DestinationRule does not select any pods" in v3.message
+
+
+def test_unknown_subset_without_destination_rule() -> None:
+    (msg,) = analyze(push_of(sample("bookinfo/networking/virtual-service-reviews-v3.yaml")))
+    assert (msg.code, msg.name, msg.level) == ("IST0101", "ReferencedResourceNotFound", "Error")
+    assert (msg.kind, msg.namespace, msg.object_name) == ("VirtualService", "default", "reviews")
+    assert msg.field == "spec.http[0].route[0].destination.subset"
+    assert msg.origin.startswith("mesh.yaml#")
+    assert (
+        "Referenced host+subset in destinationrule not found: "
+        "'reviews.default.svc.cluster.local+v3'"
+    ) in msg.message
+    assert "no DestinationRule" in msg.message
+    d = msg.to_dict()
+    assert d["object"] == {"kind": "VirtualService", "namespace": "default", "name": "reviews"}
+    assert set(d) == {"code", "name", "level", "object", "origin", "field", "message"}
+    assert str(msg).startswith("Error [IST0101] (VirtualService default/reviews mesh.yaml#")
+
+
+def test_unknown_hosts_subsets_ports_and_gateways() -> None:
+    msgs = analyze(
+        push_of(
+            sample("bookinfo/networking/destination-rule-reviews.yaml"),
+            """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: broken, namespace: default}
+            spec:
+              hosts: [reviews]
+              gateways: [mesh, missing-gateway]
+              http:
+              - match: [{headers: {end-user: {exact: jason}}}]
+                mirror: {host: mirror-target}
+                route:
+                - destination: {host: reviews, subset: v4}
+                  weight: 50
+                - destination: {host: reviewz}
+                  weight: 50
+              - route:
+                - destination: {host: ratings, port: {number: 9999}}
+              tcp:
+              - route: [{destination: {host: ratings.other.svc.cluster.local}}]
+            """,
+        )
+    )
+    broken = [m for m in msgs if m.object_name == "broken"]
+    assert codes(broken) == [
+        ("IST0101", "broken", "spec.gateways[1]"),
+        ("IST0101", "broken", "spec.http[0].mirror.host"),
+        ("IST0101", "broken", "spec.http[0].route[0].destination.subset"),
+        ("IST0101", "broken", "spec.http[0].route[1].destination.host"),
+        ("IST0101", "broken", "spec.http[1].route[0].destination.port.number"),
+        ("IST0101", "broken", "spec.tcp[0].route[0].destination.host"),
+    ]
+    subset = broken[2].message
+    assert "'reviews.default.svc.cluster.local+v4'" in subset
+    assert "DestinationRule default/reviews defines v1, v2, v3" in subset
+    assert "'reviewz.default.svc.cluster.local'" in broken[3].message
+    assert "ports are 9080" in broken[4].message
+    assert "Referenced gateway not found: 'default/missing-gateway'" in broken[0].message
+
+
+def test_conflicting_virtual_services_name_the_winner() -> None:
+    older = """
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: reviews-b, namespace: default, creationTimestamp: '2024-01-01T00:00:00Z'}
+    spec:
+      hosts: [reviews]
+      http: [{route: [{destination: {host: reviews}}]}]
+    """
+    newer = older.replace("reviews-b", "reviews-a").replace("2024-01-01", "2024-02-01")
+    msgs = [m for m in analyze(push_of(older, newer)) if m.code == "IST0109"]
+    assert [m.object_name for m in msgs] == ["reviews-a", "reviews-b"]
+    assert all(m.name == "ConflictingMeshGatewayVirtualServiceHosts" for m in msgs)
+    assert msgs[0].message == msgs[1].message
+    assert "define the same host reviews.default.svc.cluster.local" in msgs[0].message
+    assert "meshpilot uses default/reviews-b (the oldest" in msgs[0].message
+
+
+def test_export_to_separates_virtual_services() -> None:
+    private = """
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: private, namespace: other}
+    spec:
+      hosts: [reviews.default.svc.cluster.local]
+      exportTo: ["."]
+      http: [{route: [{destination: {host: reviews.default.svc.cluster.local}}]}]
+    """
+    public = private.replace("private", "public").replace('exportTo: ["."]', 'exportTo: ["*"]')
+    gateway_only = private.replace("private", "gw").replace(
+        'exportTo: ["."]', "gateways: [other/ingress]"
+    )
+    msgs = analyze(push_of(public, gateway_only))
+    assert "IST0109" not in {m.code for m in msgs}
+    # Both visible from namespace other: a conflict there.
+    msgs = analyze(push_of(private, public))
+    assert {m.object_name for m in msgs if m.code == "IST0109"} == {"private", "public"}
+
+
+def test_conflicting_destination_rules() -> None:
+    first = """
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: reviews-1, namespace: default, creationTimestamp: '2024-01-01T00:00:00Z'}
+    spec:
+      host: reviews
+      subsets: [{name: v1, labels: {version: v1}}]
+    """
+    second = first.replace("reviews-1", "reviews-2").replace("2024-01-01", "2024-03-01")
+    msgs = [m for m in analyze(push_of(first, second)) if m.code == "MP0001"]
+    assert [m.object_name for m in msgs] == ["reviews-1", "reviews-2"]
+    assert "meshpilot uses default/reviews-1" in msgs[0].message
+    assert "Istio would merge" in msgs[0].message
+
+
+def test_unreachable_rules_zero_weights_and_unsupported_fields() -> None:
+    msgs = analyze(
+        push_of(
+            sample("bookinfo/networking/destination-rule-all.yaml"),
+            """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: reviews, namespace: default}
+            spec:
+              hosts: [reviews]
+              http:
+              - match: [{uri: {prefix: /a}}]
+                redirect: {uri: /b, redirectCode: 300}
+              - fault: {delay: {exponentialDelay: 1s}, abort: {grpcStatus: NOPE}}
+                route:
+                - destination: {host: reviews, subset: v1}
+                - destination: {host: reviews, subset: v2}
+              - delegate: {name: child}
+              tcp:
+              - match: [{destinationSubnets: [10.0.0.0/8]}]
+                route: [{destination: {host: reviews}}]
+            """,
+        )
+    )
+    vs = [(m.code, m.field) for m in msgs if m.kind == "VirtualService"]
+    assert vs == [
+        ("MP0003", "spec.http[0].redirect.redirectCode"),
+        ("MP0003", "spec.http[1].fault.abort"),
+        ("MP0003", "spec.http[1].fault.delay"),
+        ("MP0002", "spec.http[1].route"),
+        ("IST0130", "spec.http[2]"),
+        ("MP0003", "spec.http[2].delegate"),
+        ("MP0003", "spec.tcp[0].match[0].destinationSubnets"),
+    ]
+
+
+def test_multi_port_destination_without_port() -> None:
+    two_ports = """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: multi, namespace: default}
+    spec:
+      selector: {app: multi}
+      ports: [{name: http, port: 8000}, {name: http-admin, port: 8001}]
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: multi, namespace: default}
+    spec:
+      hosts: [multi]
+      http: [{route: [{destination: {host: multi}}]}]
+    """
+    (msg,) = analyze(push_of(two_ports))
+    assert (msg.code, msg.field) == ("IST0112", "spec.http[0].route[0].destination.port")
+    assert "[8000, 8001]" in msg.message
+
+
+def test_analysis_is_deterministic() -> None:
+    docs = (
+        sample("bookinfo/networking/destination-rule-all.yaml"),
+        sample("bookinfo/networking/virtual-service-all-v1.yaml"),
+        sample("bookinfo/networking/virtual-service-reviews-v3.yaml").replace(
+            "name: reviews", "name: reviews-v3"
+        ),
+    )
+    assert analyze(push_of(*docs)) == analyze(push_of(*docs))
+
+
+async def test_configz_lists_analysis_once_per_context() -> None:
+    server = MeshServer(Settings(), MeshConfig())
+    assert server.configz()["analysis"] == []  # no context yet
+    text = "\n---\n".join(
+        [
+            sample("bookinfo/platform/kube/bookinfo.yaml"),
+            sample("bookinfo/networking/virtual-service-reviews-v3.yaml"),
+        ]
+    )
+    server.store.set_origin("mesh.yaml", parse_text(text, "mesh.yaml").configs)
+    await server.pusher.init()
+    first = server.configz()
+    (finding,) = first["analysis"]
+    assert finding["code"] == "IST0101"
+    assert finding["object"] == {
+        "kind": "VirtualService",
+        "namespace": "default",
+        "name": "reviews",
+    }
+    assert finding["field"] == "spec.http[0].route[0].destination.subset"
+    # Same context: the memoized list, not a second analysis.
+    cached = server.__dict__["_analysis"]
+    server.configz()
+    assert server.__dict__["_analysis"] is cached
