@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from meshpilot.api.networking import Destination
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.routing import MESH_GATEWAY
-from meshpilot.model.service import Protocol, Service
+from meshpilot.model.service import Service
 from meshpilot.translators import naming
 
 if TYPE_CHECKING:
@@ -58,28 +58,13 @@ def resolve(
 
 
 def outbound_cluster_names(push: PushContext, proxy: Proxy) -> frozenset[str]:
-    """The outbound clusters CDS sends this proxy.
-
-    The contract, shared with clusters.py: a cluster exists iff its host is a service
-    in the proxy's sidecar scope, its port is one of that service's (non-UDP) ports,
-    and its subset is "" or a subset of the DestinationRule that applies to the proxy.
-    """
-    # clusters.py owns the answer once it exports it; until then the same contract here.
+    """The outbound clusters CDS sends this proxy: a cluster exists iff its host is a
+    service in the proxy's sidecar scope, its port is one of that service's (non-UDP)
+    ports, and its subset is "" or a subset of the DestinationRule that applies."""
+    # clusters.py owns the answer (imported here: clusters -> plan -> this module).
     from meshpilot.translators import clusters
 
-    exported = getattr(clusters, "outbound_cluster_names", None)
-    if exported is not None:
-        return frozenset(exported(push, proxy))
-    out: set[str] = set()
-    for svc in push.sidecar_scope(proxy).services:
-        dr = push.destination_rule(proxy.namespace, svc)
-        subsets = [s.name for s in dr.spec.subsets] if dr is not None else []
-        for sp in svc.ports:
-            if sp.protocol is Protocol.UDP:
-                continue
-            for subset in ("", *subsets):
-                out.add(naming.outbound_cluster_name(sp.port, subset, svc.hostname))
-    return frozenset(out)
+    return clusters.outbound_cluster_names(push, proxy)
 
 
 class ClusterSet:

@@ -14,9 +14,6 @@ the missing cluster (Istio sends the route anyway and Envoy answers 503 NC).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
@@ -28,7 +25,7 @@ from meshpilot.model.config import Config
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.routing import ResolvedVirtualService
 from meshpilot.model.service import Service
-from meshpilot.translators import naming
+from meshpilot.translators import naming, traffic_policy
 from meshpilot.translators import route_policies as rp
 from meshpilot.translators.common import bool_value, duration, pack
 from meshpilot.translators.destinations import ClusterSet, ResolvedDestination, static_match
@@ -42,19 +39,6 @@ CORS_FILTER = "envoy.filters.http.cors"
 NO_CLUSTER_STATUS = 503
 # Istio raises Envoy's 4 KiB limit so that VirtualService direct responses fit.
 MAX_DIRECT_RESPONSE_BODY_BYTES = 1024 * 1024
-TRAFFIC_POLICY_MODULE = "meshpilot.translators.traffic_policy"
-
-HashPolicies = Callable[
-    ["PushContext", Proxy, Service, str, int], Sequence[rc.RouteAction.HashPolicy]
-]
-
-
-def _load_hash_policies() -> HashPolicies | None:
-    # traffic_policy.py (DestinationRule translation) is written alongside this module;
-    # routes work without consistent hashing until it provides `hash_policies`.
-    if importlib.util.find_spec(TRAFFIC_POLICY_MODULE) is None:
-        return None
-    return getattr(importlib.import_module(TRAFFIC_POLICY_MODULE), "hash_policies", None)
 
 
 def config_metadata(cfg: Config) -> base_pb2.Metadata:
@@ -74,7 +58,6 @@ class HttpRouteBuilder:
         self.push = push
         self.proxy = proxy
         self.clusters = clusters or ClusterSet(push, proxy)
-        self._hash = _load_hash_policies()
         self._cache: dict[tuple[object, int], list[rc.Route]] = {}
 
     # --- entry points ---------------------------------------------------------------------
@@ -294,9 +277,7 @@ class HttpRouteBuilder:
     def _hash_policies(
         self, svc: Service, subset: str, port: int
     ) -> list[rc.RouteAction.HashPolicy]:
-        if self._hash is None:
-            return []
-        return list(self._hash(self.push, self.proxy, svc, subset, port))
+        return traffic_policy.hash_policies(self.push, self.proxy, svc, subset, port)
 
 
 def _set_timeout(action: rc.RouteAction, timeout: float | None) -> None:

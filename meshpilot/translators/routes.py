@@ -13,7 +13,7 @@ destination to pass through to, so it always gets `block_all`.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -36,6 +36,29 @@ BLOCK_ALL_STATUS = 502
 def route_names_for(push: PushContext, proxy: Proxy) -> list[str]:
     """Every RDS name this proxy's listeners refer to, sorted."""
     return sorted(route_plans(push, proxy))
+
+
+def source_labels_key(push: PushContext, proxy: Proxy) -> Hashable:
+    """What routes and listeners take from the proxy's labels beyond its scope: the
+    labels VirtualService `sourceLabels` matches (visible from its namespace) look at,
+    with the proxy's values. None when no match looks at labels. Proxies that share a
+    scope key must also share this one to share generated routes and listeners."""
+    keys: set[str] = set()
+    seen: set[int] = set()
+    for vs in push.virtual_services(proxy.namespace).by_host.values():
+        if id(vs) in seen:
+            continue
+        seen.add(id(vs))
+        spec = vs.spec
+        for rule in spec.http:
+            for m in rule.match:
+                keys.update(m.source_labels)
+        for l4 in (*spec.tcp, *spec.tls):
+            for lm in l4.match:
+                keys.update(lm.source_labels)
+    if not keys:
+        return None
+    return tuple((k, proxy.labels.get(k)) for k in sorted(keys))
 
 
 def build_route_configs(

@@ -10,7 +10,7 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.type.v3 import percent_pb2
 
 from meshpilot.translators.http_route import CORS_FILTER, FAULT_FILTER
-from meshpilot.translators.routes import build_route_configs
+from meshpilot.translators.routes import build_route_configs, source_labels_key
 
 from ._helpers import dedent, serialized, unpack
 from ._samples import (
@@ -750,3 +750,15 @@ def test_virtual_service_routes_are_deterministic() -> None:
     a = build_route_configs(bookinfo(*docs), productpage(), None)
     b = build_route_configs(bookinfo(*docs), productpage(), None)
     assert serialized(a) == serialized(b)
+
+
+def test_source_labels_key_separates_only_proxies_that_route_differently() -> None:
+    plain = bookinfo(DR_ALL, networking("virtual-service-reviews-test-v2.yaml"))
+    a = productpage()
+    b = productpage(labels={"app": "ratings", "version": "v9"}, name="ratings-v9")
+    assert source_labels_key(plain, a) is None
+    with_labels = bookinfo(DR_ALL, PORT_AND_SOURCE)
+    assert source_labels_key(with_labels, a) == (("app", "productpage"),)
+    assert source_labels_key(with_labels, a) != source_labels_key(with_labels, b)
+    same_app = productpage(labels={"app": "productpage", "version": "v2"})
+    assert source_labels_key(with_labels, same_app) == source_labels_key(with_labels, a)
