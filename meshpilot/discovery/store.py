@@ -50,9 +50,14 @@ class ConfigStore:
     def __init__(self) -> None:
         self._origins: dict[str, _Origin] = {}
         self._merged: dict[ConfigKey, Config] = {}
-        self._duplicates: list[ConfigError] = []
+        # Which origins define each key: a change touches only the keys of one origin.
+        self._owners: dict[ConfigKey, set[str]] = {}
+        self._dupes_by_key: dict[ConfigKey, list[ConfigError]] = {}
+        self._by_kind: dict[str, dict[ConfigKey, Config]] = {}
+        self._dirty_kinds: set[str] = set()
         self._listeners: list[ChangeListener] = []
         self._snapshot: StoreSnapshot | None = None
+        self._last_snapshot: StoreSnapshot | None = None
         self._generation = 0
 
     # --- writing (sources) -------------------------------------------------------------
@@ -106,12 +111,13 @@ class ConfigStore:
                 log.warning("config rejected", error=str(err))
                 metrics.CONFIG_ERRORS_TOTAL.labels(err.kind or "unknown").inc()
         self._origins[origin] = _Origin(fresh, new_errors)
-        return self._commit()
+        return self._commit(origin, previous.configs.keys() | fresh.keys())
 
     def remove_origin(self, origin: str) -> frozenset[ConfigKey]:
-        if self._origins.pop(origin, None) is None:
+        previous = self._origins.pop(origin, None)
+        if previous is None:
             return frozenset()
-        return self._commit()
+        return self._commit(origin, previous.configs.keys())
 
     def apply(self, config: Config, origin: str | None = None) -> frozenset[ConfigKey]:
         """Set one object programmatically (watch events, tests, benchmarks)."""
@@ -127,61 +133,86 @@ class ConfigStore:
 
     def snapshot(self) -> StoreSnapshot:
         if self._snapshot is None:
-            by_kind: dict[str, dict[ConfigKey, Config]] = {}
-            for key, cfg in self._merged.items():
-                by_kind.setdefault(key.kind, {})[key] = cfg
-            self._snapshot = StoreSnapshot(
-                MappingProxyType({k: MappingProxyType(v) for k, v in by_kind.items()}),
-                self._generation,
-            )
+            # Copy only the kinds that changed; the others are shared with the last one.
+            previous = self._last_snapshot.by_kind if self._last_snapshot else {}
+            by_kind = {
+                kind: (
+                    MappingProxyType(dict(objs))
+                    if kind in self._dirty_kinds or kind not in previous
+                    else previous[kind]
+                )
+                for kind, objs in self._by_kind.items()
+                if objs
+            }
+            self._dirty_kinds.clear()
+            self._snapshot = StoreSnapshot(MappingProxyType(by_kind), self._generation)
+            self._last_snapshot = self._snapshot
         return self._snapshot
 
     def errors(self) -> list[ConfigError]:
         out = [e for o in self._origins.values() for e in o.errors]
-        return out + self._duplicates
+        return out + [d for key in sorted(self._dupes_by_key) for d in self._dupes_by_key[key]]
 
     def origins(self) -> list[str]:
         return sorted(self._origins)
 
     # --- internals ----------------------------------------------------------------------
 
-    def _commit(self) -> frozenset[ConfigKey]:
-        merged: dict[ConfigKey, Config] = {}
-        dupes: list[ConfigError] = []
-        # Sorted origins make the winner of a cross-file duplicate deterministic.
-        for origin in sorted(self._origins):
-            for key, cfg in self._origins[origin].configs.items():
-                if key in merged:
-                    dupes.append(
-                        ConfigError(
-                            origin,
-                            f"duplicate {key.kind} {key.namespace}/{key.name}: "
-                            f"already defined in {merged[key].origin}; this one is ignored",
-                            kind=key.kind,
-                            namespace=key.namespace,
-                            name=key.name,
-                            field="metadata.name",
-                        )
-                    )
-                    continue
-                merged[key] = cfg
-        changed = frozenset(
-            k
-            for k in merged.keys() | self._merged.keys()
-            if _differs(merged.get(k), self._merged.get(k))
-        )
-        new_dupes = [d for d in dupes if d not in self._duplicates]
-        for d in new_dupes:
-            log.warning("config rejected", error=str(d))
-            metrics.CONFIG_ERRORS_TOTAL.labels(d.kind or "unknown").inc()
-        self._duplicates = dupes
-        self._merged = merged
+    def _commit(self, origin: str, keys: Iterable[ConfigKey]) -> frozenset[ConfigKey]:
+        """Re-decide the winner of each key `origin` held or holds now."""
+        held = self._origins.get(origin)
+        changed: set[ConfigKey] = set()
+        for key in keys:
+            owners = self._owners.setdefault(key, set())
+            if held is not None and key in held.configs:
+                owners.add(origin)
+            else:
+                owners.discard(origin)
+            # Sorted origins make the winner of a cross-file duplicate deterministic.
+            ordered = sorted(owners)
+            winner = self._origins[ordered[0]].configs[key] if ordered else None
+            dupes = [
+                ConfigError(
+                    other,
+                    f"duplicate {key.kind} {key.namespace}/{key.name}: "
+                    f"already defined in {winner.origin}; this one is ignored",
+                    kind=key.kind,
+                    namespace=key.namespace,
+                    name=key.name,
+                    field="metadata.name",
+                )
+                for other in ordered[1:]
+                if winner is not None
+            ]
+            old_dupes = self._dupes_by_key.get(key, [])
+            for d in dupes:
+                if d not in old_dupes:
+                    log.warning("config rejected", error=str(d))
+                    metrics.CONFIG_ERRORS_TOTAL.labels(d.kind or "unknown").inc()
+            if dupes:
+                self._dupes_by_key[key] = dupes
+            else:
+                self._dupes_by_key.pop(key, None)
+            if not owners:
+                del self._owners[key]
+            if _differs(winner, self._merged.get(key)):
+                changed.add(key)
+                kind_map = self._by_kind.setdefault(key.kind, {})
+                if winner is None:
+                    self._merged.pop(key, None)
+                    kind_map.pop(key, None)
+                else:
+                    self._merged[key] = winner
+                    kind_map[key] = winner
+                self._dirty_kinds.add(key.kind)
         if changed:
             self._generation += 1
             self._snapshot = None
+            frozen = frozenset(changed)
             for listener in self._listeners:
-                listener(changed)
-        return changed
+                listener(frozen)
+            return frozen
+        return frozenset()
 
 
 def _differs(a: Config | None, b: Config | None) -> bool:
