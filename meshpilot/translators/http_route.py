@@ -98,11 +98,12 @@ class HttpRouteBuilder:
 
     def _build(self, vs: ResolvedVirtualService, port: int) -> list[rc.Route]:
         out: list[rc.Route] = []
+        metadata = config_metadata(vs.config)
         for rule in vs.spec.http:
             if rule.delegate is not None:
                 continue  # delegation is not supported; analysis reports it
             if not rule.match:
-                route = self._route(vs, rule, None, port)
+                route = self._route(vs, rule, None, port, metadata)
                 if route is not None:
                     out.append(route)
                 break  # a rule without match catches everything; later rules never run
@@ -117,7 +118,7 @@ class HttpRouteBuilder:
                     gateways=match.gateways,
                 ):
                     continue
-                route = self._route(vs, rule, match, port)
+                route = self._route(vs, rule, match, port, metadata)
                 if route is None:
                     continue
                 out.append(route)
@@ -134,12 +135,13 @@ class HttpRouteBuilder:
         rule: HTTPRoute,
         match: HTTPMatchRequest | None,
         port: int,
+        metadata: base_pb2.Metadata,
     ) -> rc.Route | None:
         name = rule.name
         if match is not None and match.name:
             name = f"{name}.{match.name}"
         out = rc.Route(name=name, match=rp.route_match(match))
-        out.metadata.CopyFrom(config_metadata(vs.config))
+        out.metadata.CopyFrom(metadata)
         if match is not None and match.stat_prefix:
             out.stat_prefix = match.stat_prefix
         authority = ""
