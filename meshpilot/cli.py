@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meshpilot import logs
 from meshpilot.agent import bootstrap
+from meshpilot.agent import command as agent
 from meshpilot.ca import cli as ca_cli
 from meshpilot.settings import Settings, duration_arg
 
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     bootstrap.register(sub)
     ca_cli.register(sub)
+    agent.register(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         settings = Settings(
@@ -105,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bootstrap.run(args)
     if args.command == "token":
         return ca_cli.run(args)
+    if args.command == "agent":
+        return agent.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

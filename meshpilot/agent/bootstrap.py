@@ -2,6 +2,9 @@
 
 The output mirrors what istio-agent writes (node id and metadata, the `xds-grpc`
 cluster, `initial_fetch_timeout: 0s`) so that Istio tooling and habits keep working.
+With `sds_socket` (what `meshpilot agent` uses) it also has Istio's `sds-grpc` cluster
+to the agent's unix socket, and `xds-grpc` speaks mutual TLS to the control plane with
+the workload certificate (SDS `default`) and trust bundle (SDS `ROOTCA`) from there.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ from typing import Any
 
 ISTIO_VERSION = "meshpilot-0.1"
 XDS_CLUSTER = "xds-grpc"
+SDS_CLUSTER = "sds-grpc"
+WORKLOAD_SECRET = "default"
+ROOT_SECRET = "ROOTCA"
+# istiod's serving certificate carries this DNS SAN; Envoy checks it and sends it as SNI.
+CONTROL_PLANE_SAN = "istiod.istio-system.svc"
+DEFAULT_SECURE_XDS_ADDRESS = "127.0.0.1:15012"
 PROMETHEUS_CLUSTER = "prometheus_stats"
 DEFAULT_XDS_ADDRESS = "127.0.0.1:15010"
 DEFAULT_ADMIN_PORT = 15000
@@ -27,6 +36,9 @@ PROXY_TYPES = ("sidecar", "router")
 INTERCEPTION_MODES = ("NONE", "REDIRECT", "TPROXY")
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+# sun_path is 108 bytes including the trailing NUL.
+_MAX_PIPE_PATH = 107
 _TYPE_PREFIX = "type.googleapis.com/"
 _DOWNSTREAM_CONNECTIONS = (
     "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
@@ -133,11 +145,16 @@ def build_bootstrap(
     interception_mode: str = "NONE",
     initial_fetch_timeout: str = "0s",
     stats_port: int | None = None,
+    sds_socket: str | None = None,
+    xds_tls: bool = True,
+    control_plane_san: str = CONTROL_PLANE_SAN,
 ) -> dict[str, Any]:
     """Return an Envoy v3 Bootstrap as a JSON-ready dict; raise BootstrapError on bad input.
 
     `admin_port=0` lets Envoy pick a port (read it back with `--admin-address-path`).
     `stats_port` adds Istio's Prometheus listener (`/stats/prometheus`) on `ip`.
+    `sds_socket` (the agent's unix socket) adds the `sds-grpc` cluster and, unless
+    `xds_tls` is false, mutual TLS on `xds-grpc` verifying `control_plane_san`.
     """
     _check_label("name", name, maxlen=253)
     _check_label("namespace", namespace, maxlen=63)
@@ -159,6 +176,11 @@ def build_bootstrap(
     admin_port = parse_port(admin_port, what="admin port", allow_zero=True)
     xds_host, xds_port = parse_host_port(xds_address, what="xds address")
     node_locality = parse_locality(locality)
+    if sds_socket is not None:
+        _check_pipe("sds socket", sds_socket)
+        if xds_tls and (not control_plane_san or any(c.isspace() for c in control_plane_san)):
+            raise BootstrapError(f"control plane SAN {control_plane_san!r} must be a DNS name")
+    mutual_tls = sds_socket is not None and xds_tls
     labels = dict(labels or {})
     for key in labels:
         if not key or "=" in key or any(c.isspace() for c in key):
@@ -184,6 +206,8 @@ def build_bootstrap(
             "terminationDrainDuration": "5s",
         },
     }
+    if mutual_tls:
+        metadata["PROXY_CONFIG"]["controlPlaneAuthPolicy"] = "MUTUAL_TLS"
     if network:
         metadata["NETWORK"] = network
     node: dict[str, Any] = {
@@ -202,6 +226,10 @@ def build_bootstrap(
         "initial_fetch_timeout": initial_fetch_timeout,
     }
     clusters = [_xds_cluster(xds_host, xds_port)]
+    if sds_socket is not None:
+        clusters.append(_sds_cluster(sds_socket))
+    if mutual_tls:
+        clusters[0]["transport_socket"] = _control_plane_tls(control_plane_san)
     listeners = []
     if stats_port is not None:
         stats_port = parse_port(stats_port, what="stats port")
@@ -290,6 +318,80 @@ def _xds_cluster(host: str, port: int) -> dict[str, Any]:
         }
     }
     return cluster
+
+
+def sds_config_source() -> dict[str, Any]:
+    """The ConfigSource of secrets served by the agent over `sds-grpc` (as Istio's)."""
+    return {
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}],
+            "set_node_on_first_message_only": True,
+        },
+        # Wait for the agent however long it takes: a listener or cluster without its
+        # certificate must not go live.
+        "initial_fetch_timeout": "0s",
+        "resource_api_version": "V3",
+    }
+
+
+def sds_secret_config(name: str) -> dict[str, Any]:
+    """An SdsSecretConfig for secret `name` (`default`, `ROOTCA`, ...) from the agent."""
+    return {"name": name, "sds_config": sds_config_source()}
+
+
+def _sds_cluster(path: str) -> dict[str, Any]:
+    return {
+        "name": SDS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": SDS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}],
+        },
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": _TYPE_PREFIX + _HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+
+
+def _control_plane_tls(san: str) -> dict[str, Any]:
+    # As Istio's bootstrap did before its agent proxied xDS: present the workload
+    # certificate, trust only the mesh root, and accept only istiod's DNS SAN.
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TYPE_PREFIX + _UPSTREAM_TLS,
+            "sni": san,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [sds_secret_config(WORKLOAD_SECRET)],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": san}}
+                        ]
+                    },
+                    "validation_context_sds_secret_config": sds_secret_config(ROOT_SECRET),
+                },
+            },
+        },
+    }
+
+
+def _check_pipe(what: str, path: str) -> None:
+    if not path or "\0" in path:
+        raise BootstrapError(f"{what} {path!r}: expected a unix socket path")
+    if len(path.encode()) > _MAX_PIPE_PATH:
+        raise BootstrapError(
+            f"{what} {path!r}: {len(path.encode())} bytes, longer than a unix socket "
+            f"path may be ({_MAX_PIPE_PATH})"
+        )
 
 
 def _static_cluster(name: str, host: str, port: int) -> dict[str, Any]:

@@ -1,0 +1,235 @@
+"""The agent end to end in-process, with the in-test CA and a stand-in Envoy script:
+Envoy starts only once a certificate exists, its exit status becomes the agent's, a
+stop signal stops it and exits 0; the CLI parses `-- ENVOY_ARGS` and refuses bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshpilot import cli
+from meshpilot.agent import command
+from meshpilot.agent.command import Agent, AgentConfig
+
+from . import _fakeca
+
+IDENTITY = "spiffe://cluster.local/ns/default/sa/client"
+
+# Records what it was started with, then exits with $FAKE_ENVOY_EXIT or waits for SIGTERM.
+FAKE_ENVOY = """\
+import json, os, signal, sys, time
+boot = sys.argv[sys.argv.index("-c") + 1]
+work = os.path.dirname(boot)
+record = {"argv": sys.argv[1:], "chain": os.path.exists(os.path.join(work, "cert-chain.pem")),
+          "pid": os.getpid(), "sid": os.getsid(0) == os.getpid()}
+with open(os.path.join(work, "fake-envoy.json"), "w") as f:
+    json.dump(record, f)
+code = os.environ.get("FAKE_ENVOY_EXIT")
+if code:
+    time.sleep(0.2)
+    sys.exit(int(code))
+def term(*_):
+    open(os.path.join(work, "fake-envoy.terminated"), "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Short on purpose: the SDS socket path must fit in 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="mp-agent-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def ca() -> AsyncIterator[_fakeca.FakeCA]:
+    fake = _fakeca.FakeCA(tokens={"tok": IDENTITY})
+    server, port = await _fakeca.start(fake)
+    fake.address = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+    try:
+        yield fake
+    finally:
+        await server.stop(None)
+
+
+def config(ca: _fakeca.FakeCA, base: Path, **kwargs: Any) -> AgentConfig:
+    files = base / "inputs"
+    files.mkdir(exist_ok=True)
+    (files / "root.pem").write_bytes(ca.root_pem)
+    (files / "token").write_text("tok\n")
+    envoy = files / "fake-envoy"
+    envoy.write_text(f"#!{sys.executable}\n{FAKE_ENVOY}")
+    envoy.chmod(0o755)
+    args: dict[str, Any] = {
+        "name": "client-1",
+        "namespace": "default",
+        "service_account": "client",
+        "token_file": files / "token",
+        "root_cert": files / "root.pem",
+        "ca_address": ca.address,  # type: ignore[attr-defined]
+        "workdir": base / "w",
+        "cert_ttl": 60,
+        "admin_port": 0,
+        "envoy_binary": str(envoy),
+        "envoy_args": ["--log-level", "warn"],
+        "drain_duration": 0.1,
+    }
+    args.update(kwargs)
+    return AgentConfig(**args)
+
+
+async def wait_file(path: Path, timeout: float = 10) -> None:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        # A file written by another process: nothing to await but time.
+        while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240
+            await asyncio.sleep(0.02)
+
+
+async def test_envoy_starts_after_the_first_certificate_and_stops_on_signal(
+    ca: _fakeca.FakeCA, workdir: Path
+) -> None:
+    ca.fail_next = 2  # the CA is not ready yet: the agent retries, Envoy waits
+    agent = Agent(config(ca, workdir))
+    agent_task = asyncio.create_task(agent.run())
+    w = workdir / "w"
+    await wait_file(w / "fake-envoy.json")
+    record = json.loads((w / "fake-envoy.json").read_text())
+    assert record["chain"] is True
+    assert record["sid"] is True  # own session: a Ctrl-C to the agent's group spares it
+    assert record["argv"][:3] == ["-c", str(w / "envoy-bootstrap.json"), "--disable-hot-restart"]
+    assert record["argv"][-2:] == ["--log-level", "warn"]
+    assert agent.envoy is not None and agent.envoy.pid == record["pid"]
+    assert stat.S_IMODE(os.stat(w).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(w / "key.pem").st_mode) == 0o600
+    boot = json.loads((w / "envoy-bootstrap.json").read_text())
+    assert {c["name"] for c in boot["static_resources"]["clusters"]} == {"xds-grpc", "sds-grpc"}
+
+    agent._on_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(agent_task, 10) == 0
+    assert (w / "fake-envoy.terminated").exists()
+    assert not (w / "sds.sock").exists()
+    assert [i.auth for i in ca.issued] == ["token"]
+
+
+async def test_envoy_exit_status_becomes_the_agents(
+    ca: _fakeca.FakeCA, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_ENVOY_EXIT", "3")
+    assert await asyncio.wait_for(Agent(config(ca, workdir)).run(), 10) == 3
+
+
+async def test_stop_before_the_first_certificate_starts_no_envoy(
+    ca: _fakeca.FakeCA, workdir: Path
+) -> None:
+    ca.tokens = {}  # never authenticated
+    agent = Agent(config(ca, workdir))
+    task = asyncio.create_task(agent.run())
+    await asyncio.sleep(0.5)
+    assert agent.manager is not None and agent.manager.failures >= 1
+    agent._on_signal(signal.SIGINT)
+    assert await asyncio.wait_for(task, 10) == 0
+    assert agent.envoy is None
+    assert not (workdir / "w" / "fake-envoy.json").exists()
+
+
+async def test_default_workdir_is_temporary_and_removed(
+    ca: _fakeca.FakeCA, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_ENVOY_EXIT", "0")
+    agent = Agent(config(ca, workdir, workdir=None))
+    assert await asyncio.wait_for(agent.run(), 10) == 0
+    assert agent.workdir is not None and not agent.workdir.exists()
+
+
+async def test_missing_envoy_binary_fails_cleanly(ca: _fakeca.FakeCA, workdir: Path) -> None:
+    agent = Agent(config(ca, workdir, envoy_binary=str(workdir / "no-envoy")))
+    assert await asyncio.wait_for(agent.run(), 10) == 1
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+BASE = [
+    "agent",
+    "--name",
+    "client-1",
+    "--namespace",
+    "default",
+    "--service-account",
+    "client",
+    "--token-file",
+    "/nonexistent/token",
+    "--root-cert",
+    "/nonexistent/root.pem",
+]
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `run` configures structlog to print to the sys.stderr of the moment, which capsys
+    # closes after the test; later tests would then log into a closed file.
+    monkeypatch.setattr(command.logs, "configure", lambda *a, **k: None)
+
+
+def parse(argv: list[str]) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="meshpilot")
+    command.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_parses_envoy_args_after_double_dash_and_defaults() -> None:
+    args = parse([*BASE, "--cert-ttl", "30s", "--label", "app=client", "--", "-l", "debug"])
+    cfg = command.config_from_args(args)
+    assert cfg.envoy_args == ["-l", "debug"]
+    assert cfg.cert_ttl == 30
+    assert cfg.labels == {"app": "client"}
+    assert cfg.ca_address == "127.0.0.1:15012"
+    assert cfg.xds_address == "" and cfg.xds_tls
+    assert cfg.identity == IDENTITY
+    assert cfg.key_type == "ec" and cfg.admin_port == 15000
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--", "-c", "other.json"], "sets it itself"),
+        (["--", "--config-yaml=x"], "sets it itself"),
+        (["--cert-ttl", "1s"], "--cert-ttl"),
+        (["--ca-address", "nohost"], "--ca-address"),
+        (["--label", "novalue"], "label"),
+        (["--trust-domain", "a/b"], "trust domain"),
+        (["--admin-port", "70000"], "--admin-port"),
+    ],
+)
+def test_cli_bad_arguments_exit_2(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main([*BASE, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unreadable_root_cert_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    work = tempfile.mkdtemp(prefix="mp-agent-")
+    try:
+        assert cli.main([*BASE, "--workdir", f"{work}/w"]) == 2
+        assert "--root-cert /nonexistent/root.pem" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
