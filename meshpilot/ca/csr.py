@@ -92,17 +92,17 @@ def parse_csr(csr_pem: str | bytes) -> ParsedCsr:
     except (ValueError, TypeError) as e:
         raise CsrError(f"CSR does not parse: {short_error(e)}", "pem") from e
     try:
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CsrError(f"CSR public key is not usable: {short_error(e)}", "key") from e
+    check_workload_key(public_key)
+    try:
         algo = csr.signature_hash_algorithm
     except UnsupportedAlgorithm as e:
         raise CsrError("CSR signature algorithm is not supported", "signature") from e
     if not isinstance(algo, _CSR_HASHES):
         name = algo.name if algo is not None else "none"
         raise CsrError(f"CSR signed with {name}; SHA-256/384/512 required", "signature")
-    try:
-        public_key = csr.public_key()
-    except (ValueError, UnsupportedAlgorithm) as e:
-        raise CsrError(f"CSR public key is not usable: {short_error(e)}", "key") from e
-    check_workload_key(public_key)
     try:
         valid = csr.is_signature_valid
     except (ValueError, UnsupportedAlgorithm, InvalidSignature) as e:
