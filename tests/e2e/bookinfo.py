@@ -53,6 +53,7 @@ HTTP_PORT = 9080
 TCP_ECHO_PORT = 9000
 # What Istio's tcp-echo-services.yaml deployments answer with.
 TCP_ECHO_PREFIX = {"v1": "one", "v2": "two"}
+_SHOWN_ROUTE_FIELDS = ("timeout", "prefix_rewrite", "host_rewrite_literal", "hash_policy")
 _EXAMPLE_FILES = ("bookinfo.yaml", "tcp-echo-services.yaml", "workloads.yaml", "sidecars.yaml")
 
 
@@ -78,6 +79,30 @@ def binomial_tolerance(n: int, p: float, sds: float = 4.5) -> float:
     """Allowed |observed - n*p| for `n` draws with probability `p`: `sds` standard
     deviations (4.5 SD: about one false failure in 150,000 runs)."""
     return sds * math.sqrt(n * p * (1 - p))
+
+
+def workload_entry_yaml(
+    name: str,
+    address: str,
+    labels: Mapping[str, str],
+    *,
+    locality: str = "",
+    ports: Mapping[str, int] | None = None,
+) -> str:
+    """A WorkloadEntry in `default` (for workloads the example does not have)."""
+    lines = [
+        "apiVersion: networking.istio.io/v1",
+        "kind: WorkloadEntry",
+        f"metadata: {{name: {name}}}",
+        "spec:",
+        f"  address: {address}",
+        "  labels: {" + ", ".join(f"{k}: {v}" for k, v in labels.items()) + "}",
+    ]
+    if locality:
+        lines.append(f"  locality: {locality}")
+    if ports:
+        lines.append("  ports: {" + ", ".join(f"{k}: {v}" for k, v in ports.items()) + "}")
+    return "\n".join(lines) + "\n"
 
 
 # --- the example's workloads ------------------------------------------------------------
@@ -176,7 +201,9 @@ class Bookinfo:
     mesh: Mesh
     delta: bool
     workloads: dict[str, Workload]
-    extra_apps: list[DemoServer] = field(default_factory=list)
+    # Sidecars of workloads outside the example (`ExtraSidecar`), by name, with
+    # their egress address.
+    extra_sidecars: dict[str, tuple[EnvoyProcess, str]] = field(default_factory=dict)
     _session: aiohttp.ClientSession | None = None
 
     # -- lookup -------------------------------------------------------------------------
@@ -187,18 +214,23 @@ class Bookinfo:
         return app
 
     def sidecar(self, name: str = "productpage-v1") -> EnvoyProcess:
+        if name in self.extra_sidecars:
+            return self.extra_sidecars[name][0]
         envoy = self.workloads[name].sidecar
         assert envoy is not None, f"{name} has no sidecar running"
         return envoy
 
     def egress(self, via: str = "productpage-v1") -> str:
+        if via in self.extra_sidecars:
+            return self.extra_sidecars[via][1]
         addr = self.workloads[via].egress
         assert addr is not None, f"{via} has no egress address"
         return addr
 
     @property
     def sidecars(self) -> list[EnvoyProcess]:
-        return [w.sidecar for w in self.workloads.values() if w.sidecar is not None]
+        own = [w.sidecar for w in self.workloads.values() if w.sidecar is not None]
+        return own + [envoy for envoy, _ in self.extra_sidecars.values()]
 
     def counts(self, *names: str) -> dict[str, int]:
         """How many requests each named app has received so far."""
@@ -359,18 +391,19 @@ class Bookinfo:
         *,
         headers: Mapping[str, str] | None = None,
         via: str = "productpage-v1",
+        port: int = HTTP_PORT,
         concurrency: int = 16,
     ) -> Counter[str]:
         """Send `n` requests; count who answered (`version` of the JSON answer, or
         `HTTP NNN` for anything but 200)."""
         return await gather_limited(
-            n, concurrency, lambda: self._version_of(host, path, headers, via)
+            n, concurrency, lambda: self._version_of(host, path, headers, via, port)
         )
 
     async def _version_of(
-        self, host: str, path: str, headers: Mapping[str, str] | None, via: str
+        self, host: str, path: str, headers: Mapping[str, str] | None, via: str, port: int
     ) -> str:
-        resp = await self.call(host, path, headers=headers, via=via)
+        resp = await self.call(host, path, headers=headers, via=via, port=port)
         if resp.status != 200:
             return f"HTTP {resp.status}"
         return str(resp.json()["version"])
@@ -412,6 +445,18 @@ class Bookinfo:
         await self.mesh.stop()
 
 
+@dataclass(frozen=True, slots=True)
+class ExtraSidecar:
+    """A sidecar for a workload the example does not have; its WorkloadEntry and
+    Sidecar (egress bound to `egress`) are the test's to write."""
+
+    name: str
+    ip: str
+    egress: str
+    labels: Mapping[str, str]
+    locality: str = ""
+
+
 class BookinfoFactory:
     """The `bookinfo` fixture: `await bookinfo(...)` starts one mesh for the test."""
 
@@ -429,9 +474,16 @@ class BookinfoFactory:
         mesh_config: str | None = None,
         app_options: Mapping[str, Mapping[str, Any]] | None = None,
         localities: Mapping[str, str] | None = None,
+        extra_sidecars: Sequence[ExtraSidecar] = (),
     ) -> Bookinfo:
         """Render the example, start every app, meshpilot (with `files` already in
-        the config dir) and the sidecars of `sidecars`; return once all are synced."""
+        the config dir) and the sidecars of `sidecars` and `extra_sidecars`; return
+        once all are synced.
+
+        Every Envoy starts here, at once, before any ADS stream is open: forking
+        (with the harness's `preexec_fn`) while gRPC threads are busy with streams
+        can crash the child.
+        """
         specs = example_workloads()
         workloads: dict[str, Workload] = {}
         addresses: dict[str, str] = {}
@@ -476,10 +528,13 @@ class BookinfoFactory:
         self.started.append(bi)
         await mesh.start()
         envoys = await asyncio.gather(
-            *(self._sidecar(bi, workloads[n], (localities or {}).get(n, "")) for n in sidecars)
+            *(self._sidecar(bi, workloads[n], (localities or {}).get(n, "")) for n in sidecars),
+            *(self._extra_sidecar(bi, extra) for extra in extra_sidecars),
         )
-        for name, envoy in zip(sidecars, envoys, strict=True):
+        for name, envoy in zip(sidecars, envoys, strict=False):
             workloads[name].sidecar = envoy
+        for extra, envoy in zip(extra_sidecars, envoys[len(sidecars) :], strict=True):
+            bi.extra_sidecars[extra.name] = (envoy, extra.egress)
         for envoy in envoys:
             await envoy.wait_live()
         await bi.converged()
@@ -498,9 +553,28 @@ class BookinfoFactory:
             locality=locality,
         )
 
+    async def _extra_sidecar(self, bi: Bookinfo, extra: ExtraSidecar) -> EnvoyProcess:
+        return await self.processes.envoy(
+            name=extra.name,
+            namespace=NAMESPACE,
+            ip=extra.ip,
+            labels=dict(extra.labels),
+            xds_address=bi.mesh.xds_address,
+            delta=bi.delta,
+            locality=extra.locality,
+        )
+
     async def close(self) -> None:
         for bi in self.started:
             await bi.close()
+
+
+async def cluster_stat(envoy: EnvoyProcess, cluster_name: str, stat: str) -> int:
+    """A cluster counter, under the cluster's name or its Istio `alt_stat_name`
+    (`NAME;`, so that `cluster.NAME;.upstream_rq_total` can be told apart)."""
+    escaped = "".join(f"\\{c}" if c in ".|()[]{}*+?^$\\" else c for c in cluster_name)
+    stats = await envoy.stats(f"^cluster\\.{escaped};?\\.{stat}$")
+    return sum(v for v in stats.values() if isinstance(v, int))
 
 
 async def gather_limited(
@@ -529,7 +603,15 @@ def describe_routes(dump: Any, name: str | None = None) -> str:
             for r in vh.get("routes", []):
                 action = r.get("route") or r.get("redirect") or r.get("direct_response") or {}
                 target = action.get("cluster") or action.get("weighted_clusters") or action
-                extras = sorted(set(r.get("route") or {}) - {"cluster", "weighted_clusters"})
+                extras = _route_extras(r.get("route") or {})
                 filters = sorted(r.get("typed_per_filter_config", {}))
                 lines.append(f"    {r.get('match', {})} -> {target} {extras} {filters}")
     return "\n".join(lines) or "(no dynamic route configs)"
+
+
+def _route_extras(action: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in action.items() if k in _SHOWN_ROUTE_FIELDS}
+    retries = action.get("retry_policy", {})
+    if retries:
+        out["retries"] = f"{retries.get('num_retries', 1)} on {retries.get('retry_on')}"
+    return out
