@@ -283,12 +283,14 @@ class HttpRouteBuilder:
 
 
 def _set_timeout(action: rc.RouteAction, timeout: float | None) -> None:
-    """The VirtualService timeout, else none (0s: Envoy's 15 s default would cut
-    long requests that work without a mesh). gRPC's grpc-timeout header is honoured
-    up to the same limit, as Istio does."""
-    value = duration(timeout or 0)
-    action.timeout.CopyFrom(value)
-    action.max_stream_duration.grpc_timeout_header_max.CopyFrom(value)
+    """The VirtualService timeout, else none (0s: Envoy's 15 s default would cut long
+    requests that work without a mesh).
+
+    Istio also sets the deprecated `max_grpc_timeout`; its replacement
+    `max_stream_duration` must stay unset: any value there switches Envoy to "new
+    timeouts" and the route `timeout` is ignored.
+    """
+    action.timeout.CopyFrom(duration(timeout or 0))
 
 
 def _no_cluster(out: rc.Route, clusters: list[str]) -> None:
