@@ -157,7 +157,8 @@ class CertificateManager:
             identity=self.identity,
             serial=info.serial,
             not_after=info.not_after.isoformat(),
-            lifetime_s=round(info.lifetime, 3),
+            # From now, not from notBefore: CAs backdate notBefore for clock skew.
+            valid_for_s=round((info.not_after - issued.received).total_seconds(), 1),
             previous_serial=previous.info.serial if previous else None,
             took_ms=round((time.monotonic() - started) * 1000, 1),
         )

@@ -4,12 +4,14 @@ stop signal stops it and exits 0; the CLI parses `-- ENVOY_ARGS` and refuses bad
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -188,8 +190,6 @@ def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def parse(argv: list[str]) -> Any:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="meshpilot")
     command.register(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
@@ -205,6 +205,24 @@ def test_cli_parses_envoy_args_after_double_dash_and_defaults() -> None:
     assert cfg.xds_address == "" and cfg.xds_tls
     assert cfg.identity == IDENTITY
     assert cfg.key_type == "ec" and cfg.admin_port == 15000
+
+
+def test_durations_are_go_style() -> None:
+    assert command.duration_arg("30s") == 30
+    assert command.duration_arg("1h30m") == 5400
+    assert command.duration_arg("500ms") == 0.5
+    for bad in ("", "10", "s", "10x", "1h 2m"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            command.duration_arg(bad)
+
+
+def test_slim_entry_point_does_not_load_the_control_plane(tmp_path: Path) -> None:
+    code = (
+        "import sys, meshpilot.agent.__main__ as m;"
+        "print(sorted(k for k in sys.modules if k.startswith(('pydantic', 'meshpilot.api'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
