@@ -18,12 +18,25 @@ from meshpilot.api.networking import RouteDestination
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.routing import ResolvedVirtualService
 from meshpilot.model.service import Service
-from meshpilot.translators import naming
-from meshpilot.translators.destinations import ClusterSet, static_match
+from meshpilot.translators import naming, traffic_policy
+from meshpilot.translators.destinations import ClusterSet, ResolvedDestination, static_match
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
     from meshpilot.model.push_context import PushContext
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """tcp_proxy settings from the DestinationRule of the destination (Istio's
+    buildOutboundNetworkFiltersWithSingleDestination and maybeSetHashPolicy)."""
+
+    idle_timeout: float | None = None
+    max_connection_duration: float | None = None
+    hash_source_ip: bool = False
+
+
+NO_TCP_SETTINGS = TcpSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +46,11 @@ class L4Target:
     cluster: str
     weighted: tuple[tuple[str, int], ...] = ()
     stat_prefix: str = ""
+    settings: TcpSettings = NO_TCP_SETTINGS
 
     @staticmethod
-    def single(cluster: str) -> L4Target:
-        return L4Target(cluster, (), cluster)
+    def single(cluster: str, settings: TcpSettings = NO_TCP_SETTINGS) -> L4Target:
+        return L4Target(cluster, (), cluster, settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +68,24 @@ class L4Routes:
         self.push = push
         self.proxy = proxy
         self.clusters = ClusterSet(push, proxy)
+
+    def tcp_settings(self, svc: Service | None, subset: str, port: int) -> TcpSettings:
+        """Idle timeout, connection duration and source-IP hashing for a tcp_proxy to
+        `outbound|port|subset|svc`, from the policy its cluster gets."""
+        if svc is None:
+            return NO_TCP_SETTINGS
+        dr = self.push.destination_rule(self.proxy.namespace, svc)
+        if dr is None:
+            return NO_TCP_SETTINGS
+        policy = traffic_policy.policy_for(dr, subset, port)
+        pool = policy.connection_pool.tcp if policy.connection_pool is not None else None
+        lb = policy.load_balancer
+        settings = TcpSettings(
+            pool.idle_timeout if pool is not None else None,
+            pool.max_connection_duration if pool is not None else None,
+            bool(lb and lb.consistent_hash and lb.consistent_hash.use_source_ip),
+        )
+        return NO_TCP_SETTINGS if settings == NO_TCP_SETTINGS else settings
 
     def _vs(self, svc: Service) -> ResolvedVirtualService | None:
         return self.push.virtual_service_for(self.proxy.namespace, svc.hostname)
@@ -119,16 +151,25 @@ class L4Routes:
         if len(routes) == 1:
             dest = self.clusters.resolve(ns, routes[0].destination, port)
             if self.clusters.has(dest.cluster):
-                return L4Target.single(dest.cluster)
+                settings = self.tcp_settings(dest.service, dest.subset, dest.port)
+                return L4Target.single(dest.cluster, settings)
             return L4Target.single(naming.BLACKHOLE_CLUSTER)
         weighted: list[tuple[str, int]] = []
+        first: ResolvedDestination | None = None
         for rd in routes:
             if rd.weight <= 0:
                 continue
             dest = self.clusters.resolve(ns, rd.destination, port)
             if self.clusters.has(dest.cluster):
                 weighted.append((dest.cluster, rd.weight))
-        if not weighted:
+                first = first or dest
+        if first is None:
             return L4Target.single(naming.BLACKHOLE_CLUSTER)
-        # Istio's stat prefix for a split: the VirtualService's name.namespace.
-        return L4Target(weighted[0][0], tuple(weighted), f"{vs.config.name}.{vs.config.namespace}")
+        # Istio: a split takes the first destination's rule, without subset settings,
+        # and the VirtualService's name.namespace as stat prefix.
+        return L4Target(
+            first.cluster,
+            tuple(weighted),
+            f"{vs.config.name}.{vs.config.namespace}",
+            self.tcp_settings(first.service, "", first.port),
+        )

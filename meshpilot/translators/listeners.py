@@ -236,12 +236,23 @@ def _filter(name: str, config: message.Message) -> listener_components_pb2.Filte
 
 
 def _chain_tcp_proxy(chain: TcpChain) -> listener_components_pb2.Filter:
-    """tcp_proxy to a chain's cluster, or to its weighted clusters (VirtualService `tcp`)."""
-    if not chain.weighted:
-        return _tcp_proxy(chain.cluster, chain.stat_prefix)
+    """tcp_proxy to a chain's cluster or weighted clusters (VirtualService `tcp`), with
+    the DestinationRule's idle timeout, connection duration and source-IP hashing."""
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=chain.stat_prefix or chain.cluster)
-    for name, weight in chain.weighted:
-        proxy.weighted_clusters.clusters.add(name=name, weight=weight)
+    if chain.weighted:
+        for name, weight in chain.weighted:
+            proxy.weighted_clusters.clusters.add(name=name, weight=weight)
+    else:
+        proxy.cluster = chain.cluster
+    settings = chain.settings
+    if settings.idle_timeout is not None:
+        proxy.idle_timeout.CopyFrom(duration(settings.idle_timeout))
+    if settings.max_connection_duration is not None:
+        proxy.max_downstream_connection_duration.CopyFrom(
+            duration(settings.max_connection_duration)
+        )
+    if settings.hash_source_ip:
+        proxy.hash_policy.add().source_ip.SetInParent()
     return _filter(TCP_PROXY_FILTER, proxy)
 
 

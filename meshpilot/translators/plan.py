@@ -35,7 +35,13 @@ from meshpilot.translators.common import (
     cidr_range,
     is_ipv4,
 )
-from meshpilot.translators.l4_route import L4Routes, L4Target, TlsRoute
+from meshpilot.translators.l4_route import (
+    NO_TCP_SETTINGS,
+    L4Routes,
+    L4Target,
+    TcpSettings,
+    TlsRoute,
+)
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
@@ -61,19 +67,24 @@ class TcpChain:
     server_names: tuple[str, ...] = ()
     weighted: tuple[tuple[str, int], ...] = ()
     stat_prefix: str = ""
+    settings: TcpSettings = NO_TCP_SETTINGS
 
 
 def _chain(
     cluster: str,
     svc: Service,
-    target: L4Target | None,
+    target: L4Target,
     prefix_ranges: tuple[str, ...] = (),
     server_names: tuple[str, ...] = (),
 ) -> TcpChain:
-    if target is None:
-        return TcpChain(cluster, svc, prefix_ranges, server_names)
     return TcpChain(
-        target.cluster, svc, prefix_ranges, server_names, target.weighted, target.stat_prefix
+        target.cluster,
+        svc,
+        prefix_ranges,
+        server_names,
+        target.weighted,
+        target.stat_prefix,
+        target.settings,
     )
 
 
@@ -230,6 +241,8 @@ def _finish(entry: _Entry, named_ports: set[int], l4: L4Routes) -> OutboundListe
             target = None
         else:
             target = l4.tcp_target(svc, entry.port)
+        if target is None:
+            target = L4Target.single(cluster, l4.tcp_settings(svc, "", sp.port))
         plain = _chain(cluster, svc, target)
         if not entry.bound and svc.addresses:
             # The original destination tells services apart on a captured listener.

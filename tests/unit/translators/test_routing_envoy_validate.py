@@ -12,7 +12,7 @@ from meshpilot.translators.routes import build_route_configs
 
 from ._helpers import dedent, envoy_validate, inline_routes, push_of
 from ._samples import bookinfo_base, networking, productpage, sample, tcp_echo_base
-from .test_tcp_tls_routes import TLS_SERVICES, TLS_VS, mesh_version
+from .test_tcp_tls_routes import TCP_POLICY, TLS_SERVICES, TLS_VS, mesh_version
 
 EVERYTHING = """
 apiVersion: networking.istio.io/v1
@@ -128,11 +128,6 @@ spec:
 
 def _push(*extra: str) -> PushContext:
     base = "\n---\n".join([bookinfo_base(), tcp_echo_base(), dedent(TLS_SERVICES)])
-    tcp_dr = "\n---\n".join(
-        d
-        for d in sample("tcp-echo/tcp-echo-all-v1.yaml").split("\n---\n")
-        if "kind: DestinationRule" in d
-    )
     # destination-rule-all.yaml, with productpage's rule replaced by a hashing one.
     rules = [
         d
@@ -145,7 +140,7 @@ def _push(*extra: str) -> PushContext:
         EVERYTHING,
         networking("virtual-service-ratings-test-delay.yaml"),
         mesh_version(sample("tcp-echo/tcp-echo-20-v2.yaml")),
-        tcp_dr,
+        TCP_POLICY,
         TLS_VS,
         *extra,
         base=base,

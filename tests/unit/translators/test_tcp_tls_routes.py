@@ -32,6 +32,10 @@ def mesh_version(text: str) -> str:
 DR_ONLY = "\n---\n".join(d for d in ALL_V1.split("\n---\n") if "kind: DestinationRule" in d)
 
 
+def vs_only(text: str) -> str:
+    return "\n---\n".join(d for d in text.split("\n---\n") if "kind: VirtualService" in d)
+
+
 def echo_push(*docs: str, mesh: MeshConfig | None = None) -> PushContext:
     return push_of(*docs, mesh=mesh, base=tcp_echo_base())
 
@@ -236,3 +240,39 @@ def test_tls_without_virtual_service_is_unchanged() -> None:
     chains = _tls_chains(push_of(TLS_SERVICES))
     assert chains[(("secure.example.com",), ())].cluster == "outbound|443||secure.example.com"
     assert chains[((), ("10.20.0.1/32",))].cluster == "outbound|443||vip.example.com"
+
+
+TCP_POLICY = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: tcp-echo-destination, namespace: default}
+spec:
+  host: tcp-echo
+  trafficPolicy:
+    connectionPool: {tcp: {idleTimeout: 30s, maxConnectionDuration: 1h}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {useSourceIp: true}}
+  - name: v2
+    labels: {version: v2}
+"""
+
+
+def test_destination_rule_tcp_settings_reach_the_tcp_proxy() -> None:
+    # No VirtualService: the service's own cluster, with the rule's pool settings.
+    tp = echo_chain_proxy(listeners(echo_push(TCP_POLICY))["0.0.0.0_9000"])
+    assert tp.idle_timeout.seconds == 30
+    assert tp.max_downstream_connection_duration.seconds == 3600
+    assert not tp.hash_policy
+    # Routed to v1: that subset's source-IP hashing too (Istio's maybeSetHashPolicy).
+    all_v1 = vs_only(mesh_version(ALL_V1))
+    tp = echo_chain_proxy(listeners(echo_push(TCP_POLICY, all_v1))["0.0.0.0_9000"])
+    assert tp.cluster == cluster("v1")
+    assert tp.hash_policy[0].HasField("source_ip")
+    assert tp.idle_timeout.seconds == 30
+    # A split: the rule without subset settings.
+    tp = echo_chain_proxy(listeners(echo_push(TCP_POLICY, mesh_version(TWENTY_V2)))["0.0.0.0_9000"])
+    assert weights(tp) == {cluster("v1"): 80, cluster("v2"): 20}
+    assert not tp.hash_policy and tp.idle_timeout.seconds == 30
