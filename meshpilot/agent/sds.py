@@ -1,7 +1,8 @@
 """The agent's SDS server: Envoy's `SecretDiscoveryService` on a unix socket.
 
-Serves Istio's two secret names: `default` (the workload certificate chain and its
-private key) and `ROOTCA` (the trust bundle). Both the SotW (`StreamSecrets`) and the
+Serves Istio's secret names: `default` (the workload certificate chain and its
+private key), `ROOTCA` (the trust bundle), and the file-backed `file-cert:CERT~KEY`
+and `file-root:CA` (see filesecrets). Both the SotW (`StreamSecrets`) and the
 delta (`DeltaSecrets`) protocols follow the project's xDS rules: per-stream nonces,
 stale nonces ignored, a NACK is recorded and logged and the same content is never
 resent, at most one un-ACKed response per stream, and an answer is never held back
@@ -29,6 +30,8 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
+
+from meshpilot.agent.filesecrets import FileSecrets
 
 log = structlog.get_logger(__name__)
 
@@ -79,9 +82,13 @@ class SecretCache:
 
     def set_root(self, root_pem: bytes) -> SecretEntry | None:
         """Replace `ROOTCA`; None (and no push) when the bundle did not change."""
-        old = self._entries.get(ROOT_SECRET)
         secret = secret_pb2.Secret(name=ROOT_SECRET)
         secret.validation_context.trusted_ca.inline_bytes = root_pem
+        return self.set_if_changed(secret)
+
+    def set_if_changed(self, secret: secret_pb2.Secret) -> SecretEntry | None:
+        """Store any secret by its name; None (and no push) when it is unchanged."""
+        old = self._entries.get(secret.name)
         if old is not None and old.resource.value == secret.SerializeToString():
             return None
         return self._set(secret)
@@ -311,8 +318,9 @@ _CLOSED = object()
 class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     """grpc.aio servicer for SotW and delta SDS, backed by a SecretCache."""
 
-    def __init__(self, cache: SecretCache) -> None:
+    def __init__(self, cache: SecretCache, files: FileSecrets | None = None) -> None:
         self.cache = cache
+        self.files = files or FileSecrets(cache)
         self._ids = itertools.count(1)
         self.streams: dict[int, SotwStream | DeltaStream] = {}
 
@@ -377,6 +385,12 @@ class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                     pending.clear()
                     resp = stream.on_change(names)
                 else:
+                    # Istio's file-backed names are read before the answer, so the
+                    # first response already carries them.
+                    if isinstance(event, discovery_pb2.DeltaDiscoveryRequest):
+                        await self.files.ensure(event.resource_names_subscribe)
+                    else:
+                        await self.files.ensure(event.resource_names)
                     resp = stream.on_request(event)
                 if resp is not None:
                     yield resp
@@ -406,11 +420,13 @@ def _clear_stale_socket(path: Path) -> None:
     raise OSError(f"{path}: another agent is serving SDS there")
 
 
-async def start_server(socket_path: Path, cache: SecretCache) -> grpc.aio.Server:
+async def start_server(
+    socket_path: Path, cache: SecretCache, *, files: FileSecrets | None = None
+) -> grpc.aio.Server:
     """Serve SDS on `unix:socket_path` (mode 0600) and return the started server."""
     await asyncio.to_thread(_clear_stale_socket, socket_path)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    service = SecretDiscoveryService(cache)
+    service = SecretDiscoveryService(cache, files)
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
     try:
         port = server.add_insecure_port(f"unix:{socket_path}")
@@ -428,5 +444,8 @@ async def start_server(socket_path: Path, cache: SecretCache) -> grpc.aio.Server
 async def stop_server(server: grpc.aio.Server, socket_path: Path, grace: float = 0.5) -> None:
     """Stop serving and remove the socket file."""
     await server.stop(grace)
+    service = getattr(server, "sds_service", None)
+    if service is not None:
+        await service.files.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)

@@ -22,6 +22,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
 
 from meshpilot.agent import sds
+from meshpilot.agent.filesecrets import FileSecrets, parse_name
 from meshpilot.agent.sds import ROOT_SECRET, SECRET_TYPE_URL, WORKLOAD_SECRET, SecretCache
 
 CHAIN = b"-----BEGIN CERTIFICATE-----\nchain-1\n-----END CERTIFICATE-----\n"
@@ -113,8 +114,10 @@ async def h() -> AsyncIterator[Harness]:
     cache.set_root(ROOT)
     cache.set_workload(CHAIN, KEY)
     path = work / "sds.sock"
-    server = await sds.start_server(path, cache)
+    files = FileSecrets(cache, poll_interval=0.05)
+    server = await sds.start_server(path, cache, files=files)
     harness = Harness(path, cache, server)
+    harness.work = work  # type: ignore[attr-defined]
     try:
         yield harness
     finally:
@@ -319,3 +322,52 @@ def test_unchanged_root_is_not_pushed() -> None:
     assert cache.set_root(ROOT) is not None
     assert cache.set_root(ROOT) is None
     assert seen == [frozenset({ROOT_SECRET})]
+
+
+def test_file_secret_names_parse_as_istio_writes_them() -> None:
+    assert parse_name("file-cert:/a/cert.pem~/a/key.pem") == ("/a/cert.pem", "/a/key.pem")
+    assert parse_name("file-root:/a/ca.pem") == ("/a/ca.pem",)
+    for other in ("default", "ROOTCA", "kubernetes://x", "file-cert:/a", "file-root:"):
+        assert parse_name(other) is None
+
+
+async def test_file_cert_and_root_are_served_and_follow_file_changes(h: Harness) -> None:
+    work: Path = h.work  # type: ignore[attr-defined]
+    (work / "cert.pem").write_bytes(CHAIN)
+    (work / "key.pem").write_bytes(KEY)
+    (work / "ca.pem").write_bytes(ROOT)
+    cert_name = f"file-cert:{work}/cert.pem~{work}/key.pem"
+    root_name = f"file-root:{work}/ca.pem"
+    missing = f"file-root:{work}/missing.pem"
+    names = [cert_name, root_name, missing]
+    c = h.client()
+    await c.send(resource_names=names)
+    first = await c.recv()
+    got = secrets_of(first)
+    assert set(got) == {cert_name, root_name}  # the missing file does not block the others
+    assert got[cert_name].tls_certificate.certificate_chain.inline_bytes == CHAIN
+    assert got[cert_name].tls_certificate.private_key.inline_bytes == KEY
+    assert got[root_name].validation_context.trusted_ca.inline_bytes == ROOT
+    await c.ack(first, names)
+    await c.nothing()
+
+    new_chain = CHAIN.replace(b"chain-1", b"chain-renewed")
+    tmp = work / "cert.pem.new"
+    tmp.write_bytes(new_chain)
+    os.replace(tmp, work / "cert.pem")
+    pushed = await c.recv()
+    assert secrets_of(pushed)[cert_name].tls_certificate.certificate_chain.inline_bytes == new_chain
+    await c.ack(pushed, names)
+    (work / "missing.pem").write_bytes(ROOT)  # appears later: served then
+    late = await c.recv()
+    assert set(secrets_of(late)) == {cert_name, root_name, missing}
+
+
+async def test_file_secret_that_is_not_pem_is_not_served(h: Harness) -> None:
+    work: Path = h.work  # type: ignore[attr-defined]
+    (work / "junk.pem").write_bytes(b"junk")
+    c = h.client(delta=True)
+    name = f"file-root:{work}/junk.pem"
+    await c.send(resource_names_subscribe=[name])
+    resp = await c.recv()
+    assert list(resp.resources) == [] and list(resp.removed_resources) == [name]
