@@ -8,19 +8,17 @@ them; `eds_cache_key` says which proxies can share one assignment.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from google.protobuf import struct_pb2
 
 from meshpilot.api.networking import LocalityLbSetting
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.service import Endpoint, Service, labels_match
 from meshpilot.translators import naming
-from meshpilot.translators.common import socket_address, uint32
 from meshpilot.translators.locality import (
     LocalityGroup,
     apply_locality_lb,
@@ -29,10 +27,11 @@ from meshpilot.translators.locality import (
     locality_key,
 )
 from meshpilot.translators.traffic_policy import (
+    NO_POLICY,
     dr_identity,
     find_subset,
     locality_lb_setting,
-    policy_for,
+    merge_traffic_policy,
 )
 
 ISTIO_METADATA = "istio"
@@ -82,13 +81,14 @@ def _plan(push: PushContext, proxy: Proxy, cluster_name: str) -> _Plan | None:
     if svc is None or svc.port(port) is None:
         return None
     dr = push.destination_rule(proxy.namespace, svc)
-    selector: Mapping[str, str] | None = None
-    if subset:
-        found = find_subset(dr, subset)
-        if found is None:
-            return None
-        selector = found.labels
-    policy = policy_for(dr, subset, port)
+    found = find_subset(dr, subset)
+    if subset and found is None:
+        return None
+    policy = (
+        merge_traffic_policy(dr.spec.traffic_policy, found.traffic_policy if found else None, port)
+        if dr is not None
+        else NO_POLICY
+    )
     setting = locality_lb_setting(policy)
     enable_failover = policy.outlier_detection is not None
     where = locality_key(setting, enable_failover, proxy)
@@ -96,15 +96,22 @@ def _plan(push: PushContext, proxy: Proxy, cluster_name: str) -> _Plan | None:
     # that see different rules (or none) share an assignment whenever neither applies.
     rule = dr_identity(dr) if (subset or where is not None) else None
     return _Plan(
-        hostname, port, selector, setting, enable_failover, ("eds", cluster_name, rule, where)
+        hostname,
+        port,
+        found.labels if found is not None else None,
+        setting,
+        enable_failover,
+        ("eds", cluster_name, rule, where),
     )
 
 
 def eds_cache_key(push: PushContext, proxy: Proxy, cluster_name: str) -> Hashable:
     """Proxies with equal keys get the same ClusterLoadAssignment for `cluster_name` from
-    the same push context. Always a tuple `("eds", cluster_name, ...)`."""
-    plan = _plan(push, proxy, cluster_name)
-    return plan.key if plan is not None else ("eds", cluster_name)
+    the same push context. Always a tuple `("eds", cluster_name, ...)`.
+
+    A function of the push, the cluster name and the proxy's namespace, locality and
+    labels only (callers may memoize on those)."""
+    return eds_cache_entry(push, proxy, cluster_name)[0]
 
 
 def build_load_assignment(
@@ -112,18 +119,44 @@ def build_load_assignment(
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """The CLA for `cluster_name` as `proxy` sees it; empty (never None) for anything
     unknown, because Envoy keeps a cluster warming until it gets the CLA it asked for."""
-    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
+    return eds_cache_entry(push, proxy, cluster_name)[1]()
+
+
+def eds_cache_entry(
+    push: PushContext, proxy: Proxy, cluster_name: str
+) -> tuple[Hashable, Callable[[], endpoint_pb2.ClusterLoadAssignment]]:
+    """`eds_cache_key` and a builder for the assignment, sharing the rule lookup."""
     plan = _plan(push, proxy, cluster_name)
     if plan is None:
-        return cla
+        return ("eds", cluster_name), lambda: endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=cluster_name
+        )
+    return plan.key, lambda: _build(push, proxy, cluster_name, plan)
+
+
+def _build(
+    push: PushContext, proxy: Proxy, cluster_name: str, plan: _Plan
+) -> endpoint_pb2.ClusterLoadAssignment:
     endpoints: Iterable[Endpoint] = push.service_endpoints(plan.hostname, plan.port)
     if plan.selector:
         endpoints = [ep for ep in endpoints if labels_match(plan.selector, ep.labels)]
     groups = apply_locality_lb(
         group_by_locality(endpoints), proxy, plan.setting, plan.enable_failover
     )
-    cla.endpoints.extend(locality_lb_endpoints_of(groups))
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
+    _add_groups(cla.endpoints, groups)
     return cla
+
+
+def key_uses_proxy_labels(key: Hashable) -> bool:
+    """Whether an `eds_cache_key` result depends on the proxy's labels (failoverPriority),
+    not only on its namespace and locality."""
+    return (
+        isinstance(key, tuple)
+        and len(key) > 3
+        and isinstance(key[3], tuple)
+        and (key[3][0] == "priority")
+    )
 
 
 def locality_lb_endpoints(
@@ -136,35 +169,50 @@ def locality_lb_endpoints(
 def locality_lb_endpoints_of(
     groups: Iterable[LocalityGroup],
 ) -> list[endpoint_components_pb2.LocalityLbEndpoints]:
-    out = []
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    _add_groups(cla.endpoints, groups)
+    return list(cla.endpoints)
+
+
+def _add_groups(out: Any, groups: Iterable[LocalityGroup]) -> None:
+    # Fields are set in place (add(), attribute writes): several times faster than
+    # nested constructors, and assignments hold one LbEndpoint per endpoint.
     for g in groups:
+        lle = out.add()
         loc = g.locality
-        lle = endpoint_components_pb2.LocalityLbEndpoints(
-            locality=base_pb2.Locality(region=loc.region, zone=loc.zone, sub_zone=loc.subzone),
-            lb_endpoints=[lb_endpoint(ep) for ep in g.endpoints],
-            load_balancing_weight=uint32(g.weight),
-            priority=g.priority,
-        )
-        out.append(lle)
-    return out
+        lle.locality.region = loc.region
+        lle.locality.zone = loc.zone
+        lle.locality.sub_zone = loc.subzone
+        lle.locality.SetInParent()
+        for ep in g.endpoints:
+            _fill_lb_endpoint(lle.lb_endpoints.add(), ep)
+        lle.load_balancing_weight.value = g.weight
+        lle.priority = g.priority
 
 
 def lb_endpoint(ep: Endpoint) -> endpoint_components_pb2.LbEndpoint:
-    out = endpoint_components_pb2.LbEndpoint(
-        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(ep.address, ep.port)),
-        load_balancing_weight=uint32(endpoint_weight(ep)),
-    )
-    if ep.workload_name or ep.tls_mode == "istio":
-        _endpoint_metadata(out.metadata, ep)
+    out = endpoint_components_pb2.LbEndpoint()
+    _fill_lb_endpoint(out, ep)
     return out
 
 
+def _fill_lb_endpoint(out: endpoint_components_pb2.LbEndpoint, ep: Endpoint) -> None:
+    sa = out.endpoint.address.socket_address
+    sa.address = ep.address
+    sa.port_value = ep.port
+    out.load_balancing_weight.value = endpoint_weight(ep)
+    if ep.workload_name or ep.tls_mode == "istio":
+        _endpoint_metadata(out.metadata, ep)
+
+
 def _endpoint_metadata(md: base_pb2.Metadata, ep: Endpoint) -> None:
+    # Struct fields are set directly: Struct.update is several times slower, and there
+    # is one of these per endpoint per assignment.
     if ep.tls_mode == "istio":
         # Lets the cluster's transport_socket_matches pick mTLS per endpoint, as Istio.
-        md.filter_metadata[TRANSPORT_SOCKET_MATCH_METADATA].CopyFrom(
-            _struct({"tlsMode": ep.tls_mode})
-        )
+        md.filter_metadata[TRANSPORT_SOCKET_MATCH_METADATA].fields[
+            "tlsMode"
+        ].string_value = ep.tls_mode
     if ep.workload_name:
         # Istio's `workload` key: NAME;NAMESPACE;CANONICAL_NAME;CANONICAL_REVISION;CLUSTER.
         name = next((ep.labels[k] for k in _CANONICAL_NAME_LABELS if k in ep.labels), "")
@@ -172,10 +220,4 @@ def _endpoint_metadata(md: base_pb2.Metadata, ep: Endpoint) -> None:
         workload = ";".join(
             (ep.workload_name, ep.namespace, name or ep.workload_name, rev or "latest", "")
         )
-        md.filter_metadata[ISTIO_METADATA].CopyFrom(_struct({"workload": workload}))
-
-
-def _struct(values: Mapping[str, object]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(dict(values))
-    return out
+        md.filter_metadata[ISTIO_METADATA].fields["workload"].string_value = workload

@@ -203,7 +203,10 @@ def apply_connection_pool(
     """
     if pool is None:
         return
-    threshold = default_thresholds()
+    # The cluster starts with Istio's default thresholds; the pool overrides some.
+    if not c.circuit_breakers.thresholds:
+        c.circuit_breakers.thresholds.append(default_thresholds())
+    threshold = c.circuit_breakers.thresholds[0]
     idle_timeout: float | None = None
     max_requests_per_connection = 0
     max_concurrent_streams = 0
@@ -230,8 +233,6 @@ def apply_connection_pool(
         if idle_timeout is None:
             idle_timeout = tcp.idle_timeout
         _apply_tcp_keepalive(c, tcp.tcp_keepalive)
-    c.circuit_breakers.ClearField("thresholds")
-    c.circuit_breakers.thresholds.append(threshold)
     if (
         idle_timeout is not None
         or max_connection_duration is not None
@@ -261,13 +262,12 @@ def apply_connection_pool(
 
 def default_thresholds() -> circuit_breaker_pb2.CircuitBreakers.Thresholds:
     """Istio's defaults: no limits (Envoy's 1024/3 cause 503s during rollouts)."""
-    return circuit_breaker_pb2.CircuitBreakers.Thresholds(
-        max_connections=uint32(MAX_UINT32),
-        max_pending_requests=uint32(MAX_UINT32),
-        max_requests=uint32(MAX_UINT32),
-        max_retries=uint32(MAX_UINT32),
-        track_remaining=True,
-    )
+    t = circuit_breaker_pb2.CircuitBreakers.Thresholds(track_remaining=True)
+    t.max_connections.value = MAX_UINT32
+    t.max_pending_requests.value = MAX_UINT32
+    t.max_requests.value = MAX_UINT32
+    t.max_retries.value = MAX_UINT32
+    return t
 
 
 def _apply_tcp_keepalive(c: Cluster, keepalive: TCPSettings.TcpKeepalive | None) -> None:
@@ -513,14 +513,10 @@ def _is_ip(text: str) -> bool:
 
 def add_config_metadata(md: base_pb2.Metadata, dr: ResolvedDestinationRule, subset: str) -> None:
     """Istio's AddConfigInfoMetadata/AddSubsetToMetadata: which rule shaped a cluster."""
-    istio = md.filter_metadata["istio"]
-    istio.update(
-        {
-            "config": (
-                "/apis/networking.istio.io/v1/namespaces/"
-                f"{dr.config.namespace}/destination-rule/{dr.config.name}"
-            )
-        }
+    fields = md.filter_metadata["istio"].fields
+    fields["config"].string_value = (
+        f"/apis/networking.istio.io/v1/namespaces/{dr.config.namespace}"
+        f"/destination-rule/{dr.config.name}"
     )
     if subset:
-        istio.update({"subset": subset})
+        fields["subset"].string_value = subset

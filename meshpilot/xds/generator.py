@@ -150,18 +150,34 @@ class ConfigGenerator:
             wanted = [n for n in names if _cluster_host(n) in hosts]
             if not wanted:
                 return None
-        out = [self._load_assignment(push, proxy, name) for name in sorted(wanted)]
+        # Cache keys depend on the proxy's namespace and locality (and rarely its labels):
+        # memoized per push for each such pair, so a proxy whose assignments are all
+        # built already costs a dict lookup per name.
+        memo: dict[str, Hashable] = self.cache.get_or_build(
+            push.version, ("eds-keys", proxy.namespace, proxy.locality), dict
+        )
+        out = [self._load_assignment(push, proxy, name, memo) for name in sorted(wanted)]
         return Generated(out, complete=request is None)
 
-    def _load_assignment(self, push: PushContext, proxy: Proxy, cluster_name: str) -> Resource:
+    def _load_assignment(
+        self, push: PushContext, proxy: Proxy, cluster_name: str, memo: dict[str, Hashable]
+    ) -> Resource:
         # Keyed per cluster and, only where DestinationRule subsets or locality make the
         # assignment proxy-dependent, per rule and locality: proxies share the rest.
+        key = memo.get(cluster_name)
+        if key is not None:
+            return self.cache.get_or_build(
+                push.version,
+                key,
+                lambda: _resource(
+                    endpoints.build_load_assignment(push, proxy, cluster_name), typeurls.ENDPOINT
+                ),
+            )
+        key, build = endpoints.eds_cache_entry(push, proxy, cluster_name)
+        if not endpoints.key_uses_proxy_labels(key):
+            memo[cluster_name] = key
         return self.cache.get_or_build(
-            push.version,
-            endpoints.eds_cache_key(push, proxy, cluster_name),
-            lambda: _resource(
-                endpoints.build_load_assignment(push, proxy, cluster_name), typeurls.ENDPOINT
-            ),
+            push.version, key, lambda: _resource(build(), typeurls.ENDPOINT)
         )
 
     def on_new_context(self, previous: PushContext | None, current: PushContext) -> None:
