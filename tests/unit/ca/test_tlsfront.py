@@ -1,0 +1,180 @@
+"""The secure port's TLS front: optional verified client certificates, a faithful relay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshpilot.ca.authority import CertificateAuthority
+from meshpilot.ca.secure import SecurePort
+from meshpilot.ca.tlsfront import PeerTable, TlsFront, TlsPeer, server_context
+from meshpilot.serve import MeshServer
+from meshpilot.settings import Settings
+
+from ._helpers import SLEEP, csr_pem, ec_key, load_chain
+
+SERVER_NAME = "istiod.istio-system.svc"
+_peers_seen: list[TlsPeer | None] = []
+
+
+async def _echo(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    _peers_seen.append(_TABLE.for_context(context))
+    async for chunk in requests:
+        yield chunk
+
+
+_TABLE = PeerTable()
+
+
+@pytest.fixture
+async def front(tmp_path: Path) -> AsyncIterator[tuple[CertificateAuthority, TlsFront, int]]:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    ident = lambda b: b  # noqa: E731
+    handler = grpc.stream_stream_rpc_method_handler(
+        _echo, request_deserializer=ident, response_serializer=ident
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.Echo", {"Echo": handler}),)
+    )
+    upstream = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    chain, key = ca.issue_server_cert([SERVER_NAME], ["127.0.0.1"])
+    tls = TlsFront(
+        _TABLE, ("127.0.0.1", upstream), server_context("".join(chain), key, ca.root_cert_pem)
+    )
+    port = await tls.start("127.0.0.1", 0)
+    try:
+        yield ca, tls, port
+    finally:
+        await tls.stop()
+        await server.stop(0)
+
+
+def _channel(
+    ca: CertificateAuthority, port: int, cert: tuple[bytes, bytes] | None
+) -> grpc.aio.Channel:
+    key, chain = cert if cert else (None, None)
+    creds = grpc.ssl_channel_credentials(
+        ca.root_cert_pem.encode(), private_key=key, certificate_chain=chain
+    )
+    opts = [
+        ("grpc.ssl_target_name_override", SERVER_NAME),
+        ("grpc.max_receive_message_length", 64 << 20),
+    ]
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=opts)
+
+
+def _workload_cert(ca: CertificateAuthority) -> tuple[bytes, bytes]:
+    key = ec_key()
+    chain = ca.sign(csr_pem(key), SLEEP)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem, "".join(chain).encode()
+
+
+async def test_relay_is_faithful_for_large_streams_and_maps_the_peer(
+    front: tuple[CertificateAuthority, TlsFront, int],
+) -> None:
+    ca, tls, port = front
+    cert = _workload_cert(ca)
+    chunks = [bytes([i % 251]) * (1 << 20) + hashlib.sha256(bytes([i])).digest() for i in range(24)]
+    _peers_seen.clear()
+    async with _channel(ca, port, cert) as ch:
+        call = ch.stream_stream(
+            "/t.Echo/Echo", request_serializer=None, response_deserializer=None
+        )()
+
+        async def send() -> None:
+            for c in chunks:
+                await call.write(c)
+            await call.done_writing()
+
+        sender = asyncio.create_task(send())
+        got = [bytes(m) async for m in call]
+        await sender
+    assert got == chunks
+    peer = _peers_seen[0]
+    assert peer is not None and peer.cert is not None
+    uris = peer.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert uris.get_values_for_type(x509.UniformResourceIdentifier) == [str(SLEEP)]
+    # Gone from the table once the connection is closed (grpc clients keep idle
+    # connections around after channel.close(), so close from the server side).
+    await tls.stop()
+    for _ in range(50):
+        if not len(_TABLE):
+            break
+        await asyncio.sleep(0.02)
+    assert len(_TABLE) == 0
+
+
+async def test_no_client_certificate_is_allowed(
+    front: tuple[CertificateAuthority, TlsFront, int],
+) -> None:
+    ca, _, port = front
+    _peers_seen.clear()
+    async with _channel(ca, port, None) as ch:
+        call = ch.stream_stream(
+            "/t.Echo/Echo", request_serializer=None, response_deserializer=None
+        )()
+        await call.write(b"hello")
+        assert await call.read() == b"hello"
+        call.cancel()
+    assert _peers_seen[0] is not None and _peers_seen[0].cert is None
+
+
+async def test_foreign_client_certificate_fails_the_handshake(
+    front: tuple[CertificateAuthority, TlsFront, int], tmp_path: Path
+) -> None:
+    ca, _, port = front
+    other = CertificateAuthority.load_or_create(tmp_path / "other")
+    async with _channel(ca, port, _workload_cert(other)) as ch:
+        call = ch.stream_stream(
+            "/t.Echo/Echo", request_serializer=None, response_deserializer=None
+        )()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call.write(b"hello")
+            await call.read()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_server_certificate_is_renewed_at_half_life(tmp_path: Path) -> None:
+    srv = MeshServer(Settings(xds_address="127.0.0.1:0", monitoring_address="127.0.0.1:0"))
+    await srv.start()
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    port = SecurePort(ca, srv.discovery, "127.0.0.1:0", server_cert_ttl=3)
+    try:
+        await port.start()
+
+        async def served_serial() -> int:
+            ctx = ssl.create_default_context(cadata=ca.root_cert_pem)
+            ctx.set_alpn_protocols(["h2"])
+            _, w = await asyncio.open_connection(
+                "127.0.0.1", port.port, ssl=ctx, server_hostname=SERVER_NAME
+            )
+            der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            w.close()
+            return x509.load_der_x509_certificate(der).serial_number
+
+        first = await served_serial()
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if await served_serial() != first:
+                break
+        else:
+            pytest.fail("the serving certificate was not renewed")
+        assert load_chain([ca.root_cert_pem])  # the root itself never changes
+    finally:
+        await port.stop()
+        await srv.stop()
