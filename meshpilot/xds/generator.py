@@ -24,6 +24,9 @@ class ConfigGenerator:
 
     def __init__(self) -> None:
         self.cache = XdsCache()
+        # Cluster name -> host and back, for incremental EDS pushes.
+        self._host_of: dict[str, str] = {}
+        self._names_by_host: dict[str, set[str]] = {}
 
     # --- scope keys: proxies with equal keys get identical output --------------------
 
@@ -147,9 +150,14 @@ class ConfigGenerator:
             hosts = request.eds_hosts
             if push.changed_hosts is not None:
                 hosts = hosts | push.changed_hosts
-            wanted = [n for n in names if _cluster_host(n) in hosts]
+            # Walk the few changed hosts, not the proxy's (possibly thousands of) names:
+            # this runs once per connected proxy on every endpoint change.
+            by_host = self._names_by_host
+            wanted = [n for h in hosts for n in by_host.get(h, ()) if n in names]
             if not wanted:
                 return None
+        else:
+            self._index_names(names)
         # Cache keys depend on the proxy's namespace and locality (and rarely its labels):
         # memoized per push for each such pair, so a proxy whose assignments are all
         # built already costs a dict lookup per name.
@@ -180,6 +188,17 @@ class ConfigGenerator:
             push.version, key, lambda: _resource(build(), typeurls.ENDPOINT)
         )
 
+    def _index_names(self, names: Iterable[str]) -> None:
+        """Remember the host of each subscribed cluster name (parsed once per name)."""
+        host_of = self._host_of
+        for name in names:
+            if name not in host_of:
+                if len(host_of) > _MAX_INDEXED_NAMES:
+                    host_of.clear()
+                    self._names_by_host.clear()
+                host = host_of[name] = _cluster_host(name)
+                self._names_by_host.setdefault(host, set()).add(name)
+
     def on_new_context(self, previous: PushContext | None, current: PushContext) -> None:
         """Carry unchanged ClusterLoadAssignments over to an endpoint-only context."""
         if previous is None or current.changed_hosts is None:
@@ -192,10 +211,13 @@ class ConfigGenerator:
                 isinstance(key, tuple)
                 and len(key) > 1
                 and key[0] == "eds"
-                and _cluster_host(key[1]) not in changed
+                and (self._host_of.get(key[1]) or _cluster_host(key[1])) not in changed
             )
 
         self.cache.carry_over(previous.version, current.version, keep)
+
+
+_MAX_INDEXED_NAMES = 500_000
 
 
 def _cluster_host(cluster_name: str) -> str:
