@@ -17,7 +17,7 @@ import ipaddress
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -82,20 +82,23 @@ class SecureADS(xds_server.AggregatedDiscoveryService):
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> None:
-        ident = await self._authenticate(context)
-        await self._ds.serve_stream(
-            _same_namespace(request_iterator, ident, context), context, delta=False
-        )
+        await self._serve(request_iterator, context, delta=False)
 
     async def DeltaAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> None:
-        ident = await self._authenticate(context)
-        await self._ds.serve_stream(
-            _same_namespace(request_iterator, ident, context), context, delta=True
-        )
+        await self._serve(request_iterator, context, delta=True)
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> SpiffeId:
+    async def _serve(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, *, delta: bool
+    ) -> None:
+        ident, remote = await self._authenticate(context)
+        # The stream's peer is the TLS client, not the relay's loopback socket: that is
+        # what /debug/syncz and the connection logs should show.
+        ctx = cast(grpc.aio.ServicerContext, _RemotePeer(context, remote))
+        await self._ds.serve_stream(_same_namespace(requests, ident, context), ctx, delta=delta)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[SpiffeId, str]:
         peer = self._peers.for_context(context)
         if peer is None or peer.cert is None:
             metrics.XDS_SECURE_REFUSED.labels("no_client_cert").inc()
@@ -110,12 +113,28 @@ class SecureADS(xds_server.AggregatedDiscoveryService):
             )
         assert peer is not None and peer.cert is not None
         try:
-            return workload_identity(peer.cert, self._trust_domain)
+            return workload_identity(peer.cert, self._trust_domain), peer.remote
         except AuthenticationError as e:
             metrics.XDS_SECURE_REFUSED.labels("bad_client_cert").inc()
             log.warning("xds refused on secure port", peer=peer.remote, reason=str(e))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"client certificate: {e}")
             raise AssertionError("unreachable") from None
+
+
+class _RemotePeer:
+    """A servicer context whose peer() is the TLS client's address."""
+
+    __slots__ = ("_context", "_remote")
+
+    def __init__(self, context: grpc.aio.ServicerContext, remote: str) -> None:
+        self._context = context
+        self._remote = remote
+
+    def peer(self) -> str:
+        return self._remote
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 async def _same_namespace(

@@ -212,11 +212,18 @@ class _Relay(asyncio.Protocol):
         cert: x509.Certificate | None = None
         sslobj = transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-        if der:
-            # Verified against the roots during the handshake (CERT_OPTIONAL).
-            cert = x509.load_der_x509_certificate(der)
         peer = transport.get_extra_info("peername")
         remote = grpc_peer_string(peer) if peer else "unknown"
+        if der:
+            # Verified against the roots during the handshake (CERT_OPTIONAL).
+            try:
+                cert = x509.load_der_x509_certificate(der)
+            except ValueError as e:
+                # OpenSSL accepted what cryptography cannot read: refuse rather than
+                # silently treat the client as one without a certificate.
+                log.warning("secure port client certificate unreadable", peer=remote, error=str(e))
+                self.close()
+                return
         self.task = asyncio.get_running_loop().create_task(self._connect(TlsPeer(remote, cert)))
 
     async def _connect(self, peer: TlsPeer) -> None:
