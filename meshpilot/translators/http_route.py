@@ -10,6 +10,10 @@ port, the service keeps its default route.
 Unlike Istio, a destination whose cluster the proxy was not sent is dropped from a
 weighted split, and a rule left with no destination answers 503 with a body naming
 the missing cluster (Istio sends the route anyway and Envoy answers 503 NC).
+
+Consistent hashing comes from the DestinationRule of each destination
+(traffic_policy.hash_policies); a single-destination route that hashes retries on
+the same host, as Istio's DefaultConsistentHashPolicy.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def config_metadata(cfg: Config) -> base_pb2.Metadata:
 class HttpRouteBuilder:
     """Routes for one proxy's outbound route configurations, cached per (VS, port)."""
 
-    def __init__(self, push: PushContext, proxy: Proxy, clusters: ClusterSet | None = None):
+    def __init__(self, push: PushContext, proxy: Proxy, clusters: ClusterSet | None = None) -> None:
         self.push = push
         self.proxy = proxy
         self.clusters = clusters or ClusterSet(push, proxy)
