@@ -52,14 +52,15 @@ from meshpilot.translators.traffic_policy import (
     apply_connection_pool,
     apply_load_balancer,
     apply_outlier_detection,
-    apply_tls,
     default_thresholds,
+    is_h2,
     locality_lb_setting,
     merge_traffic_policy,
     policy_for,
     set_h2,
     should_h2_upgrade,
 )
+from meshpilot.translators.upstream_tls import apply_tls
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
@@ -205,7 +206,7 @@ def _outbound_cluster(
         set_h2(opts)
     apply_outlier_detection(c, policy.outlier_detection)
     apply_load_balancer(c, policy.load_balancer, locality_setting)
-    apply_tls(c, opts, policy.tls, h2=_is_h2(opts))
+    apply_tls(c, opts, policy.tls, h2=is_h2(opts))
     if c.type == Cluster.ORIGINAL_DST:
         c.lb_policy = Cluster.CLUSTER_PROVIDED
     _pack_http_options(c, opts)
@@ -213,12 +214,6 @@ def _outbound_cluster(
     if dr is not None:
         add_config_metadata(c.metadata, dr, subset_name)
     return c
-
-
-def _is_h2(opts: HttpProtocolOptions) -> bool:
-    return opts.WhichOneof(
-        "upstream_protocol_options"
-    ) == "explicit_http_config" and opts.explicit_http_config.HasField("http2_protocol_options")
 
 
 def _pack_http_options(c: Cluster, opts: HttpProtocolOptions) -> None:

@@ -10,12 +10,12 @@ Precedence (Istio's `MergeSubsetTrafficPolicy`, util.go):
    port-level entry matches, all four come from that entry.
 
 The cluster conversion follows Istio's `applyTrafficPolicy` (cluster_traffic_policy.go) in
-its order: connection pool, HTTP/2 upgrade, outlier detection, load balancer, TLS.
+its order: connection pool, HTTP/2 upgrade, outlier detection, load balancer, then TLS
+(upstream_tls.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
 
 from meshpilot.api.networking import (
@@ -42,7 +40,7 @@ from meshpilot.api.networking import (
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.routing import ResolvedDestinationRule
 from meshpilot.model.service import Service
-from meshpilot.translators.common import MAX_UINT32, duration, pack, uint32
+from meshpilot.translators.common import MAX_UINT32, duration, uint32
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
@@ -52,13 +50,11 @@ Cluster = cluster_pb2.Cluster
 HttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
 HashPolicy = route_components_pb2.RouteAction.HashPolicy
 
-TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 # Envoy's own default when a consistent hash names neither ringHash nor maglev (Istio sets it).
 DEFAULT_MINIMUM_RING_SIZE = 1024
 # Istio's default MeshConfig has `localityLbSetting: {enabled: true}`: locality failover is
 # on wherever outlier detection is set. meshpilot's MeshConfig has no such field yet.
 MESH_LOCALITY_LB_SETTING = LocalityLbSetting(enabled=True)
-ALPN_H2 = ("h2",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +242,11 @@ def apply_connection_pool(
             common.max_requests_per_connection.value = max_requests_per_connection
         if max_connection_duration is not None:
             common.max_connection_duration.CopyFrom(duration(max_connection_duration))
-        explicit = opts.explicit_http_config
-        if (
-            opts.WhichOneof("upstream_protocol_options") == "explicit_http_config"
-            and explicit.HasField("http2_protocol_options")
-            and max_concurrent_streams
-        ):
-            explicit.http2_protocol_options.max_concurrent_streams.value = max_concurrent_streams
+        if max_concurrent_streams and is_h2(opts):
+            # Only on clusters already HTTP/2 here (Istio upgrades after this step).
+            opts.explicit_http_config.http2_protocol_options.max_concurrent_streams.value = (
+                max_concurrent_streams
+            )
     if http is not None and http.use_client_protocol:
         # Upstream speaks whatever the downstream spoke.
         downstream = opts.use_downstream_protocol_config
@@ -291,6 +285,12 @@ def should_h2_upgrade(pool: ConnectionPoolSettings | None) -> bool:
 
 def set_h2(opts: HttpProtocolOptions) -> None:
     opts.explicit_http_config.http2_protocol_options.SetInParent()
+
+
+def is_h2(opts: HttpProtocolOptions) -> bool:
+    return opts.WhichOneof(
+        "upstream_protocol_options"
+    ) == "explicit_http_config" and opts.explicit_http_config.HasField("http2_protocol_options")
 
 
 def apply_outlier_detection(c: Cluster, outlier: OutlierDetection | None) -> None:
@@ -394,118 +394,6 @@ def _apply_consistent_hash(c: Cluster, ch: ConsistentHashLB) -> None:
     c.ring_hash_lb_config.minimum_ring_size.value = (
         ch.minimum_ring_size or DEFAULT_MINIMUM_RING_SIZE
     )
-
-
-# --- TLS origination --------------------------------------------------------------------
-
-
-def apply_tls(
-    c: Cluster,
-    opts: HttpProtocolOptions,
-    tls: ClientTLSSettings | None,
-    *,
-    h2: bool,
-) -> None:
-    """Set the cluster's transport socket for a DestinationRule `tls` block."""
-    if tls is None or tls.mode == "DISABLE":
-        return
-    if tls.mode == "ISTIO_MUTUAL":
-        ctx = istio_mutual_tls_context(c.name, tls, h2=h2)
-    else:
-        ctx = upstream_tls_context(opts, tls, h2=h2)
-    if ctx is None:
-        return
-    c.transport_socket.name = TLS_TRANSPORT_SOCKET
-    c.transport_socket.typed_config.CopyFrom(pack(ctx))
-
-
-def istio_mutual_tls_context(
-    cluster_name: str, tls: ClientTLSSettings, *, h2: bool
-) -> tls_pb2.UpstreamTlsContext | None:
-    """ISTIO_MUTUAL: mesh mTLS with the workload certificate over SDS.
-
-    TODO(issue 4): SDS `default`/`ROOTCA`, SNI `outbound_.PORT_.SUBSET_.HOST`, ALPN
-    `istio-peer-exchange`, auto-mTLS. Until then the cluster stays plaintext.
-    """
-    del cluster_name, tls, h2
-    return None
-
-
-def upstream_tls_context(
-    opts: HttpProtocolOptions, tls: ClientTLSSettings, *, h2: bool
-) -> tls_pb2.UpstreamTlsContext | None:
-    """SIMPLE and MUTUAL origination with certificates read from files by Envoy.
-
-    Istio serves the files over SDS through its agent; meshpilot has no agent SDS yet, so
-    Envoy reads them directly (no rotation without a config change).
-    """
-    if tls.credential_name:
-        # Istio does not give credentialName to sidecars (every sidecar in scope would
-        # wait for a secret it may not be allowed to read); gateways need SDS.
-        # TODO(issue 4): gateways: SDS secret `kubernetes://NAME`.
-        return None
-    if tls.mode == "MUTUAL" and not (tls.client_certificate and tls.private_key):
-        # Istio's validation rejects this rule; it never builds a context for it.
-        return None
-    ctx = tls_pb2.UpstreamTlsContext(sni=tls.sni)
-    common = ctx.common_tls_context
-    common.tls_params.tls_minimum_protocol_version = common_pb2.TlsParameters.TLSv1_2
-    common.tls_params.tls_maximum_protocol_version = common_pb2.TlsParameters.TLSv1_3
-    insecure = bool(tls.insecure_skip_verify)
-    _auto_sni_and_san(opts, tls, insecure)
-    if tls.mode == "MUTUAL":
-        cert = common.tls_certificates.add()
-        cert.certificate_chain.filename = tls.client_certificate
-        cert.private_key.filename = tls.private_key
-    if insecure:
-        common.validation_context.SetInParent()
-    else:
-        vc = common.validation_context
-        if tls.ca_certificates:
-            vc.trusted_ca.filename = tls.ca_certificates
-        else:
-            # Istio's "system" root: the operating system's trust store.
-            vc.system_root_certs.SetInParent()
-        vc.match_typed_subject_alt_names.extend(san_matchers(tls.subject_alt_names))
-        if tls.ca_crl:
-            vc.crl.filename = tls.ca_crl
-    if h2:
-        common.alpn_protocols.extend(ALPN_H2)
-    return ctx
-
-
-def _auto_sni_and_san(opts: HttpProtocolOptions, tls: ClientTLSSettings, insecure: bool) -> None:
-    """Istio's setAutoSniAndAutoSanValidation: without an explicit SNI, HTTP requests
-    use their Host as SNI and the server certificate is checked against it."""
-    auto_sni = not tls.sni
-    auto_san = auto_sni and not tls.subject_alt_names and not insecure
-    if auto_sni:
-        opts.upstream_http_protocol_options.auto_sni = True
-    if auto_san:
-        opts.upstream_http_protocol_options.auto_san_validation = True
-
-
-def san_matchers(names: list[str]) -> list[common_pb2.SubjectAltNameMatcher]:
-    """Exact SAN matchers, typed by what each name looks like."""
-    SAN = common_pb2.SubjectAltNameMatcher
-    out = []
-    for name in names:
-        if "://" in name:
-            san_type = SAN.URI
-        elif _is_ip(name):
-            san_type = SAN.IP_ADDRESS
-        else:
-            san_type = SAN.DNS
-        out.append(SAN(san_type=san_type, matcher=string_pb2.StringMatcher(exact=name)))
-    return out
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --- metadata ---------------------------------------------------------------------------
