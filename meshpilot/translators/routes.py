@@ -38,14 +38,12 @@ def route_names_for(push: PushContext, proxy: Proxy) -> list[str]:
     return sorted(route_plans(push, proxy))
 
 
-def source_labels_key(push: PushContext, proxy: Proxy) -> Hashable:
-    """What routes and listeners take from the proxy's labels beyond its scope: the
-    labels VirtualService `sourceLabels` matches (visible from its namespace) look at,
-    with the proxy's values. None when no match looks at labels. Proxies that share a
-    scope key must also share this one to share generated routes and listeners."""
+def source_label_names(push: PushContext, namespace: str) -> tuple[str, ...]:
+    """Labels that VirtualService `sourceLabels` matches visible from `namespace` look
+    at. Proxies in one scope with equal values for these share routes and listeners."""
     keys: set[str] = set()
     seen: set[int] = set()
-    for vs in push.virtual_services(proxy.namespace).by_host.values():
+    for vs in push.virtual_services(namespace).by_host.values():
         if id(vs) in seen:
             continue
         seen.add(id(vs))
@@ -56,9 +54,13 @@ def source_labels_key(push: PushContext, proxy: Proxy) -> Hashable:
         for l4 in (*spec.tcp, *spec.tls):
             for lm in l4.match:
                 keys.update(lm.source_labels)
-    if not keys:
-        return None
-    return tuple((k, proxy.labels.get(k)) for k in sorted(keys))
+    return tuple(sorted(keys))
+
+
+def source_labels_key(push: PushContext, proxy: Proxy) -> Hashable:
+    """The proxy's values for `source_label_names`; None when no match looks at labels."""
+    names = source_label_names(push, proxy.namespace)
+    return tuple((k, proxy.labels.get(k)) for k in names) if names else None
 
 
 def build_route_configs(

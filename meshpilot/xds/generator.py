@@ -76,7 +76,14 @@ class ConfigGenerator:
                 extra=self._cds_locality(push, proxy),
             )
         if type_url == typeurls.LISTENER:
-            return self._whole(push, proxy, "lds", type_url, listeners.build_listeners)
+            return self._whole(
+                push,
+                proxy,
+                "lds",
+                type_url,
+                listeners.build_listeners,
+                extra=self._source_labels(push, proxy),
+            )
         if type_url == typeurls.ROUTE:
             return self._routes(push, proxy, names)
         return None
@@ -99,7 +106,7 @@ class ConfigGenerator:
         return Generated(self.cache.get_or_build(push.version, key, make), complete=True)
 
     def _routes(self, push: PushContext, proxy: Proxy, names: frozenset[str] | None) -> Generated:
-        scope_key = ("rds", self._proxy_scope(push, proxy))
+        scope_key = ("rds", self._proxy_scope(push, proxy), self._source_labels(push, proxy))
         wanted = sorted(names) if names is not None else routes.route_names_for(push, proxy)
 
         def make_all() -> dict[str, Resource]:
@@ -123,6 +130,16 @@ class ConfigGenerator:
                 )
             out.append(res)
         return Generated(out, complete=True)
+
+    def _source_labels(self, push: PushContext, proxy: Proxy) -> Hashable:
+        """The proxy's values of labels VirtualService sourceLabels look at (routes and
+        TCP listeners differ by them); the label names are found once per namespace."""
+        names = self.cache.get_or_build(
+            push.version,
+            ("source-label-names", proxy.namespace),
+            lambda: routes.source_label_names(push, proxy.namespace),
+        )
+        return tuple((k, proxy.labels.get(k)) for k in names) if names else None
 
     def _cds_locality(self, push: PushContext, proxy: Proxy) -> Hashable:
         """Proxy locality and labels, for scopes whose DNS clusters carry endpoints
