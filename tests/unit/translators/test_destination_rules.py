@@ -875,3 +875,58 @@ def test_envoy_accepts_clusters_and_assignments_with_every_policy(tmp_path: Path
     envoy_validate(
         clusters=[*clusters, *(static_cluster_for(cla) for cla in clas)], node_id=proxy.id
     )
+
+
+def test_istio_circuit_breaking_task_rule() -> None:
+    """The DestinationRule of Istio's circuit-breaking task, as Envoy must get it."""
+    push = push_of(
+        dr(
+            """  host: ratings
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100""",
+            name="ratings",
+        )
+    )
+    c = clusters_of(push)[f"outbound|9080||{RATINGS}"]
+    (t,) = c.circuit_breakers.thresholds
+    assert (t.max_connections.value, t.max_pending_requests.value) == (1, 1)
+    assert (t.max_requests.value, t.max_retries.value) == (MAX, MAX)
+    assert http_options(c).common_http_protocol_options.max_requests_per_connection.value == 1
+    od = c.outlier_detection
+    assert (od.consecutive_5xx.value, od.interval.seconds, od.base_ejection_time.seconds) == (
+        1,
+        1,
+        180,
+    )
+    assert od.max_ejection_percent.value == 100
+
+
+def test_port_level_load_balancer_without_hash_turns_hashing_off() -> None:
+    # The route's hash policy follows the cluster's merged policy, so a port-level
+    # loadBalancer without consistentHash means no hashing on that port.
+    push = push_of(
+        dr("""  host: reviews
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-a}}
+    portLevelSettings:
+    - port: {number: 9080}
+      loadBalancer: {simple: ROUND_ROBIN}""")
+    )
+    assert clusters_of(push)[f"outbound|9080||{REVIEWS}"].lb_policy == C.ROUND_ROBIN
+    assert hash_policies(push, sidecar(), push.services[REVIEWS], "", 9080) == []
+
+
+def test_subset_labels_follow_the_rule_for_the_proxy() -> None:
+    from meshpilot.translators.endpoints import subset_labels
+
+    push = push_of(sample("destination-rule-all.yaml"))
+    svc = push.services[REVIEWS]
+    assert subset_labels(push, sidecar(), svc, "v2") == {"version": "v2"}
+    assert subset_labels(push, sidecar(), svc, "v9") is None
