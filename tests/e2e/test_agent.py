@@ -223,7 +223,7 @@ class Admin:
             key, _, value = line.partition(": ")
             if key == name:
                 return int(value)
-        return -1
+        return 0
 
 
 async def exited(proc: ManagedProcess, timeout: float = 15) -> int:  # noqa: ASYNC109
