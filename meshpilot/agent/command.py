@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import re
 import shutil
@@ -21,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -101,6 +101,7 @@ class Agent:
         self.manager: CertificateManager | None = None
         self.workdir: Path | None = None
         self._own_workdir = False
+        self._manager_task: asyncio.Task[None] | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -153,14 +154,17 @@ class Agent:
             except (keys.AgentSetupError, bootstrap.BootstrapError) as e:
                 print(f"meshpilot agent: error: {e}", file=sys.stderr)
                 return 2
+            except OSError as e:
+                print(f"meshpilot agent: error: workdir: {e}", file=sys.stderr)
+                return 1
             bootstrap_path = self._workdir() / BOOTSTRAP_FILE
-            await asyncio.to_thread(
-                keys.write_private_file,
-                bootstrap_path,
-                json.dumps(boot, indent=2).encode() + b"\n",
-                0o600,
-            )
             try:
+                await asyncio.to_thread(
+                    keys.write_private_file,
+                    bootstrap_path,
+                    json.dumps(boot, indent=2).encode() + b"\n",
+                    0o600,
+                )
                 sds_server = await start_server(self.socket_path, self.cache)
             except OSError as e:
                 print(f"meshpilot agent: error: {e}", file=sys.stderr)
@@ -174,9 +178,10 @@ class Agent:
                 xds=c.xds_address or c.ca_address,
             )
             manager_task = asyncio.create_task(self.manager.run(), name="cert-manager")
+            self._manager_task = manager_task
             if not await self._until(self.manager.first.wait()):
                 log.info("agent stopped before the first certificate")
-                return 0
+                return self._crash_status()
             log.info(
                 "first certificate ready", took_ms=round((time.monotonic() - started) * 1000, 1)
             )
@@ -198,14 +203,14 @@ class Agent:
                 return status
             await self.envoy.drain(c.drain_duration)
             await self.envoy.stop(c.stop_timeout)
-            return 0
+            return self._crash_status()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             if manager_task is not None:
                 manager_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await manager_task
+                # Its failure, if any, was reported by _crash_status.
+                await asyncio.gather(manager_task, return_exceptions=True)
             if self.envoy is not None and self.envoy.process is not None:
                 await self.envoy.stop(c.stop_timeout)
             if sds_server is not None:
@@ -219,17 +224,31 @@ class Agent:
         self.stopping.set()
 
     async def _until(self, awaitable: object) -> bool:
-        """Await `awaitable` unless a stop signal comes first; True if it completed."""
+        """Await `awaitable` unless a stop signal comes first, or the certificate manager
+        dies (a bug: without renewals the certificate would silently expire); True if it
+        completed."""
         task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
         stop = asyncio.ensure_future(self.stopping.wait())
+        waiting: set[asyncio.Future[Any]] = {task, stop}
+        if self._manager_task is not None:
+            waiting.add(self._manager_task)
         try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         if task.done():
             return True
         task.cancel()
         return False
+
+    def _crash_status(self) -> int:
+        """0 after a stop signal; 1 if the certificate manager died."""
+        m = self._manager_task
+        if m is None or not m.done() or m.cancelled():
+            return 0
+        error = m.exception()
+        log.error("certificate manager failed, stopping", error=repr(error))
+        return 1
 
     def _workdir(self) -> Path:
         assert self.workdir is not None

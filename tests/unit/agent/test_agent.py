@@ -137,6 +137,22 @@ async def test_envoy_exit_status_becomes_the_agents(
     assert await asyncio.wait_for(Agent(config(ca, workdir)).run(), 10) == 3
 
 
+async def test_a_dead_certificate_manager_stops_envoy_and_the_agent(
+    ca: _fakeca.FakeCA, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> float:
+        raise RuntimeError("bug in the scheduler")
+
+    monkeypatch.setattr("meshpilot.agent.rotation.rotation_delay", broken)
+    agent = Agent(config(ca, workdir))
+    assert await asyncio.wait_for(agent.run(), 10) == 1
+    assert (
+        agent.envoy is None
+        or agent.envoy.process is None
+        or (agent.envoy.process.returncode is not None)
+    )
+
+
 async def test_stop_before_the_first_certificate_starts_no_envoy(
     ca: _fakeca.FakeCA, workdir: Path
 ) -> None:
