@@ -131,7 +131,7 @@ class SotwStream:
     nonce: str = ""
     # (name, version) pairs of the last response; equal content is never resent.
     sent: tuple[tuple[str, str], ...] | None = None
-    sent_names: tuple[str, ...] | None = None
+    sent_names: frozenset[str] | None = None
     awaiting_ack: bool = False
     acked_version: str = ""
     nack: str = ""
@@ -177,16 +177,16 @@ class SotwStream:
         if self.awaiting_ack:
             return None  # backpressure: re-evaluated when the ACK or NACK arrives
         entries = [e for n in self.names if (e := self.cache.get(n)) is not None]
-        content = tuple((e.name, e.version) for e in entries)
+        content = tuple(sorted((e.name, e.version) for e in entries))
         # A changed subscription is always answered, even when nothing it names exists:
         # Envoy must never wait on us in silence (it NACKs, and the NACK is logged).
-        if content == self.sent and self.names == self.sent_names:
+        if content == self.sent and frozenset(self.names) == self.sent_names:
             return None
         missing = [n for n in self.names if self.cache.get(n) is None]
         if missing:
             log.warning("sds unknown secret names", stream=self.stream_id, names=missing)
         self.nonce = f"{self.cache.start_id}-{self.stream_id}-{next(self._nonces)}"
-        self.sent, self.sent_names, self.awaiting_ack = content, self.names, True
+        self.sent, self.sent_names, self.awaiting_ack = content, frozenset(self.names), True
         resp = discovery_pb2.DiscoveryResponse(
             version_info=self.cache.version, type_url=SECRET_TYPE_URL, nonce=self.nonce
         )
