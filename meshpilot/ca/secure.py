@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -227,7 +228,7 @@ class SecurePort:
         log.info("secure port listening", address=f"{host}:{self.port}", ca_mode=self.ca.mode)
         return self.port
 
-    def _new_context(self, host: str) -> Any:
+    def _new_context(self, host: str) -> ssl.SSLContext:
         dns, ips = server_names(host)
         chain, key = self.ca.issue_server_cert(dns, ips, self.server_cert_ttl)
         self.server_cert = x509.load_pem_x509_certificate(chain[0].encode())
