@@ -104,6 +104,7 @@ class Proxy:
         "rds_nonce",
         "rds_version",
         "synced_at",
+        "versions",
     )
 
     def __init__(self, index: int, node: bytes, channel: grpc.aio.Channel) -> None:
@@ -124,6 +125,8 @@ class Proxy:
         self.last_rx = 0.0
         self.last_ack = 0.0
         self.eds_log: list[tuple[bytes, float]] | None = None
+        # Responses per version_info since the mark: tells when a push reached everyone.
+        self.versions: dict[bytes, int] = {}
         self.error = ""
 
     def synced(self) -> bool:
@@ -215,6 +218,7 @@ class Simulator:
             now = mono()
             self._received(p, data, now)
             env = wire.envelope(data)
+            p.versions[env.version] = p.versions.get(env.version, 0) + 1
             t = env.type_url
             if t == EDS_B:
                 p.eds_version, p.eds_nonce = env.version, env.nonce
@@ -268,6 +272,7 @@ class Simulator:
             now = mono()
             self._received(p, data, now)
             env = wire.envelope(data, delta=True)
+            p.versions[env.version] = p.versions.get(env.version, 0) + 1
             t = env.type_url
             if t == EDS_B:
                 await call.write(req(self.f_eds, env.nonce))
@@ -314,13 +319,18 @@ class Simulator:
             p.n_resp = 0
             p.last_rx = p.last_ack = 0.0
             p.eds_log = [] if eds_log else None
+            p.versions = {}
         self.capture_phase = phase
         self.ctl.emit("marked", phase=phase, t=time.monotonic())
 
-    def status(self) -> None:
+    def status(self, version: str = "") -> None:
         ps = self.proxies
+        v = version.encode()
+        at_version = [p.versions.get(v, 0) for p in ps] if v else [0]
         self.ctl.emit(
             "status",
+            min_at_version=min(at_version, default=0),
+            max_at_version=max(at_version, default=0),
             streams=len(ps),
             synced=self.n_synced,
             errors=self.errors,
@@ -403,7 +413,7 @@ class Simulator:
         elif name == "mark":
             self.mark(cmd["phase"], bool(cmd.get("eds_log")))
         elif name == "status":
-            self.status()
+            self.status(cmd.get("version", ""))
         elif name == "eds_report":
             self.eds_report(cmd["versions"])
         elif name == "capture":

@@ -151,23 +151,38 @@ class Runner:
             c.send("mark", phase=phase, eds_log=eds_log)
         await asyncio.gather(*(c.expect("marked", 30) for c in clients))
 
-    async def status(self, clients: list[Child]) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(c.request("status", "status", 30) for c in clients)))
+    async def status(self, clients: list[Child], version: str = "") -> list[dict[str, Any]]:
+        return list(
+            await asyncio.gather(
+                *(c.request("status", "status", 30, version=version) for c in clients)
+            )
+        )
 
     async def settled(
-        self, clients: list[Child], min_resp: int, quiet: float, within: float
+        self,
+        clients: list[Child],
+        min_resp: int,
+        quiet: float,
+        within: float,
+        version: str = "",
     ) -> float:
-        """Wait until every proxy got >= min_resp responses since the mark and no proxy
-        got anything for `quiet` seconds; returns the time of the last ACK."""
+        """Wait until every proxy got >= min_resp responses since the mark, and (with
+        `version`) as many responses at that version as the proxy that got the most,
+        and no proxy got anything for `quiet` seconds; returns the time of the last ACK.
+        """
         deadline = time.monotonic() + within
         while True:
-            st = await self.status(clients)
+            st = await self.status(clients, version)
             now = time.monotonic()
             errors = sum(s["errors"] for s in st)
             if errors:
                 raise RuntimeError(f"{errors} proxy streams failed; see the client log")
             last_rx = max(s["last_rx"] for s in st)
-            if all(s["min_resp"] >= min_resp for s in st) and now - last_rx >= quiet:
+            even = not version or (
+                min(s["min_at_version"] for s in st) >= 1
+                and min(s["min_at_version"] for s in st) == max(s["max_at_version"] for s in st)
+            )
+            if all(s["min_resp"] >= min_resp for s in st) and even and now - last_rx >= quiet:
                 return max(s["last_ack"] for s in st)
             if now > deadline:
                 got = sum(s["with_resp"] for s in st)
@@ -176,6 +191,21 @@ class Runner:
                     f"a response, min {min(s['min_resp'] for s in st)} < {min_resp}"
                 )
             await asyncio.sleep(0.1)
+
+    async def eds_reports(
+        self, clients: list[Child], versions: list[str], within: float
+    ) -> list[dict[str, Any]]:
+        """Per-process EDS ACK reports, once every proxy has ACKed every change (or at
+        the deadline: what is missing is reported as missing ACKs)."""
+        deadline = time.monotonic() + within
+        while True:
+            reports = await asyncio.gather(
+                *(c.request("eds_report", "eds_report", 60, versions=versions) for c in clients)
+            )
+            got = [sum(r["got"][i] for r in reports) for i in range(len(versions))]
+            if all(g >= self.o.proxies for g in got) or time.monotonic() > deadline:
+                return list(reports)
+            await asyncio.sleep(0.25)
 
     async def capture(self, client: Child, phase: str, name: str) -> dict[str, Any]:
         path = self.tmp / f"{name}.bin"
@@ -281,15 +311,12 @@ class Runner:
         server.send("changes", n=o.changes, interval=o.interval)
         changes = [await server.expect("change", 60 + o.interval) for _ in range(o.changes)]
         await server.expect("changes_done", 60)
-        await self.settled(clients, 1, 1.0, 120)
-        self.profile_stop(prof, "changes")
         versions = [c["version"] for c in changes]
-        reports = await asyncio.gather(
-            *(c.request("eds_report", "eds_report", 60, versions=versions) for c in clients)
-        )
+        reports = await self.eds_reports(clients, versions, within=120)
+        self.profile_stop(prof, "changes")
         lat_ms: list[float] = []
-        cpu_eds: list[float] = []
         missing = 0
+        t_last = changes[0]["t"] if changes else 0.0
         for i, ch in enumerate(changes):
             got = sum(r["got"][i] for r in reports)
             worst = [r["worst"][i] for r in reports if r["worst"][i] is not None]
@@ -297,8 +324,11 @@ class Runner:
                 missing += o.proxies - got
                 continue
             t_end = max(worst)
+            t_last = max(t_last, t_end)
             lat_ms.append((t_end - ch["t"]) * 1000)
-            cpu_eds.append(sampler.between(ch["t"], t_end) - idle * (t_end - ch["t"]))
+        # Pushes may overlap (convergence > spacing): charge the whole phase, once.
+        t_first = changes[0]["t"] if changes else t_last
+        cpu_phase = sampler.between(t_first, t_last) - idle * (t_last - t_first)
         self.results["endpoint_convergence"] = {
             "changes": o.changes,
             "interval_s": o.interval,
@@ -308,7 +338,9 @@ class Runner:
             "missing_acks": missing,
             "samples_ms": [round(x, 1) for x in lat_ms],
             "context_built_after_ms": [round(c["built_after"] * 1000, 1) for c in changes],
-            "cpu_per_push_s": statistics.fmean(cpu_eds) if cpu_eds else math.nan,
+            "cpu_s": cpu_phase,
+            "cpu_per_push_s": cpu_phase / len(changes) if changes else math.nan,
+            "busy_fraction": cpu_phase / (t_last - t_first) if t_last > t_first else math.nan,
         }
         log(
             f"endpoint convergence p50 {percentile(lat_ms, 50):.0f} ms, "
@@ -330,7 +362,7 @@ class Runner:
             t0 = time.monotonic()
             server.send("add_service", index=o.services + r)
             pushed = await server.expect("pushed", 60)
-            t_end = await self.settled(clients, 1, 1.0, 300)
+            t_end = await self.settled(clients, 1, 1.0, 300, version=pushed["version"])
             self.profile_stop(prof, "push")
             after = await server.request("stats", "stats", 30)
             cpu = sampler.between(t0, t_end) - idle * (t_end - t0)
@@ -352,10 +384,10 @@ class Runner:
         }
         self.results["full_push"] = {
             "pushes": pushes,
-            "cpu_s": statistics.fmean(p["cpu_s"] for p in pushes),
-            "wall_s": statistics.fmean(p["wall_s"] for p in pushes),
-            "build_s": statistics.fmean(p["build_s"] for p in pushes),
-            "gen_s": statistics.fmean(p["gen_s"] for p in pushes),
+            "cpu_s": statistics.median(p["cpu_s"] for p in pushes),
+            "wall_s": statistics.median(p["wall_s"] for p in pushes),
+            "build_s": statistics.median(p["build_s"] for p in pushes),
+            "gen_s": statistics.median(p["gen_s"] for p in pushes),
         }
         final = await server.request("stats", "stats", 30)
         self.results["server"]["threads_cpu_s"] = final["threads"]
@@ -397,7 +429,7 @@ class Runner:
                 "messages": scripts,
             }
             log(f"floor: initial sync {sync['seconds']:.2f}s, CPU {sync['cpu_s']:.2f}s")
-            for phase, reps in (("full", o.full_pushes), ("eds", 5)):
+            for phase, reps in (("full", o.full_pushes), ("eds", max(5, o.full_pushes))):
                 if phase not in scripts:
                     continue
                 cpus, walls = [], []
@@ -409,9 +441,10 @@ class Runner:
                     t_end = await self.settled(clients, scripts[phase], 0.3, 300)
                     cpus.append(sampler.between(t0, t_end) - idle * (t_end - t0))
                     walls.append(t_end - t0)
-                res[f"{phase}_push_cpu_s"] = statistics.fmean(cpus)
-                res[f"{phase}_push_wall_s"] = statistics.fmean(walls)
-                log(f"floor {phase} push: {statistics.fmean(cpus):.3f}s CPU")
+                res[f"{phase}_push_cpu_s"] = statistics.median(cpus)
+                res[f"{phase}_push_wall_s"] = statistics.median(walls)
+                res[f"{phase}_push_cpu_all_s"] = [round(c, 4) for c in cpus]
+                log(f"floor {phase} push: {statistics.median(cpus):.3f}s CPU (median)")
             self.results["floor"] = res
         finally:
             await sampler.stop()
@@ -438,6 +471,10 @@ class Runner:
             "full_pushes": o.full_pushes,
         }
         self.results["machine"] = machine()
+        load = os.getloadavg()[0]
+        if load > (os.cpu_count() or 1) * 0.5:
+            log(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs; wall-clock figures")
+            log("will be inflated by other processes (CPU-second figures much less so)")
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(o.deadline):
@@ -451,6 +488,7 @@ class Runner:
             await self.stop_all()
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.results["run_s"] = round(time.monotonic() - t0, 1)
+        self.results["machine"]["loadavg_end"] = os.getloadavg()[0]
         self.results["targets"] = targets(self.results)
         return self.results
 
@@ -520,6 +558,7 @@ def machine() -> dict[str, Any]:
             cwd=Path(__file__).parent,
         ).stdout.strip()
     return {
+        "loadavg_start": os.getloadavg()[0],
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
@@ -558,7 +597,11 @@ def table(r: dict[str, Any]) -> str:
             verdict("endpoint convergence p99"),
         )
         row("  missing ACKs", str(e["missing_acks"]))
-        row("  server CPU per endpoint push", f"{e['cpu_per_push_s'] * 1000:.0f} ms")
+        row(
+            "  server CPU per endpoint push",
+            f"{e['cpu_per_push_s'] * 1000:.0f} ms",
+            f"server busy {e['busy_fraction']:.0%} of the phase",
+        )
     if "memory" in r:
         m = r["memory"]
         row(
@@ -573,7 +616,7 @@ def table(r: dict[str, Any]) -> str:
     if "full_push" in r:
         f = r["full_push"]
         row("full push (new Service) wall", f"{f['wall_s']:.2f} s", "incl. debounce")
-        row("full push server CPU", f"{f['cpu_s']:.3f} s")
+        row("full push server CPU", f"{f['cpu_s']:.3f} s", f"median of {len(f['pushes'])}")
         row("  context build / translation", f"{f['build_s']:.3f} / {f['gen_s']:.3f} s")
     if "floor" in r:
         fl = r["floor"]
@@ -608,9 +651,11 @@ def table(r: dict[str, Any]) -> str:
             f"{z['initial_resources'].get('rds', 0)} route config(s)",
         )
         row("initial config per proxy", f"{z['initial_bytes_per_proxy'] / 1024:.0f} KiB")
+    m = r["machine"]
     title = (
         f"meshpilot bench: {c['services']} services x {c['proxies']} proxies, "
-        f"{c['xds']}, {r['machine']['cpus']} CPUs, commit {r['machine']['commit']}"
+        f"{c['xds']}, {m['cpus']} CPUs, commit {m['commit']}, "
+        f"load {m['loadavg_start']:.1f}->{m.get('loadavg_end', 0):.1f}"
     )
     w0 = max(len(x[0]) for x in rows) if rows else 10
     w1 = max(len(x[1]) for x in rows) if rows else 10
@@ -632,7 +677,7 @@ def options(argv: list[str] | None = None) -> Options:
     ap.add_argument("--per-process", type=int, default=250, help="proxy streams per process")
     ap.add_argument("--changes", type=int, default=None, help="endpoint changes (default 20)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between changes")
-    ap.add_argument("--full-pushes", type=int, default=3)
+    ap.add_argument("--full-pushes", type=int, default=5)
     ap.add_argument("--sync-timeout", type=float, default=300.0)
     ap.add_argument("--no-floor", action="store_true", help="skip the raw floor phase")
     ap.add_argument(
