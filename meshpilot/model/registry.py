@@ -59,19 +59,35 @@ def build_services(snapshot: StoreSnapshot, domain_suffix: str) -> dict[str, Ser
 
 def build_endpoints(snapshot: StoreSnapshot, services: Mapping[str, Service]) -> EndpointIndex:
     """Endpoints per hostname and service port number."""
-    workloads_by_ns: dict[str, list[Config]] = {}
-    for cfg in snapshot.of_kind(kinds.WORKLOAD_ENTRY).values():
-        workloads_by_ns.setdefault(cfg.namespace, []).append(cfg)
-    for lst in workloads_by_ns.values():
-        lst.sort(key=lambda c: c.name)
+    workloads = WorkloadIndex(snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
     index: dict[str, dict[int, tuple[Endpoint, ...]]] = {}
     for svc in services.values():
-        index[svc.hostname] = MappingProxyType(_service_endpoints(svc, snapshot, workloads_by_ns))
+        index[svc.hostname] = MappingProxyType(_service_endpoints(svc, snapshot, workloads))
     return MappingProxyType(index)
 
 
+class WorkloadIndex:
+    """WorkloadEntries by namespace and by label, so a selector visits only candidates
+    (a Service x WorkloadEntry scan is quadratic in a mesh of thousands)."""
+
+    def __init__(self, configs: Iterable[Config]) -> None:
+        self._by_label: dict[tuple[str, str, str], list[tuple[Config, dict[str, str]]]] = {}
+        for cfg in sorted(configs, key=lambda c: (c.namespace, c.name)):
+            labels = {**cfg.labels, **cfg.spec.labels}
+            for k, v in labels.items():
+                self._by_label.setdefault((cfg.namespace, k, v), []).append((cfg, labels))
+
+    def select(
+        self, namespace: str, selector: Mapping[str, str]
+    ) -> list[tuple[Config, dict[str, str]]]:
+        """Entries in `namespace` whose labels match `selector` (non-empty), by name."""
+        buckets = [self._by_label.get((namespace, k, v), []) for k, v in selector.items()]
+        smallest = min(buckets, key=len)
+        return [(cfg, labels) for cfg, labels in smallest if labels_match(selector, labels)]
+
+
 def _service_endpoints(
-    svc: Service, snapshot: StoreSnapshot, workloads_by_ns: Mapping[str, list[Config]]
+    svc: Service, snapshot: StoreSnapshot, workloads: WorkloadIndex
 ) -> dict[int, tuple[Endpoint, ...]]:
     per_port: dict[int, list[Endpoint]] = {p.port: [] for p in svc.ports}
     if svc.source is not None and svc.source.kind == kinds.SERVICE_ENTRY:
@@ -108,11 +124,8 @@ def _service_endpoints(
                 per_port[port.port].append(Endpoint(external, port.port, port.name))
             return {k: tuple(v) for k, v in per_port.items()}
     if svc.selector:
-        for we_cfg in workloads_by_ns.get(svc.namespace, ()):
+        for we_cfg, labels in workloads.select(svc.namespace, svc.selector):
             we: WorkloadEntrySpec = we_cfg.spec
-            labels = {**we_cfg.labels, **we.labels}
-            if not labels_match(svc.selector, labels):
-                continue
             for port in svc.ports:
                 ep = _endpoint(we, svc, port, we_cfg.namespace, we_cfg.name, labels=labels)
                 if ep is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshpilot.api.networking import DestinationRuleSpec, VirtualServiceSpec
@@ -127,6 +127,8 @@ class DestinationRuleIndex:
     def __init__(self, configs: Iterable[Config], domain_suffix: str, root_namespace: str) -> None:
         self.root_namespace = root_namespace
         self.by_ns: dict[str, dict[str, ResolvedDestinationRule]] = {}
+        # Wildcard hosts apart, most specific first: a lookup must not scan every rule.
+        self._wildcards: dict[str, list[ResolvedDestinationRule]] = {}
         self.conflicts: list[Conflict] = []
         losers: dict[tuple[str, str], list[Config]] = {}
         for cfg in sorted(configs, key=_age_key):
@@ -145,6 +147,9 @@ class DestinationRuleIndex:
             self.conflicts.append(
                 Conflict("DestinationRule", host, self.by_ns[ns][host].config, tuple(lost))
             )
+        for ns, rules in self.by_ns.items():
+            wild = [dr for host, dr in rules.items() if host.startswith("*")]
+            self._wildcards[ns] = sorted(wild, key=lambda dr: len(dr.host), reverse=True)
 
     def lookup(
         self, client_ns: str, hostname: str, service_ns: str
@@ -154,21 +159,9 @@ class DestinationRuleIndex:
             rules = self.by_ns.get(ns)
             if not rules:
                 continue
-            dr = _most_specific(rules, hostname)
+            dr = rules.get(hostname) or next(
+                (w for w in self._wildcards.get(ns, ()) if host_matches(w.host, hostname)), None
+            )
             if dr is not None and exported_to(dr.spec.export_to, dr.config.namespace, client_ns):
                 return dr
         return None
-
-
-def _most_specific(
-    rules: Mapping[str, ResolvedDestinationRule], hostname: str
-) -> ResolvedDestinationRule | None:
-    exact = rules.get(hostname)
-    if exact is not None:
-        return exact
-    best: ResolvedDestinationRule | None = None
-    for host, dr in rules.items():
-        if host.startswith("*") and host_matches(host, hostname):
-            if best is None or len(host) > len(best.host):
-                best = dr
-    return best
