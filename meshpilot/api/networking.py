@@ -269,6 +269,15 @@ class ClientTLSSettings(IstioModel):
     insecure_skip_verify: bool | None = None
     ca_crl: str = ""
 
+    @model_validator(mode="after")
+    def _mutual_needs_a_certificate(self) -> ClientTLSSettings:
+        if self.mode == "MUTUAL" and not self.credential_name:
+            if not self.client_certificate or not self.private_key:
+                raise ValueError(
+                    "MUTUAL mode needs clientCertificate and privateKey (or credentialName)"
+                )
+        return self
+
 
 class PortTrafficPolicy(IstioModel):
     port: PortSelector | None = None
@@ -289,7 +298,8 @@ class TrafficPolicy(IstioModel):
 
 
 class Subset(IstioModel):
-    name: str = Field(min_length=1)
+    # A DNS label: the name becomes part of cluster names and SNI.
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     labels: Labels = Field(default_factory=dict)
     traffic_policy: TrafficPolicy | None = None
 

@@ -179,3 +179,21 @@ def test_depth_limit() -> None:
     shallow = "{a: " * 20 + "1" + "}" * 20
     text = f"apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {{x: {shallow}}}\n"
     assert parse_text(text, "f").errors == []
+
+
+def test_destination_rule_checks_subset_names_and_mutual_tls_files() -> None:
+    bad_subset = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r}
+spec: {host: reviews, subsets: [{name: V_1, labels: {version: v1}}]}
+"""
+    [err] = parse_text(bad_subset, "dr.yaml").errors
+    assert err.field == "spec.subsets[0].name"
+    mutual = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r}
+spec: {host: reviews, trafficPolicy: {tls: {mode: MUTUAL, caCertificates: /ca.pem}}}
+"""
+    [err] = parse_text(mutual, "dr.yaml").errors
+    assert err.field == "spec.trafficPolicy.tls"
+    assert "clientCertificate and privateKey" in err.message
