@@ -139,7 +139,9 @@ async def first_secret_over_sds(socket_path: Path, timeout: float = 20) -> secre
         while not await asyncio.to_thread(socket_path.exists):  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
-            call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets()
+            # The socket file appears at bind(), a moment before listen(): wait, not fail.
+            stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+            call = stub.StreamSecrets(wait_for_ready=True)
             await call.write(
                 discovery_pb2.DiscoveryRequest(type_url=SECRET_TYPE, resource_names=["default"])
             )
