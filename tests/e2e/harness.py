@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import inspect
 import itertools
@@ -44,6 +43,7 @@ import pytest
 
 from meshpilot.agent.bootstrap import build_bootstrap
 from meshpilot.demo.apps import DemoServer, serve_http, serve_tcp_echo
+from meshpilot.procutil import die_with_parent
 
 T = TypeVar("T")
 
@@ -274,17 +274,6 @@ async def tcp_roundtrip(
 
 # --- processes ------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-# Looked up once in the parent: the child must not dlopen between fork and exec.
-_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if pytest is killed outright (SIGKILL,
-    # OOM), the kernel sends SIGKILL to the child, so no Envoy outlives its test run.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
@@ -331,7 +320,9 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
-                self.argv,
+                # If pytest is killed outright (SIGKILL, OOM), the kernel kills the child
+                # too, so no Envoy outlives its test run.
+                die_with_parent(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -340,7 +331,6 @@ class ManagedProcess:
                 # Own session: a Ctrl-C aimed at pytest reaches us first, and we stop
                 # children in order instead of them dying mid-request.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" and _PRCTL else None,
             )
         return self
 
