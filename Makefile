@@ -29,6 +29,7 @@ format: install
 
 bench: install
 	$(PY) -m bench.run
+	$(PY) -m bench.scope_gen
 
 clean:
 	rm -rf $(VENV) .pytest_cache
