@@ -33,18 +33,19 @@ FAKE_ENVOY = """\
 import json, os, signal, sys, time
 boot = sys.argv[sys.argv.index("-c") + 1]
 work = os.path.dirname(boot)
+def term(*_):
+    open(os.path.join(work, "fake-envoy.terminated"), "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)  # before the record: the test stops us once it exists
 record = {"argv": sys.argv[1:], "chain": os.path.exists(os.path.join(work, "cert-chain.pem")),
           "pid": os.getpid(), "sid": os.getsid(0) == os.getpid()}
-with open(os.path.join(work, "fake-envoy.json"), "w") as f:
+with open(os.path.join(work, "fake-envoy.json.tmp"), "w") as f:
     json.dump(record, f)
+os.replace(os.path.join(work, "fake-envoy.json.tmp"), os.path.join(work, "fake-envoy.json"))
 code = os.environ.get("FAKE_ENVOY_EXIT")
 if code:
     time.sleep(0.2)
     sys.exit(int(code))
-def term(*_):
-    open(os.path.join(work, "fake-envoy.terminated"), "w").close()
-    sys.exit(0)
-signal.signal(signal.SIGTERM, term)
 while True:
     time.sleep(0.1)
 """
