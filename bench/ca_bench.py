@@ -172,11 +172,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _pin(cpus: set[int]) -> Any:
-    def apply() -> None:
-        os.sched_setaffinity(0, cpus)
-
-    return apply
+def _pinned(cpus: set[int], argv: list[str]) -> list[str]:
+    """`argv` run by taskset on `cpus` (no preexec_fn: nothing runs between fork and exec)."""
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
 
 
 def _percentile(sorted_values: list[float], p: float) -> float:
@@ -216,9 +214,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     ]  # fmt: skip
     with open(workdir / "serve.log", "wb") as log:
         server = subprocess.Popen(
-            server_argv, stdout=log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            preexec_fn=_pin({0}), start_new_session=True,
+            _pinned({0}, server_argv), stdout=log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
         )  # fmt: skip
         try:
             result = asyncio.run(_drive(name, args, server, port, ca_dir))
@@ -252,10 +249,9 @@ async def _drive(
                 argv.append("--new-channel")
             clients.append(
                 await asyncio.create_subprocess_exec(
-                    *argv,
+                    *_pinned(client_cpus, argv),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
-                    preexec_fn=_pin(client_cpus),
                     cwd=str(REPO),
                     limit=64 * 1024 * 1024,
                 )
