@@ -165,3 +165,18 @@ async def test_envoy_exit_ends_the_agent_with_its_status(
     os.kill(envoy_pid, signal.SIGKILL)
     assert await exited(agent.process) == 128 + signal.SIGKILL
     assert "envoy exited" in agent.process.log_text()
+
+
+async def test_envoy_does_not_outlive_a_killed_agent(
+    processes: ProcessTracker, tmp_path: Path, short_dir: Path
+) -> None:
+    cp = await start_secure_control_plane(processes, tmp_path)
+    agent = await start_agent(
+        processes, cp, short_dir / "w", name="client-1", service_account="client"
+    )
+    await wait_for(agent.admin.workload_cert, 20, message="Envoy to load the default secret")
+    envoy_pid = agent.envoy_pid()
+    # No chance to drain: the kernel's parent-death signal must take Envoy down.
+    os.kill(agent.process.pid, signal.SIGKILL)
+    assert await exited(agent.process) == -signal.SIGKILL
+    await wait_for(lambda: not process_exists(envoy_pid), 5, message="Envoy to die with its agent")
