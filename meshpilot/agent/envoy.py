@@ -19,22 +19,13 @@ from pathlib import Path
 
 import structlog
 
+from meshpilot.procutil import die_with_parent
+
 log = structlog.get_logger(__name__)
 
 STOP_TIMEOUT = 5.0
 # Envoy flags the agent sets itself; repeating them after `--` would make Envoy exit.
 RESERVED_ARGS = ("-c", "--config-path", "--config-yaml")
-
-# Envoy is exec'd through this launcher on Linux: it asks the kernel to SIGKILL it when
-# the agent dies (the setting survives execve), and bails out if the agent is already
-# gone. Doing that in a preexec_fn would force a fork() of a process full of gRPC
-# threads; a spawned interpreter that execs Envoy needs none.
-_LAUNCHER = (
-    "import ctypes,os,signal,sys\n"
-    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGKILL)\n"
-    "if os.getppid()!=int(sys.argv[1]):os._exit(1)\n"
-    "os.execv(sys.argv[2],sys.argv[2:])\n"
-)
 
 
 def find_envoy(explicit: str | None = None) -> str:
@@ -82,10 +73,9 @@ class EnvoyProcess:
         binary = shutil.which(argv[0])
         if binary is None:
             raise FileNotFoundError(f"Envoy binary {argv[0]!r} not found or not executable")
-        if sys.platform != "linux":
-            return [binary, *argv[1:]]
-        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())]
-        return [*launcher, binary, *argv[1:]]
+        # The kernel kills Envoy if the agent dies (see meshpilot.procutil for why this
+        # is a launcher and not a preexec_fn).
+        return die_with_parent([binary, *argv[1:]])
 
     @property
     def pid(self) -> int | None:
