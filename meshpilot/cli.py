@@ -14,7 +14,8 @@ from meshpilot import logs
 from meshpilot.agent import bootstrap
 from meshpilot.agent import command as agent
 from meshpilot.ca import cli as ca_cli
-from meshpilot.settings import Settings, duration_arg
+from meshpilot.durations import duration_arg
+from meshpilot.settings import Settings
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:

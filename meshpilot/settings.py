@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshpilot.api.base import parse_duration
-
 
 def split_address(text: str) -> tuple[str, int]:
     """`HOST:PORT` (or `[v6]:PORT`) to a tuple; ValueError with the expected form."""
@@ -49,13 +47,3 @@ class Settings:
         for d in self.config_dirs:
             if not d.is_dir():
                 raise ValueError(f"--config-dir {d}: not a directory")
-
-
-def duration_arg(text: str) -> float:
-    """argparse type for durations such as `100ms` or `10s`."""
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        import argparse
-
-        raise argparse.ArgumentTypeError(str(e)) from e

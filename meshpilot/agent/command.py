@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
 import signal
 import sys
@@ -30,6 +29,7 @@ from meshpilot.agent.caclient import DEFAULT_CA_ADDRESS, CAClient
 from meshpilot.agent.envoy import RESERVED_ARGS, EnvoyProcess, find_envoy
 from meshpilot.agent.rotation import DEFAULT_TTL, CertificateManager
 from meshpilot.agent.sds import SecretCache, start_server, stop_server
+from meshpilot.durations import duration_arg
 
 log = structlog.get_logger(__name__)
 
@@ -38,24 +38,6 @@ BOOTSTRAP_FILE = "envoy-bootstrap.json"
 ADMIN_ADDRESS_FILE = "admin.address"
 # The CA caps TTLs anyway; below a few seconds renewal would be a busy loop.
 MIN_CERT_TTL = 2.0
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def duration_arg(text: str) -> float:
-    """argparse type for Go-style durations (`30s`, `1h30m`, `500ms`), in seconds.
-
-    The agent parses its own rather than importing the control plane's settings, which
-    would pull pydantic into a process that runs next to every Envoy.
-    """
-    t = text.strip()
-    pos, total = 0, 0.0
-    while pos < len(t) and (m := _DURATION_PART.match(t, pos)):
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if not t or pos != len(t):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration such as 30s or 24h")
-    return total
 
 
 @dataclass(slots=True)

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meshpilot.api.base import parse_duration
 from meshpilot.ca.identity import IdentityError
 from meshpilot.ca.tokens import TokenSigner
+from meshpilot.durations import parse_duration
 
 
 def parse_ttl(text: str) -> float:

@@ -8,7 +8,7 @@ import math
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
-from meshpilot.api.base import parse_duration
+from meshpilot.durations import parse_duration
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
