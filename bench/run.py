@@ -715,7 +715,8 @@ async def amain(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a runner started in the background inherits it ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, main_task.cancel)
     try:
         results = await runner.run()
@@ -737,10 +738,11 @@ async def amain(opts: Options) -> int:
 def main(argv: list[str] | None = None) -> None:
     opts = options(argv)
     try:
-        sys.exit(asyncio.run(amain(opts)))
-    except KeyboardInterrupt:
+        code = asyncio.run(amain(opts))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted; every started process was stopped")
-        sys.exit(130)
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":
