@@ -67,6 +67,7 @@ class PushContext:
     _scope_cache: dict[tuple[str, ConfigKey | None], SidecarScope] = field(default_factory=dict)
     # Lazily built per-context indexes (the context is immutable, so they never go stale).
     _instances_cache: dict[tuple, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+    _label_instances: dict[tuple, list[ServiceInstance]] = field(default_factory=dict)
     _by_ip: dict[str, list[tuple[Service, ServicePort, Endpoint]]] | None = None
     _by_ns: dict[str, list[Service]] | None = None
     # Routing config; shared unchanged by endpoint-only contexts.
@@ -209,13 +210,19 @@ class PushContext:
         for ip in proxy.ip_addresses:
             for svc, port, ep in by_ip.get(ip, ()):
                 found.setdefault((svc.hostname, port.port), ServiceInstance(svc, port, ep.port))
-        for svc in self._services_by_ns().get(proxy.namespace, ()):
-            if svc.selector and labels_match(svc.selector, proxy.labels):
-                for port in svc.ports:
-                    found.setdefault(
-                        (svc.hostname, port.port),
-                        ServiceInstance(svc, port, port.target_port or port.port),
-                    )
+        # The label part does not depend on the IP: once per (namespace, labels), not
+        # once per proxy (every proxy has its own IP, so the cache above never hits).
+        label_key = cache_key[:2]
+        by_labels = self._label_instances.get(label_key)
+        if by_labels is None:
+            by_labels = self._label_instances[label_key] = [
+                ServiceInstance(svc, port, port.target_port or port.port)
+                for svc in self._services_by_ns().get(proxy.namespace, ())
+                if svc.selector and labels_match(svc.selector, proxy.labels)
+                for port in svc.ports
+            ]
+        for inst in by_labels:
+            found.setdefault((inst.service.hostname, inst.port.port), inst)
         result = tuple(found[k] for k in sorted(found))
         self._instances_cache[cache_key] = result
         return result

@@ -30,6 +30,11 @@ class XdsCache:
                 self._by_context.popitem(last=False)
         return bucket
 
+    def get(self, version: str, key: Hashable) -> object | None:
+        """The cached value, or None; never builds."""
+        bucket = self._by_context.get(version)
+        return None if bucket is None else bucket.get(key)
+
     def get_or_build(self, version: str, key: Hashable, build: Callable[[], T]) -> T:
         bucket = self._bucket(version)
         try:

@@ -23,6 +23,23 @@ from meshpilot.xds.resources import PushContextLike, Resource
 
 WILDCARD = "*"
 
+_INTERNED: dict[frozenset[str], frozenset[str]] = {}
+_MAX_INTERNED = 4096
+
+
+def intern_names(names: frozenset[str]) -> frozenset[str]:
+    """One shared object per distinct subscription. Proxies of one scope subscribe the
+    same names; caches keyed by the set then match by identity, not element by element
+    (an equal-but-distinct 1000-name set costs ~100 us per dict lookup)."""
+    if len(names) < 8:
+        return names
+    shared = _INTERNED.get(names)
+    if shared is None:
+        if len(_INTERNED) >= _MAX_INTERNED:
+            _INTERNED.clear()
+        shared = _INTERNED[names] = names
+    return shared
+
 
 @dataclass(slots=True)
 class WatchedResource:
@@ -48,6 +65,9 @@ class WatchedResource:
     # answer the next ACK-looking request (Envoy re-requests EDS for warming clusters
     # with unchanged names and nonce).
     always_respond: bool = False
+    # SotW: the names of the last request, as sent. Envoy repeats every name in each
+    # EDS/RDS ACK; comparing with the last list is cheaper than any set operation.
+    requested: tuple[str, ...] = ()
     # Delta only: name -> version the client has (sent by us or declared on reconnect).
     # Holds subscribed names only (unless wildcard), so removals computed from it never
     # name a resource the client did not subscribe to.
@@ -230,23 +250,27 @@ class Connection:
         type_url = req.type_url
         w = self._watched.get(type_url)
         if not req.response_nonce or w is None:
-            names = frozenset(req.resource_names)
+            requested = tuple(req.resource_names)
+            names = intern_names(frozenset(requested))
             # First request for this type, or a reconnect carrying another server's nonce.
             if w is None:
                 w = self._watched[type_url] = WatchedResource(type_url)
             w.wildcard = type_url in typeurls.WILDCARD_TYPES and (not names or WILDCARD in names)
             w.names = frozenset() if w.wildcard else names
+            w.requested = requested
             return Outcome(Kind.INIT, Reply())
         if req.response_nonce != w.nonce_sent:
             return Outcome(Kind.STALE)
         kind = self._ack_or_nack(w, req.response_nonce, req.version_info, req)
         added = removed = frozenset[str]()
-        raw = req.resource_names
-        # Every EDS ACK repeats all names; the common unchanged case avoids a new set.
-        if not w.wildcard and not (len(raw) == len(w.names) and w.names.issuperset(raw)):
-            names = frozenset(raw)
-            added, removed = names - w.names, w.names - names
-            w.names = names
+        requested = tuple(req.resource_names)
+        # Every EDS ACK repeats all names; the common unchanged case is one tuple compare.
+        if requested != w.requested:
+            w.requested = requested
+            if not w.wildcard:
+                names = intern_names(frozenset(requested))
+                added, removed = names - w.names, w.names - names
+                w.names = names
         if added:
             # Only the new names: EDS/RDS responses may be partial in SotW.
             return Outcome(kind, Reply(added), added=added, removed=removed)

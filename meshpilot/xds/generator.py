@@ -162,11 +162,20 @@ class ConfigGenerator:
     ) -> Generated | None:
         if not names:
             return Generated((), complete=True) if request is None else None
-        wanted: Iterable[str] = names
+        hosts = None
         if request is not None:
             hosts = request.eds_hosts
             if push.changed_hosts is not None:
                 hosts = hosts | push.changed_hosts
+        # Proxies of one namespace and locality with the same (interned) subscription
+        # share one answer: a lookup instead of a walk over every name, and one tuple,
+        # so the server frames the block once.
+        shared_key = ("eds-out", proxy.namespace, proxy.locality, names, hosts)
+        shared = self.cache.get(push.version, shared_key)
+        if shared is not None:
+            return Generated(shared, complete=request is None)  # type: ignore[arg-type]
+        wanted: Iterable[str] = names
+        if hosts is not None:
             # Walk the few changed hosts, not the proxy's (possibly thousands of) names:
             # this runs once per connected proxy on every endpoint change.
             by_host = self._names_by_host
@@ -181,7 +190,11 @@ class ConfigGenerator:
         memo: dict[str, Hashable] = self.cache.get_or_build(
             push.version, ("eds-keys", proxy.namespace, proxy.locality), dict
         )
-        out = [self._load_assignment(push, proxy, name, memo) for name in sorted(wanted)]
+        ordered = sorted(wanted)
+        out = tuple(self._load_assignment(push, proxy, name, memo) for name in ordered)
+        if all(n in memo for n in ordered):
+            # No assignment depends on this proxy's labels: share it (see above).
+            out = self.cache.get_or_build(push.version, shared_key, lambda: out)
         return Generated(out, complete=request is None)
 
     def _load_assignment(
