@@ -34,6 +34,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import any_pb2, struct_pb2
 
+from meshpilot.xds.wire import field
+
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -50,22 +52,6 @@ ADS_DELTA = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggrega
 
 
 # --- encoding ------------------------------------------------------------------------
-
-
-def varint(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def field(number: int, data: bytes) -> bytes:
-    """A length-delimited field."""
-    return varint((number << 3) | 2) + varint(len(data)) + data
 
 
 def repeated(number: int, values: Iterable[str]) -> bytes:

@@ -25,7 +25,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from meshpilot.model.proxy import Proxy, ProxyIdError
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import metrics
-from meshpilot.xds import typeurls
+from meshpilot.xds import typeurls, wire
 from meshpilot.xds.connection import Connection, Kind, PendingPush, Reply, WatchedResource
 from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource
 
@@ -49,110 +49,6 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_concurrent_streams", 100_000),
 )
-
-
-# --- Wire encoding -----------------------------------------------------------------
-# DiscoveryResponse and DeltaDiscoveryResponse built by hand from pre-serialized Anys.
-# Protobuf parsers accept fields in any order, so a shared resource block can be
-# appended after the per-stream header (version, type, nonce) without re-encoding it.
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited field (field numbers < 16, so the key is one byte)."""
-    return bytes(((number << 3) | 2,)) + _varint(len(data)) + data
-
-
-def _sotw_entry(r: Resource) -> bytes:
-    return _field(2, r.body.SerializeToString())
-
-
-def _delta_entry(r: Resource) -> bytes:
-    # envoy.service.discovery.v3.Resource: name=3, version=1, resource=2.
-    inner = (
-        _field(3, r.name.encode())
-        + _field(1, r.version.encode())
-        + _field(2, r.body.SerializeToString())
-    )
-    return _field(2, inner)
-
-
-class _Encoder:
-    """Encoded resources, keyed by the identity of immutable shared objects.
-
-    Two levels: whole resource lists (the generator shares one Generated among proxies
-    of the same scope, so a CDS push frames its clusters once, not once per proxy), and
-    single resources (per-proxy lists such as EDS for a proxy's own cluster names still
-    share their ClusterLoadAssignments). Holding the object keeps its id from being
-    reused while cached.
-    """
-
-    def __init__(
-        self,
-        max_block_bytes: int = 64 * 1024 * 1024,
-        max_blocks: int = 512,
-        max_entries: int = 200_000,
-    ) -> None:
-        self._blocks: dict[tuple[int, bool], tuple[Sequence[Resource], bytes]] = {}
-        self._block_bytes = 0
-        self._max_block_bytes = max_block_bytes
-        self._max_blocks = max_blocks
-        # id(resource) -> (resource, encoded entry); one map per wire format.
-        self._entries: tuple[dict[int, tuple[Resource, bytes]], ...] = ({}, {})
-        self._max_entries = max_entries
-        self.hits = 0
-        self.misses = 0
-
-    def entry(self, r: Resource, delta: bool) -> bytes:
-        cached = self._entries[delta].get(id(r))
-        if cached is not None and cached[0] is r:
-            return cached[1]
-        return self._add_entry(r, delta)
-
-    def _add_entry(self, r: Resource, delta: bool) -> bytes:
-        data = _delta_entry(r) if delta else _sotw_entry(r)
-        entries = self._entries[delta]
-        if len(entries) >= self._max_entries:
-            # Drop the older half at once: amortized O(1), unlike popping one at a time.
-            kept = dict(itertools.islice(entries.items(), self._max_entries // 2, None))
-            entries.clear()
-            entries.update(kept)
-        entries[id(r)] = (r, data)
-        return data
-
-    def block(self, resources: Sequence[Resource], delta: bool) -> bytes:
-        key = (id(resources), delta)
-        cached = self._blocks.pop(key, None)
-        if cached is not None and cached[0] is resources:
-            self.hits += 1
-            self._blocks[key] = cached  # most recently used goes last
-            return cached[1]
-        if cached is not None:
-            self._block_bytes -= len(cached[1])
-        self.misses += 1
-        get = self._entries[delta].get
-        parts = []
-        for r in resources:
-            hit = get(id(r))
-            parts.append(hit[1] if hit is not None and hit[0] is r else self._add_entry(r, delta))
-        data = b"".join(parts)
-        if len(data) <= self._max_block_bytes // 4:
-            self._blocks[key] = (resources, data)
-            self._block_bytes += len(data)
-            while self._block_bytes > self._max_block_bytes or len(self._blocks) > self._max_blocks:
-                oldest = next(iter(self._blocks))
-                self._block_bytes -= len(self._blocks.pop(oldest)[1])
-        return data
 
 
 def _per_type(metric: Any) -> dict[str, Any]:
@@ -194,11 +90,11 @@ class DiscoveryServer:
         self._max_queued_requests = max_queued_requests
         self._current: PushContextLike | None = None
         self._ready = asyncio.Event()
-        self._encoder = _Encoder()
-        self._sotw_cp = _field(
+        self._encoder = wire.Encoder()
+        self._sotw_cp = wire.field(
             6, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
         )
-        self._delta_cp = _field(
+        self._delta_cp = wire.field(
             7, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
         )
         self.servicer = AggregatedDiscoveryService(self)
@@ -504,9 +400,9 @@ class DiscoveryServer:
                 return None
         nonce = self._next_nonce()
         head = (
-            _field(1, ctx.version.encode())
-            + _field(4, w.type_url.encode())
-            + _field(5, nonce.encode())
+            wire.field(1, ctx.version.encode())
+            + wire.field(4, w.type_url.encode())
+            + wire.field(5, nonce.encode())
             + self._sotw_cp
         )
         data = (head + self._encoder.block(resources, False)) if resources else head
@@ -547,12 +443,12 @@ class DiscoveryServer:
             return None
         nonce = self._next_nonce()
         parts = [
-            _field(1, ctx.version.encode()),
-            _field(4, w.type_url.encode()),
-            _field(5, nonce.encode()),
+            wire.field(1, ctx.version.encode()),
+            wire.field(4, w.type_url.encode()),
+            wire.field(5, nonce.encode()),
             self._delta_cp,
         ]
-        parts.extend(_field(6, n.encode()) for n in removed)
+        parts.extend(wire.field(6, n.encode()) for n in removed)
         if len(changed) == len(gen.resources) and changed:
             parts.append(self._encoder.block(gen.resources, True))
         else:

@@ -1,0 +1,111 @@
+"""Protobuf wire format for xDS responses, built from pre-serialized resources.
+
+DiscoveryResponse and DeltaDiscoveryResponse are assembled by hand: parsers accept
+fields in any order, so a shared block of encoded resources can follow a per-stream
+header (version, type, nonce) without re-encoding anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from meshpilot.xds.resources import Resource
+
+
+def varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field(number: int, data: bytes) -> bytes:
+    """A length-delimited field."""
+    return varint((number << 3) | 2) + varint(len(data)) + data
+
+
+def sotw_entry(r: Resource) -> bytes:
+    return field(2, r.body.SerializeToString())
+
+
+def delta_entry(r: Resource) -> bytes:
+    # envoy.service.discovery.v3.Resource: name=3, version=1, resource=2.
+    inner = (
+        field(3, r.name.encode())
+        + field(1, r.version.encode())
+        + field(2, r.body.SerializeToString())
+    )
+    return field(2, inner)
+
+
+class Encoder:
+    """Encoded resources, keyed by the identity of immutable shared objects.
+
+    Two levels: whole resource lists (the generator shares one Generated among proxies
+    of the same scope, so a CDS push frames its clusters once, not once per proxy), and
+    single resources (per-proxy lists such as EDS for a proxy's own cluster names still
+    share their ClusterLoadAssignments). Holding the object keeps its id from being
+    reused while cached.
+    """
+
+    def __init__(
+        self,
+        max_block_bytes: int = 64 * 1024 * 1024,
+        max_blocks: int = 512,
+        max_entries: int = 200_000,
+    ) -> None:
+        self._blocks: dict[tuple[int, bool], tuple[Sequence[Resource], bytes]] = {}
+        self._block_bytes = 0
+        self._max_block_bytes = max_block_bytes
+        self._max_blocks = max_blocks
+        # id(resource) -> (resource, encoded entry); one map per wire format.
+        self._entries: tuple[dict[int, tuple[Resource, bytes]], ...] = ({}, {})
+        self._max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def entry(self, r: Resource, delta: bool) -> bytes:
+        cached = self._entries[delta].get(id(r))
+        if cached is not None and cached[0] is r:
+            return cached[1]
+        return self._add_entry(r, delta)
+
+    def _add_entry(self, r: Resource, delta: bool) -> bytes:
+        data = delta_entry(r) if delta else sotw_entry(r)
+        entries = self._entries[delta]
+        if len(entries) >= self._max_entries:
+            # Drop the older half at once: amortized O(1), unlike popping one at a time.
+            kept = dict(itertools.islice(entries.items(), self._max_entries // 2, None))
+            entries.clear()
+            entries.update(kept)
+        entries[id(r)] = (r, data)
+        return data
+
+    def block(self, resources: Sequence[Resource], delta: bool) -> bytes:
+        key = (id(resources), delta)
+        cached = self._blocks.pop(key, None)
+        if cached is not None and cached[0] is resources:
+            self.hits += 1
+            self._blocks[key] = cached  # most recently used goes last
+            return cached[1]
+        if cached is not None:
+            self._block_bytes -= len(cached[1])
+        self.misses += 1
+        get = self._entries[delta].get
+        parts = []
+        for r in resources:
+            hit = get(id(r))
+            parts.append(hit[1] if hit is not None and hit[0] is r else self._add_entry(r, delta))
+        data = b"".join(parts)
+        if len(data) <= self._max_block_bytes // 4:
+            self._blocks[key] = (resources, data)
+            self._block_bytes += len(data)
+            while self._block_bytes > self._max_block_bytes or len(self._blocks) > self._max_blocks:
+                oldest = next(iter(self._blocks))
+                self._block_bytes -= len(self._blocks.pop(oldest)[1])
+        return data
