@@ -16,11 +16,13 @@ listener that its Sidecar binds on a second address of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import ssl
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,14 @@ from tests.e2e.agents import (
     start_agent,
     start_secure_control_plane,
 )
-from tests.e2e.harness import HttpResult, ProcessTracker, http_get, http_request, unique_loopback_ip
+from tests.e2e.harness import (
+    HttpResult,
+    ProcessTracker,
+    http_get,
+    http_request,
+    unique_loopback_ip,
+    wait_for,
+)
 from tests.unit.ca._helpers import csr_pem
 
 NAMESPACE = "default"
@@ -51,6 +60,7 @@ SERVICE_HOST = f"server.{NAMESPACE}.svc.cluster.local"
 SERVER_CLUSTER = f"outbound|{SERVER_PORT}||{SERVICE_HOST}"
 SERVER_SNI = f"outbound_.{SERVER_PORT}_._.{SERVICE_HOST}"
 ISTIOD_SAN = "istiod.istio-system.svc"
+SYNCZ_TYPES = ("cluster", "listener", "route", "endpoint")
 TLS_SOCKET = "envoy.transport_sockets.tls"
 
 
@@ -227,6 +237,7 @@ class SecureMesh:
     server: Workload
     app: DemoServer  # the server's application: records every request it gets
     clients: dict[str, Workload] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # by `converge`
 
     # configuration
 
@@ -306,6 +317,40 @@ class SecureMesh:
 
     def workloads(self) -> list[Workload]:
         return [self.server, *self.clients.values()]
+
+    async def converge(
+        self,
+        what: str,
+        predicate: Callable[[], Awaitable[object]],
+        timeout: float = 10.0,  # noqa: ASYNC109 - a deadline per config change
+    ) -> float:
+        """Wait until `predicate` holds after a config change; returns the seconds it took.
+        On timeout the failure says whether every proxy ACKed its config and how the
+        server's Envoy is draining the connections of replaced filter chains."""
+        t0 = time.monotonic()
+        try:
+            await wait_for(predicate, timeout, interval=0.1, message=what)
+        except pytest.fail.Exception as e:
+            raise AssertionError(f"{e}\n{await self.diagnose()}") from None
+        took = time.monotonic() - t0
+        self.timings[what] = took
+        return took
+
+    async def diagnose(self) -> str:
+        lines = []
+        with contextlib.suppress(Exception):
+            syncz = await self.syncz()
+            for w in self.workloads():
+                entry = syncz.get(w.node_id, {})
+                acked = all(
+                    entry.get(f"{t}_sent") == entry.get(f"{t}_acked") for t in SYNCZ_TYPES
+                )
+                lines.append(f"{w.name}: all xDS types ACKed: {acked}")
+        with contextlib.suppress(Exception):
+            stats = await self.server.stats("drain")
+            stats.update(await self.server.stats("downstream_cx_active"))
+            lines += [f"server {k}: {v}" for k, v in sorted(stats.items()) if v]
+        return "\n".join(lines)
 
 
 def _http_request_bytes(path: str = "/") -> bytes:

@@ -37,6 +37,7 @@ from tests.e2e.secure_mesh import (
     ALT_PORT,
     SERVER_PORT,
     SERVER_SNI,
+    SYNCZ_TYPES,
     SecureMesh,
     as_text,
     chain_is_mtls,
@@ -50,7 +51,6 @@ from tests.e2e.secure_mesh import (
 FORGED_XFCC = (
     "By=spiffe://cluster.local/ns/default/sa/server;URI=spiffe://cluster.local/ns/default/sa/admin"
 )
-SYNCZ_TYPES = ("cluster", "listener", "route", "endpoint")
 CONVERGE_S = 10.0
 
 
@@ -194,18 +194,12 @@ async def test_peer_authentication_strict_permissive_disable_and_port_level(
     mesh = await start_secure_mesh(processes, tmp_path, short_dir, clients={"client": "client"})
     client = mesh.clients["client"]
     await wait_for(lambda: mesh_call_over_mtls(mesh), CONVERGE_S, message="mesh traffic")
-    timings: dict[str, float] = {}
-
-    async def converge(what: str, predicate: object) -> None:
-        t = time.monotonic()
-        await wait_for(predicate, CONVERGE_S, interval=0.1, message=what)  # type: ignore[arg-type]
-        timings[what] = time.monotonic() - t
 
     # STRICT, namespace-wide: plaintext to the inbound port is refused (no HTTP answer;
     # the TLS layer reads garbage and closes), and so is TLS without a client
     # certificate; mesh traffic keeps working over mTLS, on both ports.
     mesh.write("pa-namespace.yaml", peer_authentication_yaml("default", "STRICT"))
-    await converge("STRICT: plaintext refused", lambda: _refused(mesh, SERVER_PORT))
+    await mesh.converge("STRICT: plaintext refused", lambda: _refused(mesh, SERVER_PORT))
     assert await _refused(mesh, ALT_PORT)
     assert await mesh.tls_without_client_cert_refused() is not None
     assert await mesh_call_over_mtls(mesh, "/strict")
@@ -213,14 +207,14 @@ async def test_peer_authentication_strict_permissive_disable_and_port_level(
 
     # PERMISSIVE, namespace-wide: both.
     mesh.write("pa-namespace.yaml", peer_authentication_yaml("default", "PERMISSIVE"))
-    await converge("PERMISSIVE: plaintext accepted", lambda: plaintext_ok(mesh))
+    await mesh.converge("PERMISSIVE: plaintext accepted", lambda: plaintext_ok(mesh))
     assert await mesh_call_over_mtls(mesh, "/permissive")
     assert await plaintext_ok(mesh, ALT_PORT)
 
     # STRICT selecting the workload beats the namespace's PERMISSIVE.
     selector = {"app": "server"}
     mesh.write("pa-server.yaml", peer_authentication_yaml("server", "STRICT", selector=selector))
-    await converge("workload STRICT: plaintext refused", lambda: _refused(mesh, SERVER_PORT))
+    await mesh.converge("workload STRICT: plaintext refused", lambda: _refused(mesh, SERVER_PORT))
     assert await mesh_call_over_mtls(mesh, "/workload-strict")
 
     # Port level: the namespace says STRICT, the workload policy sets no mode (inherits
@@ -232,7 +226,7 @@ async def test_peer_authentication_strict_permissive_disable_and_port_level(
             "server", None, selector=selector, port_modes={ALT_PORT: "DISABLE"}
         ),
     )
-    await converge(
+    await mesh.converge(
         "portLevelMtls DISABLE: plaintext accepted", lambda: plaintext_ok(mesh, ALT_PORT)
     )
     assert await _refused(mesh, SERVER_PORT)
@@ -242,7 +236,9 @@ async def test_peer_authentication_strict_permissive_disable_and_port_level(
     # DISABLE, namespace-wide: plaintext only, and auto mTLS stops originating TLS.
     mesh.remove("pa-server.yaml")
     mesh.write("pa-namespace.yaml", peer_authentication_yaml("default", "DISABLE"))
-    await converge("namespace DISABLE: client stops mTLS", lambda: mesh_call_plaintext(mesh, "/d"))
+    await mesh.converge(
+        "namespace DISABLE: client stops mTLS", lambda: mesh_call_plaintext(mesh, "/d")
+    )
     assert await upstream_tls_to_server(client) is None
     assert await plaintext_ok(mesh)
     assert not any(chain_is_mtls(c) for c in await inbound_chains(mesh.server))
@@ -254,20 +250,20 @@ async def test_peer_authentication_strict_permissive_disable_and_port_level(
     # which a plaintext-only port does not accept (Istio: add a DestinationRule)...
     mesh.remove("pa-namespace.yaml")
     mesh.write("pa-server.yaml", peer_authentication_yaml("server", "DISABLE", selector=selector))
-    await converge(
+    await mesh.converge(
         "workload DISABLE: client back to auto mTLS", lambda: upstream_tls_to_server(client)
     )
     assert await plaintext_ok(mesh)
     assert (await mesh.call("client", "/refused")).status == 503
     # ... and with `tls.mode: DISABLE` in a DestinationRule the client sends plaintext.
     mesh.write("dr-server.yaml", DR_DISABLE)
-    await converge(
+    await mesh.converge(
         "DestinationRule DISABLE: plaintext mesh traffic", lambda: mesh_call_plaintext(mesh, "/dr")
     )
     assert await upstream_tls_to_server(client) is None
     print(
         "\nconvergence after each config change: "
-        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items())
+        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in mesh.timings.items())
     )
 
 
