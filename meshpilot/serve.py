@@ -84,6 +84,9 @@ class MeshServer:
         # several endpoint pushes must resend the union, not only the latest.
         if ctx.changed_hosts:
             request = dataclasses.replace(request, eds_hosts=request.eds_hosts | ctx.changed_hosts)
+        if ctx.requires_full_push and not request.full:
+            # Endpoints changed the SPIFFE identities clusters verify (auto mTLS): CDS too.
+            request = dataclasses.replace(request, full=True)
         self.discovery.push(request, ctx)
 
     def _count_config(self) -> None:

@@ -13,11 +13,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meshpilot.api.networking import Destination, HTTPRoute, VirtualServiceSpec
+from meshpilot.api.networking import Destination, HTTPRoute, ServerTLSSettings, VirtualServiceSpec
+from meshpilot.api.security import AuthorizationPolicySpec, PeerAuthenticationSpec
 from meshpilot.model import kinds
 from meshpilot.model.config import Config
 from meshpilot.model.routing import MESH_GATEWAY, Conflict, ResolvedVirtualService
 from meshpilot.model.service import Resolution, labels_match
+
+# The translation's own rule model says what it skips: one source of truth.
+from meshpilot.translators.authz import InvalidRule, Untranslatable, rule_model, when_target
+from meshpilot.translators.common import cidr_range
 
 if TYPE_CHECKING:
     from meshpilot.model.push_context import PushContext
@@ -35,6 +40,10 @@ SUBSET_SELECTS_NO_PODS = ("IST0173", "DestinationRuleSubsetNotSelectPods", ERROR
 CONFLICTING_DESTINATION_RULES = ("MP0001", "ConflictingDestinationRuleHosts", WARNING)
 ZERO_TOTAL_WEIGHT = ("MP0002", "ZeroTotalWeight", ERROR)
 UNSUPPORTED = ("MP0003", "UnsupportedConfig", WARNING)
+# A rule or value the authorization translation skips (Istio skips it too, silently).
+INVALID_AUTHZ = ("MP0004", "InvalidAuthorizationPolicyRule", ERROR)
+# Several policies of one scope: only the oldest applies.
+CONFLICTING_PEER_AUTHN = ("MP0005", "ConflictingPeerAuthentication", WARNING)
 
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _GRPC_STATUS_NAMES = frozenset(
@@ -107,6 +116,7 @@ def analyze(push: PushContext) -> list[Message]:
         out.extend(_virtual_service(push, vs))
     out.extend(_virtual_service_conflicts(push))
     out.extend(_destination_rules(push))
+    out.extend(_security(push))
     return sorted(
         dict.fromkeys(out),
         key=lambda m: (m.kind, m.namespace, m.object_name, m.field, m.code, m.message),
@@ -357,3 +367,165 @@ def _destination_rules(push: PushContext) -> Iterator[Message]:
                         f"select any pods (labels {dict(subset.labels)} match no endpoint "
                         f"of {svc.hostname}). Which may lead to 503 UH (NoHealthyUpstream).",
                     )
+
+
+# --- security ---------------------------------------------------------------------------
+
+
+def _security(push: PushContext) -> Iterator[Message]:
+    for cfg in push.configs(kinds.AUTHORIZATION_POLICY).values():
+        yield from _authorization_policy(cfg)
+    yield from _peer_authentications(push)
+    for cfg in push.configs(kinds.SIDECAR).values():
+        for i, il in enumerate(cfg.spec.ingress):
+            if il.tls is not None:
+                yield from _sidecar_ingress_tls(cfg, f"spec.ingress[{i}].tls", il.tls)
+
+
+def _authorization_policy(cfg: Config) -> Iterator[Message]:
+    spec: AuthorizationPolicySpec = cfg.spec
+    if spec.target_ref is not None or spec.target_refs:
+        yield _msg(
+            UNSUPPORTED,
+            cfg,
+            "spec.targetRefs" if spec.target_refs else "spec.targetRef",
+            "targetRef policies apply to gateways and waypoints, which meshpilot does not "
+            "build yet; no sidecar enforces this policy",
+        )
+    if spec.action == "CUSTOM":
+        name = spec.provider.name if spec.provider is not None else ""
+        yield _msg(
+            UNSUPPORTED,
+            cfg,
+            "spec.provider",
+            f"CUSTOM authorization needs the ext_authz provider {name!r} from MeshConfig "
+            "extensionProviders, which meshpilot does not support: as Istio does for a "
+            "provider it cannot find, requests this policy matches are denied",
+        )
+    for i, rule in enumerate(spec.rules):
+        path = f"spec.rules[{i}]"
+        try:
+            rule_model(rule, cfg.namespace)
+        except InvalidRule as e:
+            yield _msg(INVALID_AUTHZ, cfg, f"{path}.when", f"{e}: this rule is skipped")
+            continue
+        jwt = any(
+            f.source.request_principals or f.source.not_request_principals for f in rule.from_
+        )
+        jwt = jwt or any(c.key.startswith("request.auth.") for c in rule.when)
+        if jwt:
+            yield _msg(
+                UNSUPPORTED,
+                cfg,
+                path,
+                "requestPrincipals and request.auth.* need RequestAuthentication (JWT), which "
+                "meshpilot does not support: they never match (their not* forms always do)",
+            )
+        for j, f in enumerate(rule.from_):
+            s = f.source
+            for field, values in (
+                ("ipBlocks", s.ip_blocks),
+                ("notIpBlocks", s.not_ip_blocks),
+                ("remoteIpBlocks", s.remote_ip_blocks),
+                ("notRemoteIpBlocks", s.not_remote_ip_blocks),
+            ):
+                for v in values:
+                    if cidr_range(v) is None:
+                        yield _bad_value(cfg, spec, f"{path}.from[{j}].source.{field}", v)
+        for j, t in enumerate(rule.to):
+            for field, values in (
+                ("ports", t.operation.ports),
+                ("notPorts", t.operation.not_ports),
+            ):
+                for v in values:
+                    if not v.isdigit() or int(v) > 65535:
+                        yield _bad_value(cfg, spec, f"{path}.to[{j}].operation.{field}", v)
+        for j, c in enumerate(rule.when):
+            target = when_target(c.key)
+            if target is None:
+                continue
+            for v in (*c.values, *c.not_values):
+                try:
+                    target[1](c.key, v, False)
+                except Untranslatable:
+                    yield _bad_value(cfg, spec, f"{path}.when[{j}]", v)
+
+
+def _bad_value(cfg: Config, spec: AuthorizationPolicySpec, path: str, value: str) -> Message:
+    effect = (
+        "the rule is dropped (it can never allow)"
+        if spec.action == "ALLOW"
+        else "the value is ignored (the rule matches more)"
+    )
+    return _msg(INVALID_AUTHZ, cfg, path, f"{value!r} is not valid here: {effect}")
+
+
+def _peer_authentications(push: PushContext) -> Iterator[Message]:
+    root = push.mesh.root_namespace
+    wide: dict[str, list[Config]] = {}
+    for cfg in push.configs(kinds.PEER_AUTHENTICATION).values():
+        spec: PeerAuthenticationSpec = cfg.spec
+        selected = spec.selector is not None and bool(spec.selector.match_labels)
+        if selected and cfg.namespace == root:
+            yield _msg(
+                UNSUPPORTED,
+                cfg,
+                "spec.selector",
+                f"a PeerAuthentication with a selector in the root namespace {root} is "
+                "ignored (as in Istio); put it in the workload's namespace",
+            )
+        if not selected:
+            wide.setdefault(cfg.namespace, []).append(cfg)
+            if spec.port_level_mtls:
+                yield _msg(
+                    UNSUPPORTED,
+                    cfg,
+                    "spec.portLevelMtls",
+                    "portLevelMtls needs a workload selector (as in Istio); it is ignored",
+                )
+    for ns, configs in wide.items():
+        if len(configs) < 2:
+            continue
+        ordered = sorted(
+            configs,
+            key=lambda c: (
+                c.creation_timestamp.timestamp() if c.creation_timestamp else 0.0,
+                c.name,
+            ),
+        )
+        scope = "mesh" if ns == root else f"namespace {ns}"
+        text = (
+            f"{len(configs)} PeerAuthentications without selector apply to the {scope}; "
+            f"only the oldest, {ordered[0].name}, is used"
+        )
+        for cfg in ordered:
+            yield _msg(CONFLICTING_PEER_AUTHN, cfg, "spec", text)
+
+
+def _sidecar_ingress_tls(cfg: Config, path: str, tls: ServerTLSSettings) -> Iterator[Message]:
+    if tls.mode not in ("SIMPLE", "MUTUAL") or tls.credential_name:
+        yield _msg(
+            UNSUPPORTED,
+            cfg,
+            path,
+            "Sidecar ingress TLS supports SIMPLE and MUTUAL with certificate files; "
+            "this port uses mesh mTLS (PeerAuthentication) instead",
+        )
+        return
+    missing = [
+        name
+        for name, value in (
+            ("serverCertificate", tls.server_certificate),
+            ("privateKey", tls.private_key),
+            ("caCertificates", tls.ca_certificates if tls.mode == "MUTUAL" else "x"),
+        )
+        if not value
+    ]
+    if missing:
+        yield _msg(
+            REFERENCED_RESOURCE_NOT_FOUND,
+            cfg,
+            path,
+            f"{tls.mode} needs {', '.join(missing)}; this port uses mesh mTLS "
+            "(PeerAuthentication) instead",
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -32,6 +32,7 @@ from meshpilot.model.routing import (
     resolve_host,
     resolve_virtual_services,
 )
+from meshpilot.model.security import SecurityIndex
 from meshpilot.model.service import Endpoint, Service, ServicePort, labels_match
 from meshpilot.model.sidecar_scope import SidecarScope, build_sidecar_scope
 
@@ -74,6 +75,12 @@ class PushContext:
     _virtual_services: tuple[ResolvedVirtualService, ...] = ()
     _vs_by_ns: dict[str, VirtualServiceIndex] = field(default_factory=dict)
     _destination_rules: DestinationRuleIndex | None = None
+    # PeerAuthentication and AuthorizationPolicy; shared unchanged by endpoint-only contexts.
+    _security: SecurityIndex | None = None
+    _identities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Set on an endpoint-only context whose changes alter what clusters carry (the
+    # SPIFFE identities auto mTLS verifies): the push must rebuild CDS after all.
+    requires_full_push: bool = False
 
     # --- construction --------------------------------------------------------------------
 
@@ -119,9 +126,15 @@ class PushContext:
             _virtual_services=self._virtual_services,
             _vs_by_ns=self._vs_by_ns,
             _destination_rules=self._destination_rules,
+            _security=self._security,
         )
         # Scopes depend on services and Sidecars only, both unchanged.
         ctx._scope_cache = self._scope_cache
+        ctx.requires_full_push = any(
+            self._cluster_identity(svc) != ctx._cluster_identity(svc)
+            for host, svc in affected.items()
+            if host in changed_hosts
+        )
         return ctx
 
     @staticmethod
@@ -154,6 +167,7 @@ class PushContext:
                 mesh.domain_suffix,
                 mesh.root_namespace,
             ),
+            _security=SecurityIndex(snapshot.by_kind, mesh.root_namespace),
         )
 
     # --- queries -------------------------------------------------------------------------
@@ -279,6 +293,46 @@ class PushContext:
 
     def configs(self, kind: str) -> Mapping[ConfigKey, Config]:
         return self.snapshot.of_kind(kind)
+
+    # --- security ------------------------------------------------------------------------
+
+    @property
+    def security(self) -> SecurityIndex:
+        """PeerAuthentication and AuthorizationPolicy lookups (model/security.py)."""
+        assert self._security is not None
+        return self._security
+
+    def service_identities(self, svc: Service) -> tuple[str, ...]:
+        """SPIFFE identities a client verifies when it talks mTLS to `svc` (Istio's
+        ServiceAccounts): those of the service's endpoints, plus a ServiceEntry's
+        `subjectAltNames`, sorted."""
+        cached = self._identities.get(svc.hostname)
+        if cached is not None:
+            return cached
+        td = self.mesh.trust_domain
+        found: set[str] = set()
+        for per_port in self.endpoints.get(svc.hostname, {}).values():
+            for ep in per_port:
+                if ep.service_account:
+                    found.add(
+                        f"spiffe://{td}/ns/{ep.namespace or svc.namespace}/sa/{ep.service_account}"
+                    )
+        if svc.source is not None:
+            source = self.snapshot.get(svc.source)
+            found.update(getattr(source.spec, "subject_alt_names", ()) if source else ())
+        result = tuple(sorted(found))
+        self._identities[svc.hostname] = result
+        return result
+
+    def _cluster_identity(self, svc: Service) -> Hashable:
+        """What outbound clusters of `svc` take from its endpoints: identities, and for
+        passthrough services whether every endpoint runs a sidecar (auto mTLS)."""
+        modes = frozenset(
+            ep.tls_mode
+            for per_port in self.endpoints.get(svc.hostname, {}).values()
+            for ep in per_port
+        )
+        return (self.service_identities(svc), modes)
 
 
 def _exported_to(svc: Service, namespace: str) -> bool:

@@ -60,7 +60,7 @@ from meshpilot.translators.traffic_policy import (
     set_h2,
     should_h2_upgrade,
 )
-from meshpilot.translators.upstream_tls import apply_tls
+from meshpilot.translators.upstream_tls import apply_tls, mesh_mtls
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
@@ -206,7 +206,13 @@ def _outbound_cluster(
         set_h2(opts)
     apply_outlier_detection(c, policy.outlier_detection)
     apply_load_balancer(c, policy.load_balancer, locality_setting)
-    apply_tls(c, opts, policy.tls, h2=is_h2(opts))
+    apply_tls(
+        c,
+        opts,
+        policy.tls,
+        h2=is_h2(opts),
+        mesh=mesh_mtls(push, proxy, svc, sp.port, subset_name, policy),
+    )
     if c.type == Cluster.ORIGINAL_DST:
         c.lb_policy = Cluster.CLUSTER_PROVIDED
     _pack_http_options(c, opts)

@@ -9,6 +9,10 @@ What exists is decided in plan.py. This module turns it into listeners:
   inbound port, and bound `BIND_PORT` listeners for Sidecar ingress listeners that
   do not capture.
 
+Inbound chains get their TLS from PeerAuthentication (or a Sidecar ingress `tls`) and
+their RBAC filters from AuthorizationPolicy: authn.py and authz.py decide, this module
+assembles.
+
 virtualOutbound/virtualInbound are emitted only when the proxy's interception
 mode is not NONE *and* some egress/ingress listener captures; Istio looks at the
 interception mode alone, which leaves useless virtual listeners on proxies whose
@@ -17,6 +21,7 @@ Sidecar says `captureMode: NONE` everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
@@ -30,10 +35,19 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.type.v3 import range_pb2
 from google.protobuf import message
 
 from meshpilot.model.proxy import Proxy
 from meshpilot.translators import naming
+from meshpilot.translators.authn import (
+    ChainVariant,
+    InboundSecurity,
+    extra_passthrough_ports,
+    inbound_security,
+    passthrough_variants,
+    plan_variants,
+)
 from meshpilot.translators.common import (
     PROXY_INBOUND_PORT,
     PROXY_OUTBOUND_PORT,
@@ -58,6 +72,7 @@ from meshpilot.translators.plan import (
     outbound_plans,
 )
 from meshpilot.translators.routes import inbound_route_config
+from meshpilot.translators.tls import TLS_TRANSPORT_SOCKET
 
 if TYPE_CHECKING:
     # Type only: keeps the translators from importing the store and sources at runtime.
@@ -75,6 +90,7 @@ CORS_FILTER = "envoy.filters.http.cors"
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 TLS_INSPECTOR_FILTER = "envoy.filters.listener.tls_inspector"
 INTERCEPTION_TPROXY = "TPROXY"
+TLS = "tls"
 
 
 def build_listeners(push: PushContext, proxy: Proxy) -> list[listener_pb2.Listener]:
@@ -93,13 +109,18 @@ def build_listeners(push: PushContext, proxy: Proxy) -> list[listener_pb2.Listen
     if captures_outbound(scope, proxy):
         out.setdefault(naming.VIRTUAL_OUTBOUND, _virtual_outbound(proxy, egress_cluster))
     inbound = inbound_plans(push, proxy)
+    security = inbound_security(push, proxy) if inbound or captures_inbound(scope, proxy) else None
     for plan in inbound:
         if plan.bound:
+            assert security is not None
             # A name clash with an outbound listener keeps the outbound one (Istio's order).
-            out.setdefault(plan.name, _bound_inbound_listener(plan))
+            out.setdefault(plan.name, _bound_inbound_listener(plan, security))
     if captures_inbound(scope, proxy):
-        chains = [_inbound_chain(p) for p in inbound if not p.bound]
-        out.setdefault(naming.VIRTUAL_INBOUND, _virtual_inbound(proxy, chains))
+        assert security is not None
+        out.setdefault(
+            naming.VIRTUAL_INBOUND,
+            _virtual_inbound(proxy, [p for p in inbound if not p.bound], security),
+        )
     return [out[name] for name in sorted(out)]
 
 
@@ -176,31 +197,80 @@ def _virtual_outbound(proxy: Proxy, egress_cluster: str) -> Listener:
 # --- inbound ----------------------------------------------------------------------------
 
 
-def _inbound_chain(plan: InboundPlan) -> FilterChain:
-    chain = FilterChain(name=plan.name, filters=[_inbound_filter(plan)])
-    if not plan.bound:
-        chain.filter_chain_match.destination_port.CopyFrom(uint32(plan.port))
-    return chain
+def _inbound_chains(plan: InboundPlan, security: InboundSecurity) -> list[FilterChain]:
+    """The port's chains: one per TLS variant, each with the workload's RBAC filters."""
+    out = []
+    for variant in plan_variants(plan, security):
+        chain = FilterChain(name=plan.name, filters=_inbound_filters(plan, variant, security))
+        if not plan.bound:
+            chain.filter_chain_match.destination_port.CopyFrom(uint32(plan.port))
+        _apply_variant(chain, variant)
+        out.append(chain)
+    return out
 
 
-def _inbound_filter(plan: InboundPlan) -> listener_components_pb2.Filter:
+def _apply_variant(chain: FilterChain, variant: ChainVariant) -> None:
+    match = chain.filter_chain_match
+    match.transport_protocol = variant.transport_protocol
+    match.application_protocols.extend(variant.application_protocols)
+    if variant.tls is not None:
+        chain.transport_socket.name = TLS_TRANSPORT_SOCKET
+        chain.transport_socket.typed_config.CopyFrom(pack(variant.tls))
+
+
+def _inbound_filters(
+    plan: InboundPlan, variant: ChainVariant, security: InboundSecurity
+) -> list[listener_components_pb2.Filter]:
+    if variant.reject:
+        return [_tcp_proxy(naming.BLACKHOLE_CLUSTER)]
     if plan.protocol.is_http:
         hcm = _hcm(naming.inbound_http_stat_prefix(plan.bind, plan.port))
         hcm.route_config.CopyFrom(inbound_route_config(plan))
-        return _filter(HCM_FILTER, hcm)
-    return _tcp_proxy(plan.cluster_name)
+        _inbound_hcm_security(hcm, variant, security)
+        return [_filter(HCM_FILTER, hcm)]
+    return [*security.authz.tcp, _tcp_proxy(plan.cluster_name)]
 
 
-def _bound_inbound_listener(plan: InboundPlan) -> Listener:
-    return Listener(
+def _inbound_hcm_security(
+    hcm: hcm_pb2.HttpConnectionManager, variant: ChainVariant, security: InboundSecurity
+) -> None:
+    # RBAC runs first, before fault injection or anything else sees the request.
+    filters = [*security.authz.http, *hcm.http_filters]
+    del hcm.http_filters[:]
+    hcm.http_filters.extend(filters)
+    if variant.peer_certificate:
+        # Istio's inbound XFCC: keep what the calling proxy forwarded and add the peer
+        # (`By` our SPIFFE ID, `Hash`, `Subject`, `URI` theirs, `DNS`).
+        hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.APPEND_FORWARD
+        details = hcm.set_current_client_cert_details
+        details.subject.CopyFrom(bool_value(True))
+        details.uri = True
+        details.dns = True
+    # Otherwise Envoy's default, SANITIZE: Istio forwards a plaintext caller's header
+    # too, which lets anyone claim any identity to the app; meshpilot strips it.
+
+
+def _bound_inbound_listener(plan: InboundPlan, security: InboundSecurity) -> Listener:
+    chains = _inbound_chains(plan, security)
+    lst = Listener(
         name=plan.name,
         address=socket_address(plan.bind, plan.port),
         traffic_direction=base_pb2.INBOUND,
-        filter_chains=[_inbound_chain(plan)],
+        filter_chains=chains,
     )
+    if any(c.filter_chain_match.transport_protocol == TLS for c in chains):
+        lst.listener_filters.append(_tls_inspector())
+    return lst
 
 
-def _virtual_inbound(proxy: Proxy, chains: list[FilterChain]) -> Listener:
+def _virtual_inbound(proxy: Proxy, plans: list[InboundPlan], security: InboundSecurity) -> Listener:
+    chains = [c for p in plans for c in _inbound_chains(p, security)]
+    passthrough = []
+    for port in extra_passthrough_ports(security.peer, plans):
+        passthrough.extend(
+            _passthrough_chains(security, passthrough_variants(security, port), port)
+        )
+    passthrough.extend(_passthrough_chains(security, passthrough_variants(security), None))
     lst = Listener(
         name=naming.VIRTUAL_INBOUND,
         address=socket_address(naming.WILDCARD_V4, PROXY_INBOUND_PORT),
@@ -217,15 +287,84 @@ def _virtual_inbound(proxy: Proxy, chains: list[FilterChain]) -> Listener:
                 filters=[_tcp_proxy(naming.BLACKHOLE_CLUSTER)],
             ),
             *chains,
-            FilterChain(
-                name=naming.VIRTUAL_INBOUND_CATCH_ALL_CHAIN,
-                filters=[_tcp_proxy(naming.INBOUND_PASSTHROUGH_CLUSTER)],
-            ),
+            *passthrough,
         ],
     )
+    inspector = _inbound_tls_inspector(lst.filter_chains)
+    if inspector is not None:
+        lst.listener_filters.append(inspector)
+        # A client that never speaks first (a server-first protocol on a PERMISSIVE port)
+        # is treated as plaintext after the inspection timeout instead of being dropped.
+        lst.continue_on_listener_filters_timeout = True
     if proxy.interception_mode == INTERCEPTION_TPROXY:
         lst.transparent.CopyFrom(bool_value(True))
     return lst
+
+
+def _passthrough_chains(
+    security: InboundSecurity, variants: tuple[ChainVariant, ...], port: int | None
+) -> list[FilterChain]:
+    """Chains to InboundPassthroughCluster for ports no service declares: the workload's
+    mTLS mode and TCP authorization still apply (Istio)."""
+    out = []
+    for variant in variants:
+        cluster = naming.BLACKHOLE_CLUSTER if variant.reject else naming.INBOUND_PASSTHROUGH_CLUSTER
+        chain = FilterChain(
+            name=naming.VIRTUAL_INBOUND_CATCH_ALL_CHAIN,
+            filters=[*security.authz.tcp, _tcp_proxy(cluster)],
+        )
+        if port is not None:
+            chain.filter_chain_match.destination_port.CopyFrom(uint32(port))
+        _apply_variant(chain, variant)
+        out.append(chain)
+    return out
+
+
+def _tls_inspector(
+    disabled: listener_components_pb2.ListenerFilterChainMatchPredicate | None = None,
+) -> listener_components_pb2.ListenerFilter:
+    f = listener_components_pb2.ListenerFilter(
+        name=TLS_INSPECTOR_FILTER, typed_config=pack(tls_inspector_pb2.TlsInspector())
+    )
+    if disabled is not None:
+        f.filter_disabled.CopyFrom(disabled)
+    return f
+
+
+def _inbound_tls_inspector(
+    chains: Iterable[FilterChain],
+) -> listener_components_pb2.ListenerFilter | None:
+    """The TLS inspector, turned off on the ports that have no TLS chain (Istio does the
+    same): None when no chain needs it."""
+    tls_ports: set[int] = set()
+    plain_ports: set[int] = set()
+    catch_all_tls = False
+    for chain in chains:
+        match = chain.filter_chain_match
+        needs = match.transport_protocol == TLS
+        if not match.HasField("destination_port"):
+            catch_all_tls = catch_all_tls or needs
+            continue
+        (tls_ports if needs else plain_ports).add(match.destination_port.value)
+    plain_ports -= tls_ports
+    if not tls_ports and not catch_all_tls:
+        return None
+    if catch_all_tls:
+        return _tls_inspector(_ports_predicate(plain_ports) if plain_ports else None)
+    predicate = listener_components_pb2.ListenerFilterChainMatchPredicate()
+    predicate.not_match.CopyFrom(_ports_predicate(tls_ports))
+    return _tls_inspector(predicate)
+
+
+def _ports_predicate(ports: set[int]) -> listener_components_pb2.ListenerFilterChainMatchPredicate:
+    Predicate = listener_components_pb2.ListenerFilterChainMatchPredicate
+    rules = [
+        Predicate(destination_port_range=range_pb2.Int32Range(start=p, end=p + 1))
+        for p in sorted(ports)
+    ]
+    if len(rules) == 1:
+        return rules[0]
+    return Predicate(or_match=Predicate.MatchSet(rules=rules))
 
 
 # --- filters ----------------------------------------------------------------------------

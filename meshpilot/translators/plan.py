@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from meshpilot.api.networking import IstioIngressListener
+from meshpilot.api.networking import IstioIngressListener, ServerTLSSettings
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.service import Protocol, Service, ServicePort, parse_protocol
 from meshpilot.model.sidecar_scope import EgressScope, SidecarScope
@@ -128,6 +128,8 @@ class InboundPlan:
     endpoint: str
     endpoint_port: int
     service: Service | None = None
+    # Sidecar `ingress[].tls`: terminate TLS with these files instead of mesh mTLS.
+    tls: ServerTLSSettings | None = None
 
     @property
     def cluster_name(self) -> str:
@@ -373,7 +375,9 @@ def inbound_plans(push: PushContext, proxy: Proxy) -> list[InboundPlan]:
             protocol = parse_protocol(il.port.protocol) or instance_protocol or Protocol.TCP
             endpoint, endpoint_port = _default_endpoint(il.default_endpoint, proxy)
             bind = il.bind or (proxy.ip if bound else naming.WILDCARD_V4)
-            plans[port] = InboundPlan(port, protocol, bound, bind, endpoint, endpoint_port, service)
+            plans[port] = InboundPlan(
+                port, protocol, bound, bind, endpoint, endpoint_port, service, il.tls
+            )
     elif proxy.interception_mode != INTERCEPTION_NONE:
         for inst in instances:
             port = inst.endpoint_port

@@ -1,27 +1,112 @@
-"""TLS origination for outbound clusters: a DestinationRule's `tls` block.
+"""TLS origination for outbound clusters: a DestinationRule's `tls` block, and Istio's
+auto mTLS.
 
-DISABLE: nothing. SIMPLE and MUTUAL: an UpstreamTlsContext whose CA, client certificate
-and key are files Envoy reads itself (Istio serves them over SDS through its agent).
-ISTIO_MUTUAL and `credentialName` need the security work (issue 4): hooks below.
+Istio's buildAutoMtlsSettings (cluster_tls.go), in order:
+
+* DISABLE: plaintext. SIMPLE and MUTUAL: an UpstreamTlsContext whose CA, client
+  certificate and key are files Envoy reads itself (Istio serves them over SDS).
+* ISTIO_MUTUAL: mesh mTLS with the workload certificate from the agent (SDS `default`
+  and `ROOTCA`), SNI `outbound_.PORT_.SUBSET_.FQDN` unless the rule names one, the
+  destination's SPIFFE identities unless it lists subjectAltNames, ALPN
+  `istio-peer-exchange`, `istio`. Set as the cluster's transport socket: every
+  endpoint gets mTLS, sidecar or not (the user asked for it).
+* No `tls` at all: auto mTLS (mesh `enableAutoMtls`, on by default) originates the
+  same ISTIO_MUTUAL context, but through `transport_socket_matches`: endpoints whose
+  EDS metadata says `tlsMode: istio` (they run a sidecar) get mTLS, the others
+  plaintext. Not for mesh-external services, nor when the destination namespace's
+  PeerAuthentication (namespace or mesh level) is DISABLE. Passthrough (ORIGINAL_DST)
+  clusters carry no endpoint metadata: mTLS there only when every endpoint has a
+  sidecar, as a plain transport socket.
+
+Unlike Istio, auto mTLS needs at least one endpoint of the port with a sidecar (so a
+mesh of plaintext workloads never depends on SDS), and none of this reaches a proxy
+without the agent's SDS (tls.proxy_has_sds), which could not load the certificates.
 """
 
 from __future__ import annotations
 
-import ipaddress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import string_pb2
 
 from meshpilot.api.networking import ClientTLSSettings
+from meshpilot.model.proxy import Proxy
+from meshpilot.model.security import DISABLE
+from meshpilot.model.service import Resolution, Service
+from meshpilot.translators import naming
 from meshpilot.translators.common import pack
+from meshpilot.translators.tls import (
+    RAW_BUFFER_TRANSPORT_SOCKET,
+    TLS_TRANSPORT_SOCKET,
+    istio_mutual_upstream,
+    proxy_has_sds,
+    san_matchers,
+)
+
+if TYPE_CHECKING:
+    # Type only: keeps the translators from importing the store and sources at runtime.
+    from meshpilot.model.push_context import PushContext
+    from meshpilot.translators.traffic_policy import EffectivePolicy
 
 Cluster = cluster_pb2.Cluster
 HttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
 
-TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 ALPN_H2 = ("h2",)
+TLS_MODE_ISTIO = "istio"
+# Names and match of Istio's auto-mTLS transport socket matches.
+TLS_MODE_MATCH_KEY = "tlsMode"
+ISTIO_MATCH_NAME = "tlsMode-istio"
+DISABLED_MATCH_NAME = "tlsMode-disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class MeshMtls:
+    """What ISTIO_MUTUAL needs for one cluster, explicit or automatic."""
+
+    sni: str
+    identities: tuple[str, ...]
+    # Auto mTLS applies when the DestinationRule sets no `tls`.
+    auto: bool
+
+
+NO_MESH_MTLS = MeshMtls("", (), False)
+
+
+def mesh_mtls(
+    push: PushContext,
+    proxy: Proxy,
+    svc: Service,
+    port: int,
+    subset: str,
+    policy: EffectivePolicy,
+) -> MeshMtls | None:
+    """SNI, identities and the auto-mTLS decision for `outbound|port|subset|svc`; None
+    when `proxy` cannot do mesh mTLS at all."""
+    if not proxy_has_sds(proxy):
+        return None
+    return MeshMtls(
+        naming.outbound_sni(port, subset, svc.hostname),
+        push.service_identities(svc),
+        _auto_mtls(push, svc, port, policy),
+    )
+
+
+def _auto_mtls(push: PushContext, svc: Service, port: int, policy: EffectivePolicy) -> bool:
+    """Istio's BestEffortInferServiceMTLSMode, as far as auto mTLS looks at it."""
+    if not push.mesh.enable_auto_mtls or svc.mesh_external:
+        return False
+    endpoints = push.service_endpoints(svc.hostname, port)
+    lb = policy.load_balancer
+    if svc.resolution is Resolution.PASSTHROUGH or (lb is not None and lb.simple == "PASSTHROUGH"):
+        if not endpoints or any(ep.tls_mode != TLS_MODE_ISTIO for ep in endpoints):
+            return False
+    elif not any(ep.tls_mode == TLS_MODE_ISTIO for ep in endpoints):
+        return False
+    return push.security.namespace_mtls_mode(svc.namespace) != DISABLE
 
 
 def apply_tls(
@@ -30,12 +115,23 @@ def apply_tls(
     tls: ClientTLSSettings | None,
     *,
     h2: bool,
+    mesh: MeshMtls | None = NO_MESH_MTLS,
 ) -> None:
-    """Set the cluster's transport socket for a DestinationRule `tls` block."""
-    if tls is None or tls.mode == "DISABLE":
+    """Set the cluster's transport socket (or auto-mTLS socket matches). `mesh` None:
+    the proxy has no SDS, so no ISTIO_MUTUAL, explicit or automatic."""
+    if tls is None:
+        if mesh is not None and mesh.auto:
+            _auto(c, istio_mutual_upstream(mesh.sni, san_matchers(mesh.identities), h2=h2))
+        return
+    if tls.mode == "DISABLE":
         return
     if tls.mode == "ISTIO_MUTUAL":
-        ctx = istio_mutual_tls_context(c.name, tls, h2=h2)
+        if mesh is None:
+            return
+        sans = list(tls.subject_alt_names) or list(mesh.identities)
+        ctx: tls_pb2.UpstreamTlsContext | None = istio_mutual_upstream(
+            tls.sni or mesh.sni or c.name, san_matchers(sans), h2=h2
+        )
     else:
         ctx = upstream_tls_context(opts, tls, h2=h2)
     if ctx is None:
@@ -44,16 +140,20 @@ def apply_tls(
     c.transport_socket.typed_config.CopyFrom(pack(ctx))
 
 
-def istio_mutual_tls_context(
-    cluster_name: str, tls: ClientTLSSettings, *, h2: bool
-) -> tls_pb2.UpstreamTlsContext | None:
-    """ISTIO_MUTUAL: mesh mTLS with the workload certificate over SDS.
-
-    TODO(issue 4): SDS `default`/`ROOTCA`, SNI `outbound_.PORT_.SUBSET_.HOST`, ALPN
-    `istio-peer-exchange`, auto-mTLS. Until then the cluster stays plaintext.
-    """
-    del cluster_name, tls, h2
-    return None
+def _auto(c: Cluster, ctx: tls_pb2.UpstreamTlsContext) -> None:
+    if c.type == Cluster.ORIGINAL_DST:
+        # No endpoint metadata to match on; _auto_mtls checked every endpoint instead.
+        c.transport_socket.name = TLS_TRANSPORT_SOCKET
+        c.transport_socket.typed_config.CopyFrom(pack(ctx))
+        return
+    istio = c.transport_socket_matches.add(name=ISTIO_MATCH_NAME)
+    istio.match.fields[TLS_MODE_MATCH_KEY].string_value = TLS_MODE_ISTIO
+    istio.transport_socket.name = TLS_TRANSPORT_SOCKET
+    istio.transport_socket.typed_config.CopyFrom(pack(ctx))
+    plain = c.transport_socket_matches.add(name=DISABLED_MATCH_NAME)
+    plain.match.SetInParent()
+    plain.transport_socket.name = RAW_BUFFER_TRANSPORT_SOCKET
+    plain.transport_socket.typed_config.CopyFrom(pack(raw_buffer_pb2.RawBuffer()))
 
 
 def upstream_tls_context(
@@ -108,26 +208,3 @@ def _auto_sni_and_san(opts: HttpProtocolOptions, tls: ClientTLSSettings, insecur
         opts.upstream_http_protocol_options.auto_sni = True
     if auto_san:
         opts.upstream_http_protocol_options.auto_san_validation = True
-
-
-def san_matchers(names: list[str]) -> list[common_pb2.SubjectAltNameMatcher]:
-    """Exact SAN matchers, typed by what each name looks like."""
-    SAN = common_pb2.SubjectAltNameMatcher
-    out = []
-    for name in names:
-        if "://" in name:
-            san_type = SAN.URI
-        elif _is_ip(name):
-            san_type = SAN.IP_ADDRESS
-        else:
-            san_type = SAN.DNS
-        out.append(SAN(san_type=san_type, matcher=string_pb2.StringMatcher(exact=name)))
-    return out
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

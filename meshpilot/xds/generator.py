@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
-from meshpilot.translators import clusters, endpoints, listeners, naming, routes
+from meshpilot.translators import clusters, endpoints, listeners, naming, routes, tls
 from meshpilot.xds import typeurls
 from meshpilot.xds.cache import XdsCache
 from meshpilot.xds.resources import Generated, Resource
@@ -49,6 +49,8 @@ class ConfigGenerator:
             families,
             proxy.interception_mode,
             proxy.dns_domain,
+            # Mesh mTLS (SDS references) only for proxies beside the agent.
+            tls.proxy_has_sds(proxy),
         )
 
     # --- Generator ----------------------------------------------------------------------
@@ -82,7 +84,7 @@ class ConfigGenerator:
                 "lds",
                 type_url,
                 listeners.build_listeners,
-                extra=self._source_labels(push, proxy),
+                extra=(self._source_labels(push, proxy), self._inbound_security(push, proxy)),
             )
         if type_url == typeurls.ROUTE:
             return self._routes(push, proxy, names)
@@ -140,6 +142,12 @@ class ConfigGenerator:
             lambda: routes.source_label_names(push, proxy.namespace),
         )
         return tuple((k, proxy.labels.get(k)) for k in names) if names else None
+
+    @staticmethod
+    def _inbound_security(push: PushContext, proxy: Proxy) -> Hashable:
+        """The PeerAuthentication and AuthorizationPolicy configs (keys and revisions) that
+        select this proxy: inbound chains differ by them, and by nothing else of its labels."""
+        return push.security.inbound_key(proxy.namespace, proxy.labels)
 
     def _cds_locality(self, push: PushContext, proxy: Proxy) -> Hashable:
         """Proxy locality and labels, for scopes whose DNS clusters carry endpoints

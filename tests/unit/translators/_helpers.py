@@ -191,8 +191,10 @@ def sidecar(
     labels: Mapping[str, str] | None = None,
     interception: str = "REDIRECT",
     kind: str = "sidecar",
+    sds: bool = False,
 ) -> Proxy:
-    """A proxy parsed from an Istio node, as the xDS server will get it."""
+    """A proxy parsed from an Istio node, as the xDS server will get it. `sds`: it runs
+    beside `meshpilot agent` (node metadata `SDS: "true"`), so it can do mesh mTLS."""
     node = base_pb2.Node(id=f"{kind}~{ip}~{name}.{namespace}~{namespace}.svc.cluster.local")
     meta = struct_pb2.Struct()
     meta.update(
@@ -201,6 +203,7 @@ def sidecar(
             "LABELS": dict(labels if labels is not None else {"app": "reviews", "version": "v1"}),
             "INTERCEPTION_MODE": interception,
             "INSTANCE_IPS": ip,
+            **({"SDS": "true"} if sds else {}),
         }
     )
     node.metadata.CopyFrom(meta)

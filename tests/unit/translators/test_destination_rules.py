@@ -618,8 +618,8 @@ def test_tls_insecure_skip_verify_and_system_roots() -> None:
     assert tls_context(system).common_tls_context.validation_context.HasField("system_root_certs")
 
 
-@pytest.mark.parametrize("subset", ["istio", "credential", "plain"])
-def test_tls_modes_without_transport_socket_yet(subset: str) -> None:
+@pytest.mark.parametrize("subset", ["credential", "plain"])
+def test_tls_modes_without_transport_socket(subset: str) -> None:
     c = clusters_of(push_of(TLS))[f"outbound|443|{subset}|api.example.com"]
     assert not c.HasField("transport_socket")
 
