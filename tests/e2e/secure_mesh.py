@@ -342,9 +342,7 @@ class SecureMesh:
             syncz = await self.syncz()
             for w in self.workloads():
                 entry = syncz.get(w.node_id, {})
-                acked = all(
-                    entry.get(f"{t}_sent") == entry.get(f"{t}_acked") for t in SYNCZ_TYPES
-                )
+                acked = all(entry.get(f"{t}_sent") == entry.get(f"{t}_acked") for t in SYNCZ_TYPES)
                 lines.append(f"{w.name}: all xDS types ACKed: {acked}")
         with contextlib.suppress(Exception):
             stats = await self.server.stats("drain")
