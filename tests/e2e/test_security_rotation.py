@@ -192,6 +192,9 @@ async def test_served_certificate_verifies_and_rotates_without_failed_requests(
     assert load.ok >= 5 * duration, f"only {load.ok} requests in {duration:.1f} s"
     assert {w.name: w.agent.envoy_pid() for w in (server, client)} == envoy_pids
     assert all(w.agent.process.running for w in (server, client))
+    # xDS over mTLS outlives the certificates its connection was opened with.
+    for w in (server, client):
+        assert await w.stat("control_plane.connected_state") == 1, w.name
     # Every request was a fresh mTLS handshake at the server's sidecar.
     handshakes = await server.handshakes_in() - handshakes_before
     assert handshakes >= load.ok, (handshakes, load.ok)
