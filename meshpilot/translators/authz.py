@@ -231,7 +231,8 @@ def _metadata(path: Sequence[str], value: str, *, is_list: bool = False) -> Prin
         m.value.list_match.one_of.string_match.CopyFrom(string_matcher(value))
     else:
         m.value.string_match.CopyFrom(string_matcher(value))
-    return Principal(metadata=m)
+    # `sourced_metadata` (dynamic metadata): Envoy deprecates the plain `metadata` field.
+    return Principal(sourced_metadata=rbac_pb2.SourcedMetadata(metadata_matcher=m))
 
 
 def _request_attr(attr: str) -> Callable[[str, str, bool], Principal]:

@@ -332,6 +332,20 @@ def envoy_validate(
             }
         },
     }
+    # The agent's SDS cluster (meshpilot/agent/bootstrap.py), so that clusters and
+    # listeners with mesh mTLS validate against what a real sidecar has.
+    sds = {
+        "name": "sds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "sds-grpc",
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": "/tmp/sds.sock"}}}}]}
+            ],
+        },
+        "typed_extension_protocol_options": xds["typed_extension_protocol_options"],
+    }
     bootstrap = {
         "node": {"id": node_id, "cluster": "validate"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
@@ -343,7 +357,7 @@ def envoy_validate(
             }
         },
         "static_resources": {
-            "clusters": [xds, *(json_format.MessageToDict(c) for c in clusters)],
+            "clusters": [xds, sds, *(json_format.MessageToDict(c) for c in clusters)],
             "listeners": [json_format.MessageToDict(lst) for lst in listeners],
         },
     }
