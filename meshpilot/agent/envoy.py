@@ -26,6 +26,13 @@ log = structlog.get_logger(__name__)
 STOP_TIMEOUT = 5.0
 # Envoy flags the agent sets itself; repeating them after `--` would make Envoy exit.
 RESERVED_ARGS = ("-c", "--config-path", "--config-yaml")
+# Set unless the user passes them after `--`.
+ISTIO_ENVOY_FLAGS = (
+    ("--drain-time-s", "45"),
+    ("--drain-strategy", "immediate"),
+    ("--parent-shutdown-time-s", "60"),
+    ("--file-flush-interval-msec", "1000"),
+)
 
 
 def find_envoy(explicit: str | None = None) -> str:
@@ -65,6 +72,12 @@ class EnvoyProcess:
         argv = [self.binary, "-c", str(self.bootstrap_path), "--disable-hot-restart"]
         if self.admin_address_path is not None and "--admin-address-path" not in self.extra_args:
             argv += ["--admin-address-path", str(self.admin_address_path)]
+        # Istio's agent flags. Without them Envoy drains a replaced filter chain for 600 s
+        # and gradually, so connections opened before a policy change (an
+        # AuthorizationPolicy, a PeerAuthentication) keep the old chain for minutes.
+        for flag, value in ISTIO_ENVOY_FLAGS:
+            if flag not in self.extra_args:
+                argv += [flag, value]
         return argv + self.extra_args
 
     def spawn_argv(self) -> list[str]:
