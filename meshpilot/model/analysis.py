@@ -3,7 +3,9 @@
 Like `istioctl analyze`, with Istio's codes and names where Istio has one
 (IST0101 ReferencedResourceNotFound, IST0109 ConflictingMeshGatewayVirtualServiceHosts,
 IST0112, IST0130, IST0173) and meshpilot's own (MP....) where meshpilot behaves
-differently from Istio or does not support something. A pure function of one
+differently from Istio or does not support something: MP0003 unsupported config,
+MP0004 AuthorizationPolicy rules or values the RBAC translation skips (Istio skips them
+silently), MP0005 several PeerAuthentications in one scope. A pure function of one
 PushContext; the server lists the result at /debug/configz.
 """
 

@@ -110,6 +110,11 @@ def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:
     return secret_pb2.SdsSecretConfig(name=name, sds_config=sds_config_source())
 
 
+# Built once and copied: every mesh mTLS cluster and chain carries both.
+_WORKLOAD_SDS = sds_secret(WORKLOAD_SECRET)
+_ROOT_SDS = sds_secret(ROOT_SECRET)
+
+
 def spiffe_san_matchers(uris: Iterable[str]) -> list[common_pb2.SubjectAltNameMatcher]:
     """Exact URI SAN matchers (typed: Envoy deprecates the untyped form)."""
     SAN = common_pb2.SubjectAltNameMatcher
@@ -121,11 +126,11 @@ def _workload_identity(
 ) -> None:
     """Istio's ApplyToCommonTLSContext: present `default`, verify the peer against
     `ROOTCA` (and `sans`, when there are any)."""
-    common.tls_certificate_sds_secret_configs.append(sds_secret(WORKLOAD_SECRET))
+    common.tls_certificate_sds_secret_configs.add().CopyFrom(_WORKLOAD_SDS)
     combined = common.combined_validation_context
     combined.default_validation_context.SetInParent()
     combined.default_validation_context.match_typed_subject_alt_names.extend(sans)
-    combined.validation_context_sds_secret_config.CopyFrom(sds_secret(ROOT_SECRET))
+    combined.validation_context_sds_secret_config.CopyFrom(_ROOT_SDS)
 
 
 def istio_mutual_upstream(

@@ -146,14 +146,25 @@ def _auto(c: Cluster, ctx: tls_pb2.UpstreamTlsContext) -> None:
         c.transport_socket.name = TLS_TRANSPORT_SOCKET
         c.transport_socket.typed_config.CopyFrom(pack(ctx))
         return
-    istio = c.transport_socket_matches.add(name=ISTIO_MATCH_NAME)
+    istio = c.transport_socket_matches.add()
+    istio.CopyFrom(_ISTIO_MATCH)
+    istio.transport_socket.typed_config.CopyFrom(pack(ctx))
+    c.transport_socket_matches.add().CopyFrom(_DISABLED_MATCH)
+
+
+def _matches() -> tuple[Cluster.TransportSocketMatch, Cluster.TransportSocketMatch]:
+    """Istio's auto-mTLS matches, without the TLS context (built per cluster)."""
+    istio = Cluster.TransportSocketMatch(name=ISTIO_MATCH_NAME)
     istio.match.fields[TLS_MODE_MATCH_KEY].string_value = TLS_MODE_ISTIO
     istio.transport_socket.name = TLS_TRANSPORT_SOCKET
-    istio.transport_socket.typed_config.CopyFrom(pack(ctx))
-    plain = c.transport_socket_matches.add(name=DISABLED_MATCH_NAME)
+    plain = Cluster.TransportSocketMatch(name=DISABLED_MATCH_NAME)
     plain.match.SetInParent()
     plain.transport_socket.name = RAW_BUFFER_TRANSPORT_SOCKET
     plain.transport_socket.typed_config.CopyFrom(pack(raw_buffer_pb2.RawBuffer()))
+    return istio, plain
+
+
+_ISTIO_MATCH, _DISABLED_MATCH = _matches()
 
 
 def upstream_tls_context(
