@@ -69,6 +69,8 @@ BAD_CUSTOM_SUFFIX = "-deny-due-to-bad-CUSTOM-action"
 # fills it, so rules on them never match (RequestAuthentication is unsupported).
 AUTHN_FILTER = "istio_authn"
 URI_TEMPLATE_EXTENSION = "uri-template"
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
+_SHADOW_STAT_PREFIX = {RBAC.ALLOW: "istio_dry_run_allow_", RBAC.DENY: "istio_dry_run_deny_"}
 
 # `when` keys (Istio's model.go), by where they land and what they match.
 ATTR_REQUEST_HEADER = "request.headers"
@@ -478,36 +480,72 @@ class AuthzFilters:
 NO_AUTHZ_FILTERS = AuthzFilters()
 
 
-def _rule_sets(policies: AuthzPolicies, for_tcp: bool) -> list[RBAC]:
+@dataclass(frozen=True, slots=True)
+class _RuleSet:
+    """One action's RBAC: enforced rules, and dry-run policies' shadow rules."""
+
+    rules: RBAC | None
+    shadow: RBAC | None
+    shadow_stat_prefix: str
+
+
+def _is_dry_run(cfg: Config) -> bool:
+    # Go's strconv.ParseBool, as Istio reads the annotation.
+    return cfg.annotations.get(DRY_RUN_ANNOTATION, "") in ("1", "t", "T", "true", "TRUE", "True")
+
+
+def _rule_set(
+    policies: Sequence[Config], action: int, for_tcp: bool, *, custom: bool = False
+) -> _RuleSet:
+    enforced = [c for c in policies if not _is_dry_run(c)]
+    dry_run = [c for c in policies if _is_dry_run(c)]
+    rules = build_rbac(enforced, action, for_tcp=for_tcp, custom=custom) if enforced else None
+    shadow = build_rbac(dry_run, action, for_tcp=for_tcp, custom=custom) if dry_run else None
+    prefix = _SHADOW_STAT_PREFIX.get(shadow.action, "") if shadow is not None else ""
+    return _RuleSet(rules, shadow, prefix)
+
+
+def _rule_sets(policies: AuthzPolicies, for_tcp: bool) -> list[_RuleSet]:
     out = []
     if policies.custom:
-        out.append(build_rbac(policies.custom, RBAC.DENY, for_tcp=for_tcp, custom=True))
+        out.append(_rule_set(policies.custom, RBAC.DENY, for_tcp, custom=True))
     if policies.audit:
-        out.append(build_rbac(policies.audit, RBAC.LOG, for_tcp=for_tcp))
+        out.append(_rule_set(policies.audit, RBAC.LOG, for_tcp))
     if policies.deny:
-        out.append(build_rbac(policies.deny, RBAC.DENY, for_tcp=for_tcp))
+        out.append(_rule_set(policies.deny, RBAC.DENY, for_tcp))
     if policies.allow:
-        out.append(build_rbac(policies.allow, RBAC.ALLOW, for_tcp=for_tcp))
+        out.append(_rule_set(policies.allow, RBAC.ALLOW, for_tcp))
     return out
 
 
+def _http_filter(rs: _RuleSet) -> hcm_pb2.HttpFilter:
+    rbac = http_rbac_pb2.RBAC()
+    if rs.rules is not None:
+        rbac.rules.CopyFrom(rs.rules)
+    if rs.shadow is not None:
+        rbac.shadow_rules.CopyFrom(rs.shadow)
+        rbac.shadow_rules_stat_prefix = rs.shadow_stat_prefix
+    return hcm_pb2.HttpFilter(name=HTTP_RBAC_FILTER, typed_config=pack(rbac))
+
+
+def _network_filter(rs: _RuleSet) -> listener_components_pb2.Filter:
+    rbac = network_rbac_pb2.RBAC(stat_prefix=TCP_STAT_PREFIX)
+    if rs.rules is not None:
+        rbac.rules.CopyFrom(rs.rules)
+    if rs.shadow is not None:
+        rbac.shadow_rules.CopyFrom(rs.shadow)
+        rbac.shadow_rules_stat_prefix = rs.shadow_stat_prefix
+    return listener_components_pb2.Filter(name=NETWORK_RBAC_FILTER, typed_config=pack(rbac))
+
+
 def authz_filters(policies: AuthzPolicies) -> AuthzFilters:
-    """RBAC filters for a workload's AuthorizationPolicies, in Istio's order."""
+    """RBAC filters for a workload's AuthorizationPolicies, in Istio's order. Policies
+    annotated `istio.io/dry-run: "true"` only count (shadow rules, stats, dynamic
+    metadata): they never allow or deny."""
     if policies.empty:
         return NO_AUTHZ_FILTERS
-    http = tuple(
-        hcm_pb2.HttpFilter(
-            name=HTTP_RBAC_FILTER, typed_config=pack(http_rbac_pb2.RBAC(rules=rules))
-        )
-        for rules in _rule_sets(policies, for_tcp=False)
-    )
-    tcp = tuple(
-        listener_components_pb2.Filter(
-            name=NETWORK_RBAC_FILTER,
-            typed_config=pack(network_rbac_pb2.RBAC(rules=rules, stat_prefix=TCP_STAT_PREFIX)),
-        )
-        for rules in _rule_sets(policies, for_tcp=True)
-    )
+    http = tuple(_http_filter(rs) for rs in _rule_sets(policies, for_tcp=False))
+    tcp = tuple(_network_filter(rs) for rs in _rule_sets(policies, for_tcp=True))
     return AuthzFilters(http, tcp)
 
 

@@ -475,3 +475,20 @@ def test_no_policies_no_rbac_filters() -> None:
     vi = by_name(build_listeners(push_of(), sidecar(sds=True)))["virtualInbound"]
     assert not http_rbac(vi, "0.0.0.0_8080")
     assert not network_rbac(vi, "virtualInbound")
+
+
+def test_dry_run_policies_are_shadow_rules_only() -> None:
+    dry = ap("{action: DENY, rules: [{to: [{operation: {paths: [/x]}}]}]}", "dry").replace(
+        "namespace: default}", "namespace: default, annotations: {istio.io/dry-run: 'true'}}"
+    )
+    push = push_of(dry, ap("{action: DENY, rules: [{to: [{operation: {paths: [/y]}}]}]}", "real"))
+    vi = by_name(build_listeners(push, sidecar(sds=True)))["virtualInbound"]
+    (deny,) = http_rbac(vi, "0.0.0.0_8080")
+    assert list(deny.rules.policies) == ["ns[default]-policy[real]-rule[0]"]
+    assert list(deny.shadow_rules.policies) == ["ns[default]-policy[dry]-rule[0]"]
+    assert deny.shadow_rules_stat_prefix == "istio_dry_run_deny_"
+    # Only dry-run ALLOW policies: nothing is enforced.
+    only_dry = push_of(dry.replace("action: DENY", "action: ALLOW"))
+    vi = by_name(build_listeners(only_dry, sidecar(sds=True)))["virtualInbound"]
+    (allow,) = http_rbac(vi, "0.0.0.0_8080")
+    assert not allow.HasField("rules") and allow.shadow_rules.action == RBAC.ALLOW

@@ -79,6 +79,11 @@ apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: none, namespace: default}
 spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: dry, namespace: default, annotations: {istio.io/dry-run: "true"}}
+spec: {action: DENY, rules: [{from: [{source: {notPrincipals: ['*']}}]}]}
 """
 
 
