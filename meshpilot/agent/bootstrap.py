@@ -208,6 +208,10 @@ def build_bootstrap(
     }
     if mutual_tls:
         metadata["PROXY_CONFIG"]["controlPlaneAuthPolicy"] = "MUTUAL_TLS"
+    if sds_socket is not None:
+        # Tells the control plane this Envoy has `sds-grpc`, so it may reference SDS
+        # secrets (an Envoy without that cluster rejects every config that does).
+        metadata["SDS"] = "true"
     if network:
         metadata["NETWORK"] = network
     node: dict[str, Any] = {
