@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from meshpilot.agent.bootstrap import build_bootstrap
@@ -12,7 +12,7 @@ from meshpilot.translators.tls import SDS_METADATA, proxy_has_sds
 
 def _proxy(**kwargs: object) -> Proxy:
     boot = build_bootstrap(name="web-1", namespace="default", **kwargs)  # type: ignore[arg-type]
-    return Proxy.from_node(json_format.ParseDict(boot, bootstrap_pb2.Bootstrap()).node)
+    return Proxy.from_node(json_format.ParseDict(boot["node"], base_pb2.Node()))
 
 
 def test_agent_bootstrap_marks_sds_even_with_plaintext_xds() -> None:
