@@ -116,6 +116,12 @@ class ConfigGenerator:
             built = routes.build_route_configs(push, proxy, None)
             return {rc.name: _resource(rc, typeurls.ROUTE) for rc in built}
 
+        # One shared answer per scope and subscription: the server then frames (and may
+        # send) the same bytes to every proxy of the scope.
+        out_key = ("rds-out", scope_key, names)
+        shared = self.cache.get(push.version, out_key)
+        if shared is not None:
+            return Generated(shared, complete=True)  # type: ignore[arg-type]
         by_name = self.cache.get_or_build(push.version, scope_key, make_all)
         out: list[Resource] = []
         for name in wanted:
@@ -131,7 +137,8 @@ class ConfigGenerator:
                     ),
                 )
             out.append(res)
-        return Generated(out, complete=True)
+        result = self.cache.get_or_build(push.version, out_key, lambda: tuple(out))
+        return Generated(result, complete=True)
 
     def _source_labels(self, push: PushContext, proxy: Proxy) -> Hashable:
         """The proxy's values of labels VirtualService sourceLabels look at (routes and

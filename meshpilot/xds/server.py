@@ -91,6 +91,9 @@ class DiscoveryServer:
         self._current: PushContextLike | None = None
         self._ready = asyncio.Event()
         self._encoder = wire.Encoder()
+        # Whole SotW push messages of the current push context, shared across streams.
+        self._shared_messages: dict[tuple[int, str], tuple[Sequence[Resource], str, bytes]] = {}
+        self._shared_version = ""
         self._sotw_cp = wire.field(
             6, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
         )
@@ -398,14 +401,31 @@ class DiscoveryServer:
                 # resending the rejected config. EDS right after a CDS change still
                 # goes: updated clusters warm until they get their endpoints.
                 return None
-        nonce = self._next_nonce()
-        head = (
-            wire.field(1, ctx.version.encode())
-            + wire.field(4, w.type_url.encode())
-            + wire.field(5, nonce.encode())
-            + self._sotw_cp
-        )
-        data = (head + self._encoder.block(resources, False)) if resources else head
+        shared = None
+        if not forced and resources:
+            # A push sends the very same resources to every proxy of a scope: build the
+            # whole message once (one nonce) and share it. A nonce stays unique within
+            # each stream: a stream that already got this message gets a fresh one.
+            if self._shared_version != ctx.version:
+                self._shared_messages.clear()
+                self._shared_version = ctx.version
+            key = (id(resources), w.type_url)
+            shared = self._shared_messages.get(key)
+            if shared is not None and (shared[0] is not resources or shared[1] == w.nonce_sent):
+                shared = None
+        if shared is not None:
+            nonce, data = shared[1], shared[2]
+        else:
+            nonce = self._next_nonce()
+            head = (
+                wire.field(1, ctx.version.encode())
+                + wire.field(4, w.type_url.encode())
+                + wire.field(5, nonce.encode())
+                + self._sotw_cp
+            )
+            data = (head + self._encoder.block(resources, False)) if resources else head
+            if not forced and resources:
+                self._shared_messages[(id(resources), w.type_url)] = (resources, nonce, data)
         w.nonce_sent = nonce
         w.version_sent = ctx.version
         w.awaiting_ack = True
