@@ -13,12 +13,13 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_request import PushRequest
-from meshpilot.xds import typeurls
+from meshpilot.xds import typeurls, wire
 from meshpilot.xds.resources import PushContextLike, Resource
 
 WILDCARD = "*"
@@ -68,6 +69,8 @@ class WatchedResource:
     # SotW: the names of the last request, as sent. Envoy repeats every name in each
     # EDS/RDS ACK; comparing with the last list is cheaper than any set operation.
     requested: tuple[str, ...] = ()
+    # The same names as they were on the wire, when the request's bytes are known.
+    requested_wire: bytes | None = None
     # Delta only: name -> version the client has (sent by us or declared on reconnect).
     # Holds subscribed names only (unless wildcard), so removals computed from it never
     # name a resource the client did not subscribe to.
@@ -258,19 +261,24 @@ class Connection:
             w.wildcard = type_url in typeurls.WILDCARD_TYPES and (not names or WILDCARD in names)
             w.names = frozenset() if w.wildcard else names
             w.requested = requested
+            w.requested_wire = _names_region(req)
             return Outcome(Kind.INIT, Reply())
         if req.response_nonce != w.nonce_sent:
             return Outcome(Kind.STALE)
         kind = self._ack_or_nack(w, req.response_nonce, req.version_info, req)
         added = removed = frozenset[str]()
-        requested = tuple(req.resource_names)
-        # Every EDS ACK repeats all names; the common unchanged case is one tuple compare.
-        if requested != w.requested:
-            w.requested = requested
-            if not w.wildcard:
-                names = intern_names(frozenset(requested))
-                added, removed = names - w.names, w.names - names
-                w.names = names
+        region = _names_region(req)
+        # Every EDS ACK repeats all names; the common unchanged case is a bytes compare
+        # of the names section (or, without raw bytes, one tuple compare).
+        if region is None or region != w.requested_wire:
+            w.requested_wire = region
+            requested = tuple(req.resource_names)
+            if requested != w.requested:
+                w.requested = requested
+                if not w.wildcard:
+                    names = intern_names(frozenset(requested))
+                    added, removed = names - w.names, w.names - names
+                    w.names = names
         if added:
             # Only the new names: EDS/RDS responses may be partial in SotW.
             return Outcome(kind, Reply(added), added=added, removed=removed)
@@ -345,3 +353,23 @@ class Connection:
     def _take_dirty(w: WatchedResource) -> PushRequest | None:
         dirty, w.dirty = w.dirty, None
         return dirty
+
+
+def _names_region(req: Any) -> bytes | None:
+    """The serialized resource_names of a SotW request, or None if not found cheaply.
+
+    Serializers write fields in number order: version_info (1), node (2), the names
+    (3), type_url (4), response_nonce (5), error_detail (6). For a request without node
+    and error_detail, the names are what lies between field 1 and fields 4 and 5.
+    Equal regions mean equal name lists.
+    """
+    raw = getattr(req, "raw", None)
+    if raw is None or req.HasField("node") or req.HasField("error_detail"):
+        return None
+    head = wire.field(1, req.version_info.encode()) if req.version_info else b""
+    tail = wire.field(4, req.type_url.encode())
+    if req.response_nonce:
+        tail += wire.field(5, req.response_nonce.encode())
+    if not raw.startswith(head) or not raw.endswith(tail):
+        return None
+    return raw[len(head) : len(raw) - len(tail)]

@@ -166,7 +166,7 @@ class DiscoveryServer:
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 servicer.StreamAggregatedResources,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                request_deserializer=SotwRequest.parse,
                 response_serializer=_serialize,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
@@ -498,6 +498,29 @@ class DiscoveryServer:
         start = conn.take_converged()
         if start is not None:
             metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - start)
+
+
+class SotwRequest:
+    """A DiscoveryRequest with the bytes it was parsed from.
+
+    Envoy repeats every subscribed name in each EDS/RDS ACK; comparing the raw names
+    section with the previous request's is far cheaper than turning thousands of
+    names into Python strings (see Connection.on_sotw_request). Attribute access is
+    delegated to the message, so code reading requests does not change.
+    """
+
+    __slots__ = ("msg", "raw")
+
+    def __init__(self, msg: discovery_pb2.DiscoveryRequest, raw: bytes) -> None:
+        self.msg = msg
+        self.raw = raw
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SotwRequest:
+        return cls(discovery_pb2.DiscoveryRequest.FromString(raw), raw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.msg, name)
 
 
 class _Writer:
