@@ -59,11 +59,32 @@ def build_services(snapshot: StoreSnapshot, domain_suffix: str) -> dict[str, Ser
 
 def build_endpoints(snapshot: StoreSnapshot, services: Mapping[str, Service]) -> EndpointIndex:
     """Endpoints per hostname and service port number."""
-    workloads = WorkloadIndex(snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
+    entries: Iterable[Config] = snapshot.of_kind(kinds.WORKLOAD_ENTRY).values()
+    if len(services) <= _FEW_SERVICES:
+        # A few services (an endpoint-only change): index only the WorkloadEntries
+        # their selectors can pick, not every entry of the mesh.
+        selectors = [(s.namespace, s.selector) for s in services.values() if s.selector]
+        entries = [cfg for cfg in entries if _selected(cfg, selectors)]
+    workloads = WorkloadIndex(entries)
     index: dict[str, dict[int, tuple[Endpoint, ...]]] = {}
     for svc in services.values():
         index[svc.hostname] = MappingProxyType(_service_endpoints(svc, snapshot, workloads))
     return MappingProxyType(index)
+
+
+_FEW_SERVICES = 8
+
+
+def _selected(cfg: Config, selectors: list[tuple[str, Mapping[str, str]]]) -> bool:
+    """Whether one of the selectors matches the entry's labels (spec labels win)."""
+    own = cfg.spec.labels
+    meta = cfg.labels
+    for namespace, selector in selectors:
+        if cfg.namespace == namespace and all(
+            own.get(k, meta.get(k)) == v for k, v in selector.items()
+        ):
+            return True
+    return False
 
 
 class WorkloadIndex:

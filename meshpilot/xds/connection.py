@@ -178,6 +178,8 @@ class Connection:
         self._max_requests = max_queued_requests
         self._push: PendingPush | None = None
         self._closed = False
+        # The connection task is parked in next_event() with nothing to do.
+        self._parked = False
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -213,6 +215,35 @@ class Connection:
         self._wake.set()
 
     @property
+    def idle(self) -> bool:
+        """The connection task waits for work and has none queued or running.
+
+        Only then may a request be handled outside that task (see
+        DiscoveryServer._read): nothing it would do can come before or after it.
+        """
+        return self._parked and not self._requests and self._push is None and not self._closed
+
+    def is_plain_ack(self, req: Request) -> bool:
+        """True if `req` is an ACK that changes nothing but the ACK state.
+
+        Such a request needs no answer and releases no coalesced push: handling it
+        is a pure state transition (on_sotw_request / on_delta_request) with no write.
+        Cheap checks only; anything unusual returns False and goes the normal way.
+        """
+        w = self._watched.get(req.type_url)
+        nonce = req.response_nonce
+        if w is None or not nonce or nonce != w.nonce_sent or not w.awaiting_ack:
+            return False
+        if w.dirty is not None or req.HasField("error_detail"):
+            return False
+        if self.delta:
+            return not req.resource_names_subscribe and not req.resource_names_unsubscribe
+        if w.always_respond:
+            return False
+        region = _names_region(req)
+        return region is not None and region == w.requested_wire
+
+    @property
     def has_pending_push(self) -> bool:
         return self._push is not None
 
@@ -229,7 +260,11 @@ class Connection:
             if self._closed:
                 return None
             self._wake.clear()
-            await self._wake.wait()
+            self._parked = True
+            try:
+                await self._wake.wait()
+            finally:
+                self._parked = False
 
     # Convergence bookkeeping.
 
@@ -321,9 +356,11 @@ class Connection:
         removed = (unsub - {WILDCARD}) & w.names
         added = explicit - w.names
         w.names = (w.names | explicit) - unsub
-        if not w.wildcard:
+        if not w.wildcard and unsub:
             # The client dropped what it no longer watches; forget its versions so a
             # later re-subscribe is answered, and never name them in removals.
+            # (Versions only ever hold subscribed names, so without an unsubscribe
+            # there is nothing to drop: an ACK does not scan them.)
             for n in [n for n in w.versions if n not in w.names]:
                 del w.versions[n]
             # An explicit subscribe is a request for the resource even if we think

@@ -236,10 +236,20 @@ class DiscoveryServer:
             metrics.XDS_CLIENTS.labels(version_label).dec()
             log.info("xds disconnected", conn=conn.conn_id)
 
-    @staticmethod
-    async def _read(it: AsyncIterator[Any], conn: Connection) -> None:
+    async def _read(self, it: AsyncIterator[Any], conn: Connection) -> None:
         try:
             async for req in it:
+                # Most requests are plain ACKs (every push gets one per stream). While
+                # the connection task is idle, handling one here is exactly what that
+                # task would do next, with no write: skip its wakeup.
+                if (
+                    conn.idle
+                    and req.type_url in KNOWN_TYPES
+                    and self._current is not None
+                    and conn.is_plain_ack(req)
+                ):
+                    self._handle_plain_ack(conn, req)
+                    continue
                 await conn.put_request(req)
         except asyncio.CancelledError:
             raise
@@ -248,6 +258,12 @@ class DiscoveryServer:
             log.debug("xds stream read ended", conn=conn.conn_id, error=repr(e))
         finally:
             conn.close_input()
+
+    def _handle_plain_ack(self, conn: Connection, req: Any) -> None:
+        outcome = conn.on_delta_request(req) if conn.delta else conn.on_sotw_request(req)
+        # is_plain_ack() promised this; anything else would need the connection task.
+        assert outcome.kind is Kind.ACK and outcome.reply is None and outcome.dirty is None
+        self._observe_convergence(conn)
 
     async def _handle_request(self, writer: _Writer, req: Any) -> None:
         conn = writer.conn

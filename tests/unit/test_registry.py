@@ -314,3 +314,36 @@ def test_with_endpoint_changes_for_service_entry_selector() -> None:
     new = changed_context([doc], [doc, we("vm1", "10.1.0.1", "{app: vm}")])
     assert new.changed_hosts == {"vm.bookinfo.internal"}
     assert eps(new, "vm.bookinfo.internal", 8080) == [("10.1.0.1", 8080)]
+
+
+def test_endpoints_of_a_few_services_match_the_full_build() -> None:
+    # Endpoint-only changes index only the entries the affected selectors can pick:
+    # spec labels override metadata labels, other namespaces never match.
+    from meshpilot.model import registry
+
+    override = y(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: WorkloadEntry
+        metadata: {name: override, namespace: bookinfo, labels: {app: reviews}}
+        spec: {address: 10.0.9.1, labels: {app: ratings}}
+        """
+    )
+    docs = [
+        svc("ratings", "ratings", "[{name: http, port: 9080}]"),
+        svc("reviews", "reviews", "[{name: http, port: 9080}]"),
+        *(svc(f"s{i}", f"s{i}", "[{name: http, port: 80}]") for i in range(12)),
+        we("r1", "10.0.9.2", "{app: ratings}"),
+        we("r2", "10.0.9.3", "{app: reviews}"),
+        we("other-ns", "10.0.9.4", "{app: ratings}", ns="elsewhere"),
+        override,
+    ]
+    snapshot = store_of(*docs).snapshot()
+    services = registry.build_services(snapshot, "cluster.local")
+    full = registry.build_endpoints(snapshot, services)
+    assert len(services) > registry._FEW_SERVICES
+    for host in ("ratings.bookinfo.svc.cluster.local", "reviews.bookinfo.svc.cluster.local"):
+        few = registry.build_endpoints(snapshot, {host: services[host]})
+        assert dict(few[host]) == dict(full[host])
+    ratings = full["ratings.bookinfo.svc.cluster.local"][9080]
+    assert sorted(e.address for e in ratings) == ["10.0.9.1", "10.0.9.2"]
