@@ -330,7 +330,7 @@ class Connection:
         if w is None:
             w = self._watched[type_url] = WatchedResource(type_url)
             w.wildcard = wildcard_type and (not sub or WILDCARD in sub)
-            w.names = sub - {WILDCARD}
+            w.names = intern_names(sub - {WILDCARD})
             # On reconnect the client tells us what it has: don't resend those versions.
             w.versions = {
                 n: v for n, v in req.initial_resource_versions.items() if w.wildcard or n in w.names
@@ -355,14 +355,18 @@ class Connection:
         explicit = sub - {WILDCARD}
         removed = (unsub - {WILDCARD}) & w.names
         added = explicit - w.names
-        w.names = (w.names | explicit) - unsub
-        if not w.wildcard and unsub:
-            # The client dropped what it no longer watches; forget its versions so a
-            # later re-subscribe is answered, and never name them in removals.
-            # (Versions only ever hold subscribed names, so without an unsubscribe
-            # there is nothing to drop: an ACK does not scan them.)
-            for n in [n for n in w.versions if n not in w.names]:
-                del w.versions[n]
+        if added or unsub:
+            # Only on a real change: an ACK (no names) keeps the interned set, so caches
+            # keyed by it still match by identity.
+            w.names = intern_names((w.names | explicit) - unsub)
+        if not w.wildcard:
+            if unsub:
+                # The client dropped what it no longer watches; forget its versions so
+                # a later re-subscribe is answered, and never name them in removals.
+                # (Versions only ever hold subscribed names, so without an unsubscribe
+                # there is nothing to drop: an ACK does not scan them.)
+                for n in [n for n in w.versions if n not in w.names]:
+                    del w.versions[n]
             # An explicit subscribe is a request for the resource even if we think
             # the client has it (Envoy re-subscribes for warming clusters).
             for n in explicit:

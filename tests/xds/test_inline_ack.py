@@ -252,3 +252,29 @@ async def test_delta_endpoint_push_ack_skips_the_connection_task(
     assert counting.requests == []
     w = harness.discovery.connections[0].watched[typeurls.ENDPOINT]
     assert w.nonce_acked == resp.nonce and w.versions.keys() == {"a", "b"}
+
+
+def test_delta_explicit_resubscribe_forgets_the_version_without_unsubscribe() -> None:
+    # Envoy re-subscribes warming clusters' endpoints: the answer must carry them
+    # even though the client was sent this version already.
+    conn = Connection("c-1", Proxy.from_node(node()), delta=True)
+    conn.on_delta_request(_delta(resource_names_subscribe=["a", "b"]))
+    w = conn.watched[EDS]
+    w.versions = {"a": "1", "b": "1"}
+    w.nonce_sent, w.awaiting_ack = "n1", True
+    out = conn.on_delta_request(_delta(response_nonce="n1", resource_names_subscribe=["a"]))
+    assert out.reply is not None and out.reply.scope == frozenset({"a"})
+    assert w.versions == {"b": "1"}
+
+
+def test_delta_ack_keeps_the_interned_subscription() -> None:
+    conn = Connection("c-1", Proxy.from_node(node()), delta=True)
+    conn.on_delta_request(_delta(resource_names_subscribe=NAMES))
+    w = conn.watched[EDS]
+    before = w.names
+    w.nonce_sent, w.awaiting_ack = "n1", True
+    conn.on_delta_request(_delta(response_nonce="n1"))
+    assert w.names is before
+    other = Connection("c-2", Proxy.from_node(node()), delta=True)
+    other.on_delta_request(_delta(resource_names_subscribe=list(reversed(NAMES))))
+    assert other.watched[EDS].names is before
