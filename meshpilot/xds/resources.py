@@ -68,3 +68,12 @@ class Generator(Protocol):
         when the push does not affect this type for this proxy: nothing to send.
         """
         ...
+
+
+def same_versions(a: Sequence[Resource], b: Sequence[Resource]) -> bool:
+    """Equal names and versions, in order: the same content for the proxy."""
+    if a is b:
+        return True
+    if len(a) != len(b):
+        return False
+    return all(x.name == y.name and x.version == y.version for x, y in zip(a, b, strict=True))

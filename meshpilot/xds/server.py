@@ -27,7 +27,7 @@ from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import metrics
 from meshpilot.xds import typeurls, wire
 from meshpilot.xds.connection import Connection, Kind, PendingPush, Reply, WatchedResource
-from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource
+from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource, same_versions
 
 log = structlog.get_logger(__name__)
 
@@ -166,7 +166,7 @@ class DiscoveryServer:
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 servicer.StreamAggregatedResources,
-                request_deserializer=SotwRequest.parse,
+                request_deserializer=wire.SotwRequest.parse,
                 response_serializer=_serialize,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
@@ -411,7 +411,7 @@ class DiscoveryServer:
                 full
                 and not w.sent_updates
                 and not w.always_respond
-                and _same_content(w.sent_base, resources)
+                and same_versions(w.sent_base, resources)
             ):
                 # Unchanged for this proxy; after a NACK this is what keeps us from
                 # resending the rejected config. EDS right after a CDS change still
@@ -516,29 +516,6 @@ class DiscoveryServer:
             metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - start)
 
 
-class SotwRequest:
-    """A DiscoveryRequest with the bytes it was parsed from.
-
-    Envoy repeats every subscribed name in each EDS/RDS ACK; comparing the raw names
-    section with the previous request's is far cheaper than turning thousands of
-    names into Python strings (see Connection.on_sotw_request). Attribute access is
-    delegated to the message, so code reading requests does not change.
-    """
-
-    __slots__ = ("msg", "raw")
-
-    def __init__(self, msg: discovery_pb2.DiscoveryRequest, raw: bytes) -> None:
-        self.msg = msg
-        self.raw = raw
-
-    @classmethod
-    def parse(cls, raw: bytes) -> SotwRequest:
-        return cls(discovery_pb2.DiscoveryRequest.FromString(raw), raw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.msg, name)
-
-
 class _Writer:
     """The write side of one stream, with the connection it belongs to."""
 
@@ -556,14 +533,6 @@ _SYNCZ_LABELS = {
     typeurls.ENDPOINT: "endpoint",
     typeurls.SECRET: "secret",
 }
-
-
-def _same_content(a: Sequence[Resource], b: Sequence[Resource]) -> bool:
-    if a is b:
-        return True
-    if len(a) != len(b):
-        return False
-    return all(x.name == y.name and x.version == y.version for x, y in zip(a, b, strict=True))
 
 
 def _serialize(message: Any) -> bytes:

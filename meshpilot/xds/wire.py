@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
 
 from meshpilot.xds.resources import Resource
 
@@ -109,3 +112,26 @@ class Encoder:
                 oldest = next(iter(self._blocks))
                 self._block_bytes -= len(self._blocks.pop(oldest)[1])
         return data
+
+
+class SotwRequest:
+    """A DiscoveryRequest with the bytes it was parsed from.
+
+    Envoy repeats every subscribed name in each EDS/RDS ACK; comparing the raw names
+    section with the previous request's is far cheaper than turning thousands of
+    names into Python strings (see Connection.on_sotw_request). Attribute access is
+    delegated to the message, so code reading requests does not change.
+    """
+
+    __slots__ = ("msg", "raw")
+
+    def __init__(self, msg: discovery_pb2.DiscoveryRequest, raw: bytes) -> None:
+        self.msg = msg
+        self.raw = raw
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SotwRequest:
+        return cls(discovery_pb2.DiscoveryRequest.FromString(raw), raw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.msg, name)

@@ -8,7 +8,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from meshpilot.model.proxy import Proxy
 from meshpilot.xds import typeurls
 from meshpilot.xds.connection import Connection, Kind
-from meshpilot.xds.server import SotwRequest
+from meshpilot.xds.wire import SotwRequest
 from tests.xds.client import node
 
 

@@ -18,7 +18,8 @@ from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_request import PushRequest
 from meshpilot.xds import typeurls
 from meshpilot.xds.connection import Connection, Kind, PendingPush
-from meshpilot.xds.server import DiscoveryServer, SotwRequest
+from meshpilot.xds.server import DiscoveryServer
+from meshpilot.xds.wire import SotwRequest
 from tests.xds.client import names_of, node, tags_of
 from tests.xds.conftest import CDS, EDS, Harness, eventually, sample
 from tests.xds.fake_generator import FakeContext
