@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from meshpilot.addresses import is_ip
+
 ISTIO_VERSION = "meshpilot-0.1"
 XDS_CLUSTER = "xds-grpc"
 SDS_CLUSTER = "sds-grpc"
@@ -79,7 +81,7 @@ def parse_host_port(
             raise BootstrapError(f"{what} {text!r}: {host!r} is not an IPv6 address") from e
     elif ":" in host:
         raise BootstrapError(f"{what} {text!r}: write IPv6 addresses as [ADDR]:PORT")
-    elif not _is_ip(host) and not _HOSTNAME.match(host):
+    elif not is_ip(host) and not _HOSTNAME.match(host):
         raise BootstrapError(f"{what} {text!r}: {host!r} is not an IP address or hostname")
     return host, parse_port(port_text, what=f"{what} {text!r}", allow_zero=allow_zero)
 
@@ -296,7 +298,7 @@ def build_bootstrap(
 
 def _xds_cluster(host: str, port: int) -> dict[str, Any]:
     cluster = _static_cluster(XDS_CLUSTER, host, port)
-    if not _is_ip(host):
+    if not is_ip(host):
         cluster["type"] = "STRICT_DNS"
         cluster["respect_dns_ttl"] = True
         # Only loopback may receive traffic here; `localhost` must not turn into ::1.
@@ -460,14 +462,6 @@ def _prometheus_listener(ip: str, port: int) -> dict[str, Any]:
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_ip(what: str, text: str) -> str:

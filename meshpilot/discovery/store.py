@@ -82,17 +82,7 @@ class ConfigStore:
         local_dupes: list[ConfigError] = []
         for cfg in configs:
             if cfg.key in fresh:
-                local_dupes.append(
-                    ConfigError(
-                        origin,
-                        f"duplicate {cfg.kind} {cfg.namespace}/{cfg.name}: "
-                        f"already defined in {fresh[cfg.key].origin}",
-                        kind=cfg.kind,
-                        namespace=cfg.namespace,
-                        name=cfg.name,
-                        field="metadata.name",
-                    )
-                )
+                local_dupes.append(_duplicate(origin, cfg.key, fresh[cfg.key].origin))
                 continue
             fresh[cfg.key] = cfg
         if keep_all_previous:
@@ -172,15 +162,7 @@ class ConfigStore:
             ordered = sorted(owners)
             winner = self._origins[ordered[0]].configs[key] if ordered else None
             dupes = [
-                ConfigError(
-                    other,
-                    f"duplicate {key.kind} {key.namespace}/{key.name}: "
-                    f"already defined in {winner.origin}; this one is ignored",
-                    kind=key.kind,
-                    namespace=key.namespace,
-                    name=key.name,
-                    field="metadata.name",
-                )
+                _duplicate(other, key, winner.origin, "; this one is ignored")
                 for other in ordered[1:]
                 if winner is not None
             ]
@@ -222,3 +204,15 @@ def _differs(a: Config | None, b: Config | None) -> bool:
         return False
     # Programmatic configs may carry no revision: then any new object is a change.
     return not a.revision or a.revision != b.revision
+
+
+def _duplicate(origin: str, key: ConfigKey, first: str, consequence: str = "") -> ConfigError:
+    return ConfigError(
+        origin,
+        f"duplicate {key.kind} {key.namespace}/{key.name}: already defined in {first}"
+        + consequence,
+        kind=key.kind,
+        namespace=key.namespace,
+        name=key.name,
+        field="metadata.name",
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -45,3 +45,14 @@ class Config:
     @property
     def name(self) -> str:
         return self.key.name
+
+
+def age_key(cfg: Config) -> tuple[float, str, str]:
+    """Istio's precedence among conflicting configs: oldest creationTimestamp first,
+    then namespace and name, so the winner never depends on load order."""
+    ts = cfg.creation_timestamp.timestamp() if cfg.creation_timestamp else 0.0
+    return (ts, cfg.namespace, cfg.name)
+
+
+def oldest_first(configs: Iterable[Config]) -> list[Config]:
+    return sorted(configs, key=age_key)

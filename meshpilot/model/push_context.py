@@ -17,7 +17,7 @@ from types import MappingProxyType
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.discovery.store import StoreSnapshot
 from meshpilot.model import kinds
-from meshpilot.model.config import Config, ConfigKey
+from meshpilot.model.config import Config, ConfigKey, oldest_first
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.registry import (
     EndpointIndex,
@@ -156,7 +156,7 @@ class PushContext:
             endpoints=endpoints,
             changed_hosts=changed_hosts,
             _services_sorted=tuple(sorted(services.values(), key=lambda s: s.hostname)),
-            _sidecars_by_ns={ns: tuple(_oldest_first(v)) for ns, v in sidecars.items()},
+            _sidecars_by_ns={ns: tuple(oldest_first(v)) for ns, v in sidecars.items()},
             _virtual_services=tuple(
                 resolve_virtual_services(
                     snapshot.of_kind(kinds.VIRTUAL_SERVICE).values(), mesh.domain_suffix
@@ -340,13 +340,3 @@ def _exported_to(svc: Service, namespace: str) -> bool:
     if "*" in exp or namespace in exp:
         return True
     return "." in exp and svc.namespace == namespace
-
-
-def _oldest_first(configs: list[Config]) -> list[Config]:
-    return sorted(
-        configs,
-        key=lambda c: (
-            c.creation_timestamp.timestamp() if c.creation_timestamp else 0.0,
-            c.name,
-        ),
-    )

@@ -7,15 +7,15 @@ serviceregistry controllers do.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
+from meshpilot.addresses import is_ip
 from meshpilot.api.kube import KubeServiceSpec
 from meshpilot.api.networking import ServiceEntrySpec, WorkloadEntrySpec
 from meshpilot.discovery.store import StoreSnapshot
 from meshpilot.model import kinds
-from meshpilot.model.config import Config
+from meshpilot.model.config import Config, oldest_first
 from meshpilot.model.service import (
     Endpoint,
     Protocol,
@@ -48,10 +48,10 @@ _SE_RESOLUTION = {
 def build_services(snapshot: StoreSnapshot, domain_suffix: str) -> dict[str, Service]:
     """All services by hostname. Kubernetes Services win a hostname clash, then age."""
     out: dict[str, Service] = {}
-    for cfg in _by_age(snapshot.of_kind(kinds.SERVICE).values()):
+    for cfg in oldest_first(snapshot.of_kind(kinds.SERVICE).values()):
         svc = _from_kube_service(cfg, domain_suffix)
         out.setdefault(svc.hostname, svc)
-    for cfg in _by_age(snapshot.of_kind(kinds.SERVICE_ENTRY).values()):
+    for cfg in oldest_first(snapshot.of_kind(kinds.SERVICE_ENTRY).values()):
         for svc in _from_service_entry(cfg):
             out.setdefault(svc.hostname, svc)
     return out
@@ -169,7 +169,7 @@ def _endpoint(
         return None
     if address.startswith("unix://"):
         return None
-    if svc.resolution is Resolution.CLIENT_SIDE_LB and not _is_ip(address):
+    if svc.resolution is Resolution.CLIENT_SIDE_LB and not is_ip(address):
         # EDS carries IPs only; a hostname endpoint needs a DNS ServiceEntry.
         return None
     if port.name in we.ports:
@@ -201,25 +201,6 @@ def _locality_from_labels(labels: Mapping[str, str]) -> str:
     while parts and not parts[-1]:
         parts.pop()
     return "/".join(parts)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _by_age(configs: Iterable[Config]) -> list[Config]:
-    return sorted(
-        configs,
-        key=lambda c: (
-            c.creation_timestamp.timestamp() if c.creation_timestamp else 0.0,
-            c.namespace,
-            c.name,
-        ),
-    )
 
 
 def _export_to(values: list[str]) -> frozenset[str]:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshpilot.api.networking import DestinationRuleSpec, VirtualServiceSpec
-from meshpilot.model.config import Config
+from meshpilot.model.config import Config, age_key
 from meshpilot.model.sidecar_scope import host_matches
 
 MESH_GATEWAY = "mesh"
@@ -24,11 +24,6 @@ def exported_to(export_to: Iterable[str], owner_ns: str, namespace: str) -> bool
     if "*" in values or namespace in values:
         return True
     return "." in values and owner_ns == namespace
-
-
-def _age_key(cfg: Config) -> tuple[float, str, str]:
-    ts = cfg.creation_timestamp.timestamp() if cfg.creation_timestamp else 0.0
-    return (ts, cfg.namespace, cfg.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +68,7 @@ def resolve_virtual_services(
     configs: Iterable[Config], domain_suffix: str
 ) -> list[ResolvedVirtualService]:
     out = []
-    for cfg in sorted(configs, key=_age_key):
+    for cfg in sorted(configs, key=age_key):
         spec: VirtualServiceSpec = cfg.spec
         hosts = tuple(resolve_host(h, cfg.namespace, domain_suffix) for h in spec.hosts)
         out.append(ResolvedVirtualService(cfg, hosts))
@@ -131,7 +126,7 @@ class DestinationRuleIndex:
         self._wildcards: dict[str, list[ResolvedDestinationRule]] = {}
         self.conflicts: list[Conflict] = []
         losers: dict[tuple[str, str], list[Config]] = {}
-        for cfg in sorted(configs, key=_age_key):
+        for cfg in sorted(configs, key=age_key):
             spec: DestinationRuleSpec = cfg.spec
             if spec.workload_selector is not None and spec.workload_selector.labels:
                 # Workload-scoped rules apply to the selected proxies' own outbound

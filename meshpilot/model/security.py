@@ -28,7 +28,7 @@ from meshpilot.api.security import (
     PeerAuthenticationSpec,
 )
 from meshpilot.model import kinds
-from meshpilot.model.config import Config
+from meshpilot.model.config import Config, oldest_first
 from meshpilot.model.service import labels_match
 
 STRICT = "STRICT"
@@ -85,22 +85,11 @@ class AuthzPolicies:
 NO_AUTHZ = AuthzPolicies()
 
 
-def _oldest_first(configs: Iterable[Config]) -> list[Config]:
-    return sorted(
-        configs,
-        key=lambda c: (
-            c.creation_timestamp.timestamp() if c.creation_timestamp else 0.0,
-            c.namespace,
-            c.name,
-        ),
-    )
-
-
 def _by_namespace(configs: Iterable[Config]) -> dict[str, tuple[Config, ...]]:
     out: dict[str, list[Config]] = {}
     for cfg in configs:
         out.setdefault(cfg.namespace, []).append(cfg)
-    return {ns: tuple(_oldest_first(v)) for ns, v in out.items()}
+    return {ns: tuple(oldest_first(v)) for ns, v in out.items()}
 
 
 def _mode(mtls: MutualTLS | None) -> str:

@@ -8,6 +8,8 @@ import math
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
+from meshpilot.addresses import is_ip as is_ip
+from meshpilot.addresses import is_ipv4 as is_ipv4
 from meshpilot.durations import parse_duration
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
@@ -86,18 +88,3 @@ def cidr_range(text: str) -> address_pb2.CidrRange | None:
     return address_pb2.CidrRange(
         address_prefix=str(net.network_address), prefix_len=uint32(net.prefixlen)
     )
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def is_ipv4(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == 4
-    except ValueError:
-        return False
