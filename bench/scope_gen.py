@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: one scope's full config with routing rules on every service.
+"""Routing benchmark: one scope's full config with routing rules on every service.
 
 1000 services, each with a DestinationRule (3 subsets, outlier detection) and a
 VirtualService (header match + 80/20 weighted split). Measures, on one core, the CPU

@@ -178,7 +178,7 @@ def upstream_tls_context(
     if tls.credential_name:
         # Istio does not give credentialName to sidecars (every sidecar in scope would
         # wait for a secret it may not be allowed to read); gateways need SDS.
-        # TODO(issue 4): gateways: SDS secret `kubernetes://NAME`.
+        # TODO(gateways): SDS secret `kubernetes://NAME`.
         return None
     if tls.mode == "MUTUAL" and not (tls.client_certificate and tls.private_key):
         # Istio's validation rejects this rule; it never builds a context for it.

@@ -1,4 +1,4 @@
-"""Bookinfo on loopback, for the traffic-management end-to-end tests (issue 3).
+"""Bookinfo on loopback, for the traffic-management end-to-end tests.
 
 `examples/bookinfo-local/` is the mesh: Istio's `bookinfo.yaml` and
 `tcp-echo-services.yaml` unchanged, plus WorkloadEntries and explicit-mode Sidecars
@@ -43,10 +43,11 @@ from tests.e2e.harness import (
     wait_for,
 )
 from tests.e2e.mesh import Mesh
+from tests.samples import ISTIO_SAMPLES
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "bookinfo-local"
-SAMPLES = REPO.parent / "shared" / "istio-samples" / "samples"
+SAMPLES = ISTIO_SAMPLES
 NAMESPACE = "default"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 HTTP_PORT = 9080
@@ -58,10 +59,10 @@ _EXAMPLE_FILES = ("bookinfo.yaml", "tcp-echo-services.yaml", "workloads.yaml", "
 
 
 def sample(relpath: str) -> Path:
-    """A file of Istio's sample corpus (`../shared/istio-samples/samples/RELPATH`)."""
+    """A file of Istio's sample corpus (`tests/data/istio-samples/samples/RELPATH`)."""
     path = SAMPLES / relpath
     if not path.is_file():
-        # Not a skip: without the corpus the acceptance scenarios would silently vanish.
+        # Not a skip: without the corpus the traffic scenarios would silently vanish.
         pytest.fail(f"Istio sample manifest missing: {path}", pytrace=False)
     return path
 

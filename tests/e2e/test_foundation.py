@@ -1,4 +1,4 @@
-"""Issue 2 end to end: real Envoys fed by meshpilot over SotW and Delta ADS."""
+"""The foundation end to end: real Envoys fed by meshpilot over SotW and Delta ADS."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 4, acceptance point 3, end to end: AuthorizationPolicy on the server's sidecar,
+"""End to end: AuthorizationPolicy on the server's sidecar,
 with identities from real certificates (agents, CA, mTLS between the sidecars).
 
 Istio's evaluation order: CUSTOM, then DENY, then ALLOW; with any ALLOW policy on a

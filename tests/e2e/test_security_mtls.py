@@ -1,4 +1,4 @@
-"""Issue 4, acceptance points 1, 2 and 7, end to end: real agents (`meshpilot agent`), real
+"""Mutual TLS end to end: real agents (`meshpilot agent`), real
 Envoys, real certificates from the CA, real TLS handshakes between the sidecars.
 
 Point 7's other half, a client without a valid certificate refused on the secure port
@@ -112,7 +112,7 @@ async def plaintext_ok(mesh: SecureMesh, port: int = SERVER_PORT, path: str = "/
     return resp.status == 200 and mesh.app.requests[-1].path == path
 
 
-# --- acceptance 1 and 7 ------------------------------------------------------------------
+# --- mTLS and XFCC ----------------------------------------------------------------------
 
 
 async def test_mesh_traffic_is_mutual_tls_with_the_client_identity_in_xfcc(
@@ -185,7 +185,7 @@ async def test_mesh_traffic_is_mutual_tls_with_the_client_identity_in_xfcc(
     )
 
 
-# --- acceptance 2 ------------------------------------------------------------------------
+# --- PeerAuthentication ------------------------------------------------------------------------
 
 
 async def test_peer_authentication_strict_permissive_disable_and_port_level(

@@ -1,4 +1,4 @@
-"""Issue 4, acceptance point 4, end to end: the certificate the server's Envoy serves,
+"""Certificate rotation end to end: the certificate the server's Envoy serves,
 read with `openssl s_client`, verifies against the mesh root with `openssl verify` and
 carries exactly the server's SPIFFE URI SAN; with 30 s certificates both agents rotate
 at least twice while a steady request loop sees zero failures and no Envoy restarts.

@@ -1,4 +1,4 @@
-"""Issue 3 acceptance, resilience: fault injection, timeouts, retries and circuit
+"""Traffic management, resilience: fault injection, timeouts, retries and circuit
 breaking through real Envoy sidecars (scenarios 4, 5, 6 and 7)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 3 acceptance, routing: Istio's bookinfo manifests applied unchanged, checked
+"""Traffic management, routing: Istio's bookinfo manifests applied unchanged, checked
 through real Envoy sidecars (scenarios 1, 2, 3 and 12)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 3 acceptance: locality failover and Sidecar scoping through real Envoy
+"""Traffic management: locality failover and Sidecar scoping through real Envoy
 sidecars (scenarios 10 and 11)."""
 
 from __future__ import annotations

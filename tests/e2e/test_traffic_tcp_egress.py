@@ -1,4 +1,4 @@
-"""Issue 3 acceptance: TCP traffic shifting and egress control through real Envoy
+"""Traffic management: TCP traffic shifting and egress control through real Envoy
 sidecars (scenarios 8 and 9)."""
 
 from __future__ import annotations

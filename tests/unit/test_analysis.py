@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
@@ -12,8 +11,9 @@ from meshpilot.model.analysis import Message, analyze
 from meshpilot.model.push_context import PushContext
 from meshpilot.serve import MeshServer
 from meshpilot.settings import Settings
+from tests.samples import ISTIO_SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "istio-samples" / "samples"
+SAMPLES = ISTIO_SAMPLES
 
 WORKLOADS = """
 apiVersion: networking.istio.io/v1
@@ -46,7 +46,7 @@ spec: {address: 10.1.0.5, labels: {app: productpage, version: v1}}
 def sample(relpath: str) -> str:
     path = SAMPLES / relpath
     if not path.is_file():
-        raise RuntimeError(f"Istio sample missing: expected {path} (the shared corpus)")
+        raise RuntimeError(f"Istio sample missing: expected {path} (tests/data/istio-samples)")
     return path.read_text()
 
 

@@ -12,10 +12,11 @@ from meshpilot.discovery.store import ConfigStore
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import labels_match
+from tests.samples import ISTIO_SAMPLES
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "bookinfo-local"
-SAMPLES = REPO.parent / "shared" / "istio-samples" / "samples"
+SAMPLES = ISTIO_SAMPLES
 
 WORKLOADS = {
     "productpage-v1": ("productpage", "v1", "127.0.5.1", "127.0.6.1"),

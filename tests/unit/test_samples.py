@@ -12,9 +12,10 @@ from meshpilot.api.parse import parse_text
 from meshpilot.discovery.files import FileSource
 from meshpilot.discovery.store import ConfigStore
 from meshpilot.model.push_context import PushContext
+from tests.samples import ISTIO_SAMPLES, ISTIO_SAMPLES_ROOT
 
-SAMPLES_ROOT = Path(__file__).parents[2].parent / "shared" / "istio-samples"
-SAMPLES = SAMPLES_ROOT / "samples"
+SAMPLES_ROOT = ISTIO_SAMPLES_ROOT
+SAMPLES = ISTIO_SAMPLES
 
 
 def sample_files() -> list[Path]:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store
 
 from meshpilot.ca.identity import SpiffeId
+from tests.samples import ISTIO_SAMPLES
 
 SLEEP = SpiffeId("cluster.local", "default", "sleep")
 PLUGIN_FILES = ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem")
@@ -23,17 +24,11 @@ AnyKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Private
 
 
 def istio_samples_certs() -> Path:
-    """`shared/istio-samples/samples/certs`, found above the repository; fails if absent."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        candidate = parent / "shared" / "istio-samples" / "samples" / "certs"
-        if candidate.is_dir():
-            return candidate
-    pytest.fail(
-        f"Istio's sample certificates not found: no shared/istio-samples/samples/certs "
-        f"in any parent of {here}",
-        pytrace=False,
-    )
+    """Istio's plug-in CA test files (`tests/data/istio-samples/samples/certs`)."""
+    certs = ISTIO_SAMPLES / "certs"
+    if not certs.is_dir():
+        pytest.fail(f"Istio's sample certificates not found at {certs}", pytrace=False)
+    return certs
 
 
 def copy_plugin_dir(dest: Path) -> Path:

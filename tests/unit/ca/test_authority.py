@@ -147,7 +147,7 @@ def test_plugin_chain_verifies_through_ca_cert_to_root(tmp_path: Path) -> None:
     chain = load_chain(pems)
     assert chain[1] == ca_cert
     assert chain[0].issuer == ca_cert.subject
-    # The acceptance check: openssl, through ca-cert.pem, to root-cert.pem.
+    # The check a user would make: openssl, through ca-cert.pem, to root-cert.pem.
     out = openssl_verify(tmp_path, d / "root-cert.pem", pems[0], d / "ca-cert.pem")
     assert out.strip().endswith("OK")
     sans = verify_with_cryptography(chain, ca.roots, strict=False)

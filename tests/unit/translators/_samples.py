@@ -1,9 +1,7 @@
-"""Istio's own sample manifests, read unchanged from the shared corpus, plus the
+"""Istio's own sample manifests, read unchanged from tests/data/istio-samples, plus the
 WorkloadEntries that stand in for their Deployments' pods."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
@@ -11,11 +9,11 @@ from meshpilot.api.mesh import MeshConfig
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.translators.routes import build_route_configs
+from tests.samples import ISTIO_SAMPLES
 
 from ._helpers import dedent, push_of, sidecar
 
-SHARED = Path(__file__).resolve().parents[3].parent / "shared"
-SAMPLES = SHARED / "istio-samples" / "samples"
+SAMPLES = ISTIO_SAMPLES
 NETWORKING = SAMPLES / "bookinfo" / "networking"
 
 REVIEWS = "reviews.default.svc.cluster.local"
@@ -29,7 +27,7 @@ def sample(relpath: str) -> str:
     """A sample manifest's text; a missing corpus fails loudly instead of skipping."""
     path = SAMPLES / relpath
     if not path.is_file():
-        raise RuntimeError(f"Istio sample missing: expected {path} (the shared corpus)")
+        raise RuntimeError(f"Istio sample missing: expected {path} (tests/data/istio-samples)")
     return path.read_text()
 
 

@@ -19,6 +19,7 @@ from meshpilot.model.push_context import PushContext
 from meshpilot.translators.clusters import build_clusters, outbound_cluster_names
 from meshpilot.translators.endpoints import build_load_assignment, eds_cache_key
 from meshpilot.translators.traffic_policy import hash_policies, merge_traffic_policy
+from tests.samples import ISTIO_SAMPLES
 
 from ._helpers import RATINGS, REVIEWS, by_name, push_of, router, sidecar, unpack
 
@@ -27,7 +28,7 @@ HP = route_components_pb2.RouteAction.HashPolicy
 OPTS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 MAX = 2**32 - 1
 
-SAMPLES = Path(__file__).resolve().parents[3].parent / "shared/istio-samples/samples"
+SAMPLES = ISTIO_SAMPLES
 BOOKINFO_NET = SAMPLES / "bookinfo/networking"
 
 # reviews-v3 and ratings-v2 join the base mesh so that every subset has something.
@@ -46,7 +47,7 @@ spec: {address: 10.0.0.5, labels: {app: ratings, version: v2}}
 
 def sample(name: str) -> str:
     path = BOOKINFO_NET / name
-    assert path.is_file(), f"Istio sample missing: {path} (the shared samples checkout)"
+    assert path.is_file(), f"Istio sample missing: {path} (tests/data/istio-samples)"
     return path.read_text()
 
 
