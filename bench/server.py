@@ -30,7 +30,7 @@ from bench import mesh
 from bench.procs import Control, cpu_seconds, rss_kb, thread_cpu
 from meshpilot import logs
 from meshpilot.api.parse import parse_object
-from meshpilot.model.config import Config
+from meshpilot.config import Config
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
 from meshpilot.serve import MeshServer

@@ -13,10 +13,10 @@ import structlog
 from google.protobuf import json_format
 
 from meshpilot.api.mesh import MeshConfig, load_mesh_config
+from meshpilot.config import ConfigKey
 from meshpilot.discovery.files import FileSource
 from meshpilot.discovery.store import ConfigStore
 from meshpilot.model import analysis
-from meshpilot.model.config import ConfigKey
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import http as monitoring_http

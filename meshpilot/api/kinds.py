@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from meshpilot.api import kube, networking, security
-from meshpilot.model import kinds
+from meshpilot.config import kinds
 
 
 @dataclass(frozen=True, slots=True)

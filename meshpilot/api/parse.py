@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from meshpilot.api.errors import ConfigError, field_path
 from meshpilot.api.kinds import IGNORED_KINDS, KINDS
-from meshpilot.model.config import Config, ConfigKey
+from meshpilot.config import Config, ConfigKey
 
 try:  # libyaml is many times faster; fall back where it is not compiled in.
     _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]

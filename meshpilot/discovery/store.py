@@ -8,36 +8,19 @@ hear which keys changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import structlog
 
 from meshpilot.api.errors import ConfigError
-from meshpilot.model.config import Config, ConfigKey
+from meshpilot.config import Config, ConfigKey, StoreSnapshot
 from meshpilot.monitoring import metrics
 
 log = structlog.get_logger(__name__)
 
 ChangeListener = Callable[[frozenset[ConfigKey]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSnapshot:
-    """An immutable view: configs by kind, then by key. Cheap to share with a push."""
-
-    by_kind: Mapping[str, Mapping[ConfigKey, Config]]
-    generation: int
-
-    def of_kind(self, kind: str) -> Mapping[ConfigKey, Config]:
-        return self.by_kind.get(kind, MappingProxyType({}))
-
-    def get(self, key: ConfigKey) -> Config | None:
-        return self.of_kind(key.kind).get(key)
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.by_kind.values())
 
 
 @dataclass(slots=True)

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshpilot.api.networking import Destination, HTTPRoute, ServerTLSSettings, VirtualServiceSpec
 from meshpilot.api.security import AuthorizationPolicySpec, PeerAuthenticationSpec
-from meshpilot.model import kinds
-from meshpilot.model.config import Config
+from meshpilot.config import Config, kinds
 from meshpilot.model.routing import MESH_GATEWAY, Conflict, ResolvedVirtualService
 from meshpilot.model.service import Resolution, labels_match
 

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from meshpilot.api.mesh import MeshConfig
-from meshpilot.discovery.store import StoreSnapshot
-from meshpilot.model import kinds
-from meshpilot.model.config import Config, ConfigKey, oldest_first
+from meshpilot.config import Config, ConfigKey, StoreSnapshot, kinds, oldest_first
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.registry import (
     EndpointIndex,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from meshpilot.model.config import ConfigKey
-from meshpilot.model.kinds import ENDPOINT_KINDS
+from meshpilot.config import ConfigKey
+from meshpilot.config.kinds import ENDPOINT_KINDS
 
 
 @dataclass(frozen=True, slots=True)

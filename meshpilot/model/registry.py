@@ -13,9 +13,7 @@ from types import MappingProxyType
 from meshpilot.addresses import is_ip
 from meshpilot.api.kube import KubeServiceSpec
 from meshpilot.api.networking import ServiceEntrySpec, WorkloadEntrySpec
-from meshpilot.discovery.store import StoreSnapshot
-from meshpilot.model import kinds
-from meshpilot.model.config import Config, oldest_first
+from meshpilot.config import Config, StoreSnapshot, kinds, oldest_first
 from meshpilot.model.service import (
     Endpoint,
     Protocol,

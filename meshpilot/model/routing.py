@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshpilot.api.networking import DestinationRuleSpec, VirtualServiceSpec
-from meshpilot.model.config import Config, age_key
+from meshpilot.config import Config, age_key
 from meshpilot.model.sidecar_scope import host_matches
 
 MESH_GATEWAY = "mesh"

@@ -27,8 +27,7 @@ from meshpilot.api.security import (
     MutualTLS,
     PeerAuthenticationSpec,
 )
-from meshpilot.model import kinds
-from meshpilot.model.config import Config, oldest_first
+from meshpilot.config import Config, kinds, oldest_first
 from meshpilot.model.service import labels_match
 
 STRICT = "STRICT"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from meshpilot.model.config import ConfigKey
+from meshpilot.config import ConfigKey
 
 
 class Protocol(StrEnum):

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshpilot.api.networking import IstioEgressListener, IstioIngressListener, SidecarSpec
-from meshpilot.model.config import Config, ConfigKey
+from meshpilot.config import Config, ConfigKey
 from meshpilot.model.service import Protocol, Service, ServicePort, parse_protocol
 
 

@@ -45,7 +45,7 @@ from envoy.extensions.path.match.uri_template.v3 import uri_template_match_pb2
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2
 
 from meshpilot.api.security import AuthorizationPolicySpec, Rule
-from meshpilot.model.config import Config
+from meshpilot.config import Config
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.security import AuthzPolicies
 from meshpilot.translators.common import cidr_range, pack

@@ -25,7 +25,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from google.protobuf import struct_pb2
 
 from meshpilot.api.networking import Destination, HTTPMatchRequest, HTTPRoute
-from meshpilot.model.config import Config
+from meshpilot.config import Config
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.routing import ResolvedVirtualService
 from meshpilot.model.service import Service

@@ -32,8 +32,8 @@ import aiohttp
 import pytest
 
 from meshpilot.api.parse import parse_text
+from meshpilot.config import ConfigKey
 from meshpilot.demo.apps import DemoServer
-from meshpilot.model.config import ConfigKey
 from tests.e2e.harness import (
     EnvoyProcess,
     HttpResult,

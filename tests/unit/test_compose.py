@@ -31,8 +31,8 @@ from meshpilot import cli
 from meshpilot.agent import bootstrap
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
+from meshpilot.config import Config
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model.config import Config
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 

@@ -9,7 +9,7 @@ import pytest
 
 from meshpilot.api.networking import DestinationRuleSpec, VirtualServiceSpec
 from meshpilot.api.parse import MAX_DOCUMENT_DEPTH, parse_object, parse_text
-from meshpilot.model.config import ConfigKey
+from meshpilot.config import ConfigKey
 
 
 def y(text: str) -> str:

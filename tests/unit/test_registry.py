@@ -8,8 +8,8 @@ import pytest
 
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
+from meshpilot.config import ConfigKey
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model.config import ConfigKey
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Protocol, Resolution
 

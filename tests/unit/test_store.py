@@ -6,8 +6,8 @@ from structlog.testing import capture_logs
 
 from meshpilot.api.errors import ConfigError
 from meshpilot.api.parse import parse_text
+from meshpilot.config import Config, ConfigKey
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model.config import Config, ConfigKey
 
 
 def dr(name: str, host: str = "h", namespace: str = "default", extra: str = "") -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from meshpilot.model.config import ConfigKey
+from meshpilot.config import ConfigKey
 from meshpilot.model.push_request import PushRequest
 from meshpilot.xds.push import Pusher
 from tests.xds.client import names_of

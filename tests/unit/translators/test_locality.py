@@ -10,9 +10,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from meshpilot.api.parse import parse_text
+from meshpilot.config import ConfigKey, kinds
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model import kinds
-from meshpilot.model.config import ConfigKey
 from meshpilot.model.proxy import Locality, Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.translators.clusters import build_clusters, dns_clusters_depend_on_locality
