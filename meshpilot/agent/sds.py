@@ -60,7 +60,7 @@ class SecretCache:
 
     def __init__(self, start_id: str | None = None) -> None:
         # Versions differ across agent restarts, so Envoy never mistakes a new secret
-        # for one it already has (DESIGN: versions distinct across restarts).
+        # for one it already has (versions stay distinct across restarts).
         self.start_id = start_id or f"{int(time.time()):x}{secrets.token_hex(2)}"
         self._counter = itertools.count(1)
         self._entries: dict[str, SecretEntry] = {}
