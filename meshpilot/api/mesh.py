@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,7 +26,7 @@ class MeshOutboundTrafficPolicy(_Mesh):
 
 class ProxyConfig(_Mesh):
     discovery_address: str = ""
-    proxy_stats_matcher: dict | None = None
+    proxy_stats_matcher: dict[str, Any] | None = None
     hold_application_until_proxy_starts: bool = False
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -88,7 +88,7 @@ CaptureMode = Literal["DEFAULT", "IPTABLES", "NONE"]
 
 class OutboundTrafficPolicy(IstioModel):
     mode: Literal["REGISTRY_ONLY", "ALLOW_ANY"] = "ALLOW_ANY"
-    egress_proxy: dict | None = None
+    egress_proxy: dict[str, Any] | None = None
 
 
 class ServerTLSSettings(IstioModel):
@@ -293,8 +293,8 @@ class TrafficPolicy(IstioModel):
     outlier_detection: OutlierDetection | None = None
     tls: ClientTLSSettings | None = None
     port_level_settings: list[PortTrafficPolicy] = Field(default_factory=list)
-    tunnel: dict | None = None
-    proxy_protocol: dict | None = None
+    tunnel: dict[str, Any] | None = None
+    proxy_protocol: dict[str, Any] | None = None
 
 
 class Subset(IstioModel):

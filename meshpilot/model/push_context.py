@@ -13,6 +13,7 @@ import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.config import Config, ConfigKey, StoreSnapshot, kinds, oldest_first
@@ -65,8 +66,10 @@ class PushContext:
     _sidecars_by_ns: Mapping[str, tuple[Config, ...]] = field(default_factory=dict)
     _scope_cache: dict[tuple[str, ConfigKey | None], SidecarScope] = field(default_factory=dict)
     # Lazily built per-context indexes (the context is immutable, so they never go stale).
-    _instances_cache: dict[tuple, tuple[ServiceInstance, ...]] = field(default_factory=dict)
-    _label_instances: dict[tuple, list[ServiceInstance]] = field(default_factory=dict)
+    _instances_cache: dict[tuple[Any, ...], tuple[ServiceInstance, ...]] = field(
+        default_factory=dict
+    )
+    _label_instances: dict[tuple[Any, ...], list[ServiceInstance]] = field(default_factory=dict)
     _by_ip: dict[str, list[tuple[Service, ServicePort, Endpoint]]] | None = None
     _by_ns: dict[str, list[Service]] | None = None
     # Routing config; shared unchanged by endpoint-only contexts.

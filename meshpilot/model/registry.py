@@ -64,7 +64,7 @@ def build_endpoints(snapshot: StoreSnapshot, services: Mapping[str, Service]) ->
         selectors = [(s.namespace, s.selector) for s in services.values() if s.selector]
         entries = [cfg for cfg in entries if _selected(cfg, selectors)]
     workloads = WorkloadIndex(entries)
-    index: dict[str, dict[int, tuple[Endpoint, ...]]] = {}
+    index: dict[str, Mapping[int, tuple[Endpoint, ...]]] = {}
     for svc in services.values():
         index[svc.hostname] = MappingProxyType(_service_endpoints(svc, snapshot, workloads))
     return MappingProxyType(index)
@@ -144,9 +144,9 @@ def _service_endpoints(
             return {k: tuple(v) for k, v in per_port.items()}
     if svc.selector:
         for we_cfg, labels in workloads.select(svc.namespace, svc.selector):
-            we: WorkloadEntrySpec = we_cfg.spec
+            selected: WorkloadEntrySpec = we_cfg.spec
             for port in svc.ports:
-                ep = _endpoint(we, svc, port, we_cfg.namespace, we_cfg.name, labels=labels)
+                ep = _endpoint(selected, svc, port, we_cfg.namespace, we_cfg.name, labels=labels)
                 if ep is not None:
                     per_port[port.port].append(ep)
     return {k: tuple(v) for k, v in per_port.items()}

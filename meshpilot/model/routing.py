@@ -33,7 +33,8 @@ class ResolvedVirtualService:
 
     @property
     def spec(self) -> VirtualServiceSpec:
-        return self.config.spec
+        spec: VirtualServiceSpec = self.config.spec
+        return spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,8 @@ class ResolvedDestinationRule:
 
     @property
     def spec(self) -> DestinationRuleSpec:
-        return self.config.spec
+        spec: DestinationRuleSpec = self.config.spec
+        return spec
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from meshpilot.api.security import (
     MutualTLS,
     PeerAuthenticationSpec,
 )
-from meshpilot.config import Config, kinds, oldest_first
+from meshpilot.config import Config, ConfigKey, kinds, oldest_first
 from meshpilot.model.service import labels_match
 
 STRICT = "STRICT"
@@ -102,7 +102,7 @@ def _has_selector(spec: PeerAuthenticationSpec | AuthorizationPolicySpec) -> boo
 class SecurityIndex:
     """Per-push index of PeerAuthentication and AuthorizationPolicy configs."""
 
-    def __init__(self, configs: Mapping[str, Mapping[object, Config]], root_namespace: str):
+    def __init__(self, configs: Mapping[str, Mapping[ConfigKey, Config]], root_namespace: str):
         self.root_namespace = root_namespace
         self._peer = _by_namespace(configs.get(kinds.PEER_AUTHENTICATION, {}).values())
         self._authz = _by_namespace(configs.get(kinds.AUTHORIZATION_POLICY, {}).values())
