@@ -18,8 +18,6 @@ the same host, as Istio's DefaultConsistentHashPolicy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from google.protobuf import struct_pb2
@@ -27,16 +25,13 @@ from google.protobuf import struct_pb2
 from meshpilot.api.networking import Destination, HTTPMatchRequest, HTTPRoute
 from meshpilot.model.config import Config
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.routing import ResolvedVirtualService
 from meshpilot.model.service import Service
 from meshpilot.translators import naming, traffic_policy
 from meshpilot.translators import route_policies as rp
 from meshpilot.translators.common import bool_value, duration, pack
 from meshpilot.translators.destinations import ClusterSet, ResolvedDestination, static_match
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 FAULT_FILTER = "envoy.filters.http.fault"
 CORS_FILTER = "envoy.filters.http.cors"

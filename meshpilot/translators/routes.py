@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Hashable, Iterable
-from typing import TYPE_CHECKING
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Service
 from meshpilot.translators import naming
 from meshpilot.translators.common import bool_value, duration, uint32
 from meshpilot.translators.http_route import MAX_DIRECT_RESPONSE_BODY_BYTES, HttpRouteBuilder
 from meshpilot.translators.plan import REGISTRY_ONLY, InboundPlan, OutboundListenerPlan, route_plans
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 RouteConfiguration = route_pb2.RouteConfiguration
 BLOCK_ALL_STATUS = 502
