@@ -12,10 +12,10 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
+from meshpilot import analysis
 from meshpilot.api.mesh import MeshConfig, load_mesh_config
 from meshpilot.discovery.files import FileSource
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model import analysis
 from meshpilot.model.config import ConfigKey
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest

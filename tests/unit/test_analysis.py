@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+from meshpilot.analysis import Message, analyze
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model.analysis import Message, analyze
 from meshpilot.model.push_context import PushContext
 from meshpilot.serve import MeshServer
 from meshpilot.settings import Settings
@@ -295,3 +297,22 @@ async def test_configz_lists_analysis_once_per_context() -> None:
     cached = server.__dict__["_analysis"]
     server.configz()
     assert server.__dict__["_analysis"] is cached
+
+
+def test_analysis_imports_neither_translators_nor_upper_floors() -> None:
+    """Analysis sits on api/ and model/: importing it first thing in a fresh
+    interpreter loads no translator, xDS or server module."""
+    probe = (
+        "import sys, meshpilot.analysis; "
+        "print(sorted(m for m in sys.modules if m.startswith("
+        "('meshpilot.translators', 'meshpilot.xds', 'meshpilot.serve'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
