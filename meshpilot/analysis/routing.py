@@ -54,29 +54,48 @@ _GRPC_STATUS_NAMES = frozenset(
 # --- VirtualServices --------------------------------------------------------------------
 
 
-def _destinations(spec: VirtualServiceSpec) -> Iterator[tuple[str, Destination, int]]:
-    """(field path, destination, number of destinations in its rule) of every reference."""
+def _destinations(spec: VirtualServiceSpec) -> Iterator[tuple[str, Destination, str]]:
+    """(field path, destination, what happens to its traffic when its cluster does not
+    exist) of every reference, after the translation's rules (translators/http_route.py
+    and l4_route.py)."""
     for i, rule in enumerate(spec.http):
+        weights = [rd.weight for rd in rule.route]
         for j, rd in enumerate(rule.route):
-            yield f"spec.http[{i}].route[{j}].destination", rd.destination, len(rule.route)
+            effect = _http_effect(rd.weight, weights)
+            yield f"spec.http[{i}].route[{j}].destination", rd.destination, effect
+        mirror_effect = "nothing is mirrored to it"
         if rule.mirror is not None:
-            yield f"spec.http[{i}].mirror", rule.mirror, 1
+            yield f"spec.http[{i}].mirror", rule.mirror, mirror_effect
         for j, m in enumerate(rule.mirrors):
-            yield f"spec.http[{i}].mirrors[{j}].destination", m.destination, 1
-    for i, tcp in enumerate(spec.tcp):
-        for j, rd in enumerate(tcp.route):
-            yield f"spec.tcp[{i}].route[{j}].destination", rd.destination, len(tcp.route)
-    for i, tls in enumerate(spec.tls):
-        for j, rd in enumerate(tls.route):
-            yield f"spec.tls[{i}].route[{j}].destination", rd.destination, len(tls.route)
+            yield f"spec.http[{i}].mirrors[{j}].destination", m.destination, mirror_effect
+    for proto, l4_rules in (("tcp", spec.tcp), ("tls", spec.tls)):
+        for i, l4 in enumerate(l4_rules):
+            effect = (
+                "it is left out of the split (its share goes to the other destinations; "
+                "connections go to BlackHoleCluster when none is left)"
+                if len(l4.route) > 1
+                else "connections go to BlackHoleCluster"
+            )
+            for j, rd in enumerate(l4.route):
+                yield f"spec.{proto}[{i}].route[{j}].destination", rd.destination, effect
+
+
+def _http_effect(weight: int, weights: list[int]) -> str:
+    if len(weights) < 2:
+        return "every request this rule routes gets 503"
+    total = sum(weights)
+    if weight == 0 or total == 0:
+        return "it has weight 0 and gets no requests"
+    share = f"{round(100 * weight / total, 1):g}%"
+    return f"its {share} share of requests (weight {weight} of {total}) gets 503 (no cluster)"
 
 
 def virtual_service(push: PushContext, vs: ResolvedVirtualService) -> Iterator[Message]:
     cfg = vs.config
     spec = vs.spec
     yield from _gateways(push, cfg, spec.gateways, "spec.gateways")
-    for path, dest, _ in _destinations(spec):
-        yield from _destination(push, cfg, path, dest)
+    for path, dest, effect in _destinations(spec):
+        yield from _destination(push, cfg, path, dest, effect)
     for i, rule in enumerate(spec.http):
         yield from _http_rule(cfg, i, rule)
         if not rule.match and i < len(spec.http) - 1:
@@ -155,7 +174,9 @@ def _weights(cfg: Config, path: str, weights: list[int]) -> Iterator[Message]:
         )
 
 
-def _destination(push: PushContext, cfg: Config, path: str, dest: Destination) -> Iterator[Message]:
+def _destination(
+    push: PushContext, cfg: Config, path: str, dest: Destination, effect: str
+) -> Iterator[Message]:
     host = push.resolve_host(dest.host, cfg.namespace)
     svc = push.services.get(host)
     if svc is None:
@@ -169,7 +190,7 @@ def _destination(push: PushContext, cfg: Config, path: str, dest: Destination) -
             cfg,
             f"{path}.host",
             f"Referenced host not found: {host!r}{short}; no service or ServiceEntry has "
-            "this host, so this destination is dropped (503 when it was the only one)",
+            f"this host, so its cluster does not exist: {effect}",
         )
         return
     if dest.port is not None and svc.port(dest.port.number) is None:
@@ -179,7 +200,7 @@ def _destination(push: PushContext, cfg: Config, path: str, dest: Destination) -
             cfg,
             f"{path}.port.number",
             f"Referenced host:port not found: '{host}:{dest.port.number}'; the service's "
-            f"ports are {ports}",
+            f"ports are {ports}, so its cluster does not exist: {effect}",
         )
     if dest.port is None and len(svc.ports) > 1:
         ports = [p.port for p in svc.ports]
@@ -197,7 +218,7 @@ def _destination(push: PushContext, cfg: Config, path: str, dest: Destination) -
         if dest.subset not in subsets:
             where = (
                 f"DestinationRule {dr.config.namespace}/{dr.config.name} defines "
-                f"{', '.join(subsets) or 'no subsets'}"
+                f"{', '.join(subsets) or 'no subsets'} but not {dest.subset}"
                 if dr is not None
                 else f"no DestinationRule for {host} applies in namespace {cfg.namespace}"
             )
@@ -206,7 +227,7 @@ def _destination(push: PushContext, cfg: Config, path: str, dest: Destination) -
                 cfg,
                 f"{path}.subset",
                 f"Referenced host+subset in destinationrule not found: "
-                f"'{host}+{dest.subset}' ({where}); traffic for it gets 503",
+                f"'{host}+{dest.subset}' ({where}), so its cluster does not exist: {effect}",
             )
 
 

@@ -1,9 +1,10 @@
 """VirtualService destinations to Istio cluster names, and which clusters a proxy has.
 
 Routes, TCP/TLS chains and mirrors all name clusters through `resolve`, and ask
-`ClusterSet.has` before pointing at one: a route must never reference a cluster
-the proxy was not sent (Envoy would answer 503 NC at best, and a listener whose
-tcp_proxy names a missing cluster drops every connection).
+`ClusterSet.has` before pointing at one. A listener whose tcp_proxy names a missing
+cluster drops every connection, so TCP/TLS chains and mirrors leave missing clusters
+out; an HTTP weighted split keeps them, as Istio does, so that their share of
+requests gets 503 NC (http_route.py).
 """
 
 from __future__ import annotations

@@ -107,6 +107,45 @@ def test_unknown_subset_without_destination_rule() -> None:
     assert str(msg).startswith("Error [IST0101] (VirtualService default/reviews mesh.yaml#")
 
 
+def test_split_to_a_subset_the_rule_lacks_says_which_share_gets_503() -> None:
+    """80 v1 / 20 v3 with a DestinationRule that has v1 and v2: the finding names the
+    subset, the rule that lacks it, and the 20% of requests that get 503."""
+    (msg,) = analyze(
+        push_of(
+            """
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: reviews, namespace: default}
+            spec:
+              host: reviews
+              subsets:
+              - {name: v1, labels: {version: v1}}
+              - {name: v2, labels: {version: v2}}
+            """,
+            """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: reviews, namespace: default}
+            spec:
+              hosts: [reviews]
+              http:
+              - route:
+                - destination: {host: reviews, subset: v1}
+                  weight: 80
+                - destination: {host: reviews, subset: v3}
+                  weight: 20
+            """,
+        )
+    )
+    assert (msg.code, msg.field) == ("IST0101", "spec.http[0].route[1].destination.subset")
+    assert msg.message == (
+        "Referenced host+subset in destinationrule not found: "
+        "'reviews.default.svc.cluster.local+v3' (DestinationRule default/reviews defines "
+        "v1, v2 but not v3), so its cluster does not exist: its 20% share of requests "
+        "(weight 20 of 100) gets 503 (no cluster)"
+    )
+
+
 def test_unknown_hosts_subsets_ports_and_gateways() -> None:
     msgs = analyze(
         push_of(
@@ -144,9 +183,16 @@ def test_unknown_hosts_subsets_ports_and_gateways() -> None:
     ]
     subset = broken[2].message
     assert "'reviews.default.svc.cluster.local+v4'" in subset
-    assert "DestinationRule default/reviews defines v1, v2, v3" in subset
+    assert "DestinationRule default/reviews defines v1, v2, v3 but not v4" in subset
+    assert subset.endswith("its 50% share of requests (weight 50 of 100) gets 503 (no cluster)")
     assert "'reviewz.default.svc.cluster.local'" in broken[3].message
+    assert broken[3].message.endswith(
+        "its 50% share of requests (weight 50 of 100) gets 503 (no cluster)"
+    )
     assert "ports are 9080" in broken[4].message
+    assert broken[4].message.endswith("every request this rule routes gets 503")
+    assert broken[1].message.endswith("nothing is mirrored to it")
+    assert broken[5].message.endswith("connections go to BlackHoleCluster")
     assert "Referenced gateway not found: 'default/missing-gateway'" in broken[0].message
 
 
