@@ -31,6 +31,9 @@ UNSUPPORTED = ("MP0003", "UnsupportedConfig", WARNING)
 INVALID_AUTHZ = ("MP0004", "InvalidAuthorizationPolicyRule", ERROR)
 # Several policies of one scope: only the oldest applies.
 CONFLICTING_PEER_AUTHN = ("MP0005", "ConflictingPeerAuthentication", WARNING)
+# Weights of a split that do not sum to 100: accepted, as Istio does (Envoy divides
+# each weight by their sum), but often a typo in a traffic shift.
+WEIGHTS_NOT_100 = ("MP0006", "RouteWeightsNotSumTo100", WARNING)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from meshpilot.analysis.messages import (
     SUBSET_SELECTS_NO_PODS,
     UNREACHABLE_RULE,
     UNSUPPORTED,
+    WEIGHTS_NOT_100,
     ZERO_TOTAL_WEIGHT,
     Message,
     msg,
@@ -171,6 +172,17 @@ def _weights(cfg: Config, path: str, weights: list[int]) -> Iterator[Message]:
             f"{path}.route",
             f"all {len(weights)} destinations have weight 0, so none gets traffic: "
             "requests get 503 (HTTP) or connections go to BlackHoleCluster (TCP/TLS)",
+        )
+    elif len(weights) > 1 and sum(weights) != 100:
+        total = sum(weights)
+        shares = ", ".join(f"{round(100 * w / total, 1):g}%" for w in weights)
+        yield msg(
+            WEIGHTS_NOT_100,
+            cfg,
+            f"{path}.route",
+            f"the weights of route {path} ({', '.join(map(str, weights))}) sum to {total}, "
+            f"not 100; accepted as in Istio: each destination gets its weight divided by "
+            f"{total} ({shares})",
         )
 
 

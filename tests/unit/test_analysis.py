@@ -14,6 +14,8 @@ from meshpilot.discovery.store import ConfigStore
 from meshpilot.model.push_context import PushContext
 from meshpilot.serve import MeshServer
 from meshpilot.settings import Settings
+from meshpilot.translators.routes import build_route_configs
+from tests.unit.translators._helpers import sidecar
 
 SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "istio-samples" / "samples"
 
@@ -362,3 +364,50 @@ def test_analysis_imports_neither_translators_nor_upper_floors() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_weights_not_summing_to_100_are_reported_and_kept() -> None:
+    """Istio accepts any sum (Envoy divides each weight by it); the translation keeps
+    the weights as written and analysis names the rule and the sum."""
+    vs = """
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: reviews, namespace: default}
+    spec:
+      hosts: [reviews]
+      http:
+      - match: [{uri: {prefix: /a}}]
+        route:
+        - destination: {host: reviews, subset: v1}
+          weight: 80
+        - destination: {host: reviews, subset: v2}
+          weight: 20
+      - route:
+        - destination: {host: reviews, subset: v1}
+          weight: 60
+        - destination: {host: reviews, subset: v2}
+          weight: 60
+      tcp:
+      - route:
+        - destination: {host: reviews, subset: v1}
+          weight: 1
+        - destination: {host: reviews, subset: v2}
+          weight: 3
+    """
+    push = push_of(sample("bookinfo/networking/destination-rule-all.yaml"), vs)
+    found = [m for m in analyze(push) if m.code == "MP0006"]
+    assert [(m.name, m.level, m.object_name, m.field) for m in found] == [
+        ("RouteWeightsNotSumTo100", "Warning", "reviews", "spec.http[1].route"),
+        ("RouteWeightsNotSumTo100", "Warning", "reviews", "spec.tcp[0].route"),
+    ]
+    assert found[0].message == (
+        "the weights of route spec.http[1] (60, 60) sum to 120, not 100; accepted as in "
+        "Istio: each destination gets its weight divided by 120 (50%, 50%)"
+    )
+    assert "sum to 4" in found[1].message and "(25%, 75%)" in found[1].message
+
+    (rc,) = build_route_configs(push, sidecar(name="productpage-v1"), ["9080"])
+    (vhost,) = [vh for vh in rc.virtual_hosts if vh.name.startswith("reviews.")]
+    split = vhost.routes[1].route.weighted_clusters
+    assert [c.weight.value for c in split.clusters] == [60, 60]
+    assert not split.HasField("total_weight")  # Envoy divides by the sum
