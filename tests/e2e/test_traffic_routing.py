@@ -274,3 +274,20 @@ spec:
     assert bi.counts("reviews-v2", "reviews-v3") == {"reviews-v2": 0, "reviews-v3": 0}
     no_cluster = await envoy.stats(r"^http\..*\.no_cluster$")
     assert sum(int(v) for v in no_cluster.values()) == seen["HTTP 503"], no_cluster
+
+
+async def test_wrong_host_on_an_explicit_listener_gets_404_saying_so(
+    bookinfo: BookinfoFactory,
+) -> None:
+    """Explicit mode (bound egress listener, no capture): a Host no service or
+    VirtualService matches has nowhere to pass through to, so Envoy answers 404 with
+    a body naming the port, not an empty 502 that looks like a failed upstream."""
+    bi = await bookinfo()
+    for host in ("nosuch", "reviews.elsewhere.example"):
+        resp = await bi.call(host, "/reviews/0")
+        assert resp.status == 404, f"{host}: {resp.status} {resp.text}\n{await bi.routes()}"
+        assert resp.text == (
+            "meshpilot: no VirtualService or service matches this Host on port 9080\n"
+        )
+    # The right Host on the same listener still routes.
+    assert (await bi.call("reviews", "/reviews/0")).status == 200
