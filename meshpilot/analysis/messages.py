@@ -34,6 +34,8 @@ CONFLICTING_PEER_AUTHN = ("MP0005", "ConflictingPeerAuthentication", WARNING)
 # Weights of a split that do not sum to 100: accepted, as Istio does (Envoy divides
 # each weight by their sum), but often a typo in a traffic shift.
 WEIGHTS_NOT_100 = ("MP0006", "RouteWeightsNotSumTo100", WARNING)
+# A STRICT workload without `security.istio.io/tlsMode: istio`: clients send plaintext.
+STRICT_WITHOUT_TLS_MODE = ("MP0007", "StrictWorkloadWithoutTlsModeLabel", ERROR)
 
 
 @dataclass(frozen=True, slots=True)

@@ -411,3 +411,95 @@ def test_weights_not_summing_to_100_are_reported_and_kept() -> None:
     split = vhost.routes[1].route.weighted_clusters
     assert [c.weight.value for c in split.clusters] == [60, 60]
     assert not split.HasField("total_weight")  # Envoy divides by the sum
+
+
+STRICT_REVIEWS = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: reviews-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  mtls: {mode: STRICT}
+"""
+
+
+def test_strict_workload_without_tls_mode_label_is_reported() -> None:
+    """reviews-v1 carries the label, reviews-v2 does not: only v2 gets plaintext from
+    auto mTLS, which its STRICT sidecar refuses."""
+    labelled = WORKLOADS.replace(
+        "labels: {app: reviews, version: v1}",
+        "labels: {app: reviews, version: v1, security.istio.io/tlsMode: istio}",
+    )
+    text = "\n---\n".join(
+        [sample("bookinfo/platform/kube/bookinfo.yaml"), labelled, textwrap.dedent(STRICT_REVIEWS)]
+    )
+    result = parse_text(text, "mesh.yaml")
+    store = ConfigStore()
+    store.set_origin("mesh.yaml", result.configs)
+    found = [
+        m for m in analyze(PushContext.build(store.snapshot(), MeshConfig())) if m.code == "MP0007"
+    ]
+    assert [(m.name, m.level, m.kind, m.object_name, m.field) for m in found] == [
+        ("StrictWorkloadWithoutTlsModeLabel", "Error", "WorkloadEntry", "reviews-v2", "spec.labels")
+    ]
+    assert found[0].message == (
+        "WorkloadEntry default/reviews-v2 is STRICT under PeerAuthentication "
+        "default/reviews-strict, but has no label security.istio.io/tlsMode: istio, so auto "
+        "mTLS sends it plaintext and its sidecar refuses those connections. If it runs a "
+        "sidecar, add 'security.istio.io/tlsMode: istio' to spec.labels (Istio's injector "
+        "adds it to pods)."
+    )
+
+
+def test_strict_port_and_service_entry_endpoints_and_explicit_istio_mutual() -> None:
+    port_only = """
+    apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {name: ratings-port, namespace: default}
+    spec:
+      selector: {matchLabels: {app: ratings}}
+      portLevelMtls: {"9080": {mode: STRICT}}
+    """
+    se = """
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: legacy, namespace: default}
+    spec:
+      hosts: [legacy.internal]
+      location: MESH_INTERNAL
+      resolution: STATIC
+      ports: [{number: 80, name: http, protocol: HTTP}]
+      endpoints: [{address: 10.9.0.1, labels: {app: legacy}}]
+    """
+    ns_strict = """
+    apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {name: default, namespace: default}
+    spec: {mtls: {mode: STRICT}}
+    """
+    # The details DestinationRule asks for ISTIO_MUTUAL: mTLS whatever the labels.
+    details_mutual = """
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: details, namespace: default}
+    spec:
+      host: details
+      trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+    """
+    msgs = analyze(push_of(port_only, se, ns_strict, details_mutual))
+    found = {(m.kind, m.object_name): m.message for m in msgs if m.code == "MP0007"}
+    assert sorted(found) == [
+        ("ServiceEntry", "legacy"),
+        ("WorkloadEntry", "productpage-v1"),
+        ("WorkloadEntry", "ratings-v1"),
+        ("WorkloadEntry", "reviews-v1"),
+        ("WorkloadEntry", "reviews-v2"),
+    ]
+    assert (
+        "STRICT on port 9080 under PeerAuthentication default/ratings-port"
+        in found[("WorkloadEntry", "ratings-v1")]
+    )
+    assert found[("ServiceEntry", "legacy")].startswith(
+        "ServiceEntry default/legacy endpoint 10.9.0.1 is STRICT under PeerAuthentication "
+        "default/default"
+    )
