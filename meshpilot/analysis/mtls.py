@@ -12,7 +12,7 @@ label); meshpilot reports it as MP0007.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from meshpilot.analysis.messages import STRICT_WITHOUT_TLS_MODE, Message, msg
 from meshpilot.api.security import PeerAuthenticationSpec
@@ -26,17 +26,18 @@ from meshpilot.model.service import Endpoint, Service
 TLS_MODE_ISTIO = "istio"
 
 
-def strict_without_tls_mode(push: PushContext) -> Iterator[Message]:
-    """One finding per workload (WorkloadEntry, or ServiceEntry endpoint address)
-    that some PeerAuthentication makes STRICT on a port clients reach it on, and whose
-    labels lack `security.istio.io/tlsMode: istio`."""
+def strict_without_tls_mode(push: PushContext, hosts: Iterable[str]) -> Iterator[Message]:
+    """One finding per workload (WorkloadEntry, or ServiceEntry endpoint address) of
+    `hosts` that some PeerAuthentication makes STRICT on a port clients reach it on,
+    and whose labels lack `security.istio.io/tlsMode: istio`."""
     if not push.security.has_peer_authentication:
         return  # nothing is STRICT: PERMISSIVE by default
     seen: set[tuple[ConfigKey, str]] = set()
-    for svc in push.services_sorted:
-        if svc.mesh_external or _explicit_istio_mutual(push, svc):
+    for host in hosts:
+        svc = push.services.get(host)
+        if svc is None or svc.mesh_external or _explicit_istio_mutual(push, svc):
             continue
-        for per_port in push.endpoints.get(svc.hostname, {}).values():
+        for per_port in push.endpoints.get(host, {}).values():
             for ep in per_port:
                 if ep.tls_mode == TLS_MODE_ISTIO:
                     continue

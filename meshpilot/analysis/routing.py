@@ -5,7 +5,7 @@ merges DestinationRules)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from meshpilot.analysis.messages import (
@@ -297,9 +297,8 @@ def _namespaces(push: PushContext) -> set[str]:
 # --- DestinationRules -------------------------------------------------------------------
 
 
-def destination_rules(push: PushContext) -> Iterator[Message]:
-    index = push.destination_rules
-    for conflict in index.conflicts:
+def destination_rule_conflicts(push: PushContext) -> Iterator[Message]:
+    for conflict in push.destination_rules.conflicts:
         involved = (conflict.winner, *conflict.losers)
         names = ", ".join(f"{c.namespace}/{c.name}" for c in involved)
         winner = f"{conflict.winner.namespace}/{conflict.winner.name}"
@@ -310,14 +309,21 @@ def destination_rules(push: PushContext) -> Iterator[Message]:
         )
         for cfg in involved:
             yield msg(CONFLICTING_DESTINATION_RULES, cfg, "spec.host", text)
-    for rules in index.by_ns.values():
-        for dr in rules.values():
-            svc = push.services.get(dr.host)
-            if svc is None or svc.resolution is not Resolution.CLIENT_SIDE_LB:
-                continue  # wildcard or DNS hosts: endpoints have no labels to select
-            endpoints = [
-                ep for per_port in push.endpoints.get(svc.hostname, {}).values() for ep in per_port
-            ]
+
+
+def subsets_selecting_no_endpoints(push: PushContext, hosts: Iterable[str]) -> Iterator[Message]:
+    """IST0173 for the DestinationRules of `hosts`: the one DestinationRule finding that
+    depends on endpoints."""
+    by_ns = push.destination_rules.by_ns
+    for host in hosts:
+        svc = push.services.get(host)
+        if svc is None or svc.resolution is not Resolution.CLIENT_SIDE_LB:
+            continue  # DNS hosts: endpoints have no labels to select
+        rules = [per_ns[host] for per_ns in by_ns.values() if host in per_ns]
+        if not rules:
+            continue
+        endpoints = [ep for per_port in push.endpoints.get(host, {}).values() for ep in per_port]
+        for dr in rules:
             for i, subset in enumerate(dr.spec.subsets):
                 if not any(labels_match(subset.labels, ep.labels) for ep in endpoints):
                     yield msg(

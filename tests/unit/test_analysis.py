@@ -5,13 +5,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
-from meshpilot.analysis import Message, analyze
+import pytest
+import structlog
+
+from meshpilot import analysis
+from meshpilot.analysis import Message, analyze, reporter
+from meshpilot.analysis.reporter import FindingsReporter
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
 from meshpilot.discovery.store import ConfigStore
+from meshpilot.model import kinds
+from meshpilot.model.config import ConfigKey
 from meshpilot.model.push_context import PushContext
+from meshpilot.model.push_request import PushRequest
 from meshpilot.serve import MeshServer
 from meshpilot.settings import Settings
 from meshpilot.translators.routes import build_route_configs
@@ -341,10 +350,142 @@ async def test_configz_lists_analysis_once_per_context() -> None:
         "name": "reviews",
     }
     assert finding["field"] == "spec.http[0].route[0].destination.subset"
-    # Same context: the memoized list, not a second analysis.
-    cached = server.__dict__["_analysis"]
+    # Same context: the same list, not a second analysis.
+    cached = server.analysis.messages
     server.configz()
-    assert server.__dict__["_analysis"] is cached
+    assert server.analysis.messages is cached
+    if server.analysis_task is not None:
+        server.analysis_task.cancel()
+
+
+SUBSET_V3_RULE = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v3, labels: {version: v3}}
+"""
+
+REVIEWS_V3 = """
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v3, namespace: default}
+spec: {address: 10.1.0.9, labels: {app: reviews, version: v3}}
+"""
+
+
+def _analysis_events(logs: list[dict[str, object]]) -> list[tuple[object, object, str]]:
+    return [
+        (e["event"], e["code"], str(e["finding"]).split(" mesh.yaml#", 1)[0])
+        for e in logs
+        if str(e["event"]).startswith("config analysis")
+    ]
+
+
+async def test_findings_are_logged_once_when_they_appear_and_once_when_they_clear() -> None:
+    """Logged after each push without anyone reading /debug/configz: a full push that
+    adds a subset clears the reference to it; an endpoint-only push that adds the
+    subset's first endpoint clears IST0173."""
+    server = MeshServer(Settings(), MeshConfig())
+
+    def load(*docs: str) -> None:
+        text = "\n---\n".join(
+            [sample("bookinfo/platform/kube/bookinfo.yaml"), WORKLOADS]
+            + [textwrap.dedent(d) for d in docs]
+        )
+        server.store.set_origin("mesh.yaml", parse_text(text, "mesh.yaml").configs)
+
+    async def push(request: PushRequest) -> None:
+        await server.pusher.init(request)
+        assert server.analysis_task is not None
+        await server.analysis_task
+
+    vs = sample("bookinfo/networking/virtual-service-reviews-v3.yaml")
+    with structlog.testing.capture_logs() as logs:
+        load(vs)
+        await push(PushRequest(full=True, reasons=frozenset({"init"})))
+        # A second push of the same findings logs nothing more.
+        await push(PushRequest(full=True, reasons=frozenset({"config"})))
+        assert _analysis_events(logs) == [
+            (
+                "config analysis finding",
+                "IST0101",
+                "Error [IST0101] (VirtualService default/reviews",
+            ),
+        ]
+        logs.clear()
+
+        load(vs, SUBSET_V3_RULE)
+        await push(PushRequest(full=True, reasons=frozenset({"config"})))
+        assert _analysis_events(logs) == [
+            (
+                "config analysis finding",
+                "IST0173",
+                "Error [IST0173] (DestinationRule default/reviews",
+            ),
+            (
+                "config analysis finding cleared",
+                "IST0101",
+                "Error [IST0101] (VirtualService default/reviews",
+            ),
+        ]
+        logs.clear()
+
+        load(vs, SUBSET_V3_RULE, REVIEWS_V3)
+        key = ConfigKey(kinds.WORKLOAD_ENTRY, "default", "reviews-v3")
+        await push(PushRequest.for_changes(frozenset({key})))
+        assert server.pusher.current is not None
+        assert server.pusher.current.changed_hosts is not None  # an endpoint-only context
+        assert _analysis_events(logs) == [
+            (
+                "config analysis finding cleared",
+                "IST0173",
+                "Error [IST0173] (DestinationRule default/reviews",
+            ),
+        ]
+    assert server.configz()["analysis"] == []
+
+
+def test_endpoint_only_contexts_reuse_config_findings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endpoint-only context (a WorkloadEntry changed) reuses the config findings
+    and redoes the endpoint findings of the changed host only; the result equals a
+    full analysis of that context."""
+    config_calls: list[str] = []
+    host_calls: list[list[str]] = []
+
+    def counting_config(push: PushContext) -> list[Message]:
+        config_calls.append(push.version)
+        return analysis.config_findings(push)
+
+    def counting_hosts(push: PushContext, hosts: Iterable[str]) -> dict[str, list[Message]]:
+        host_calls.append(sorted(hosts))
+        return analysis.endpoint_findings_by_host(push, hosts)
+
+    monkeypatch.setattr(reporter, "config_findings", counting_config)
+    monkeypatch.setattr(reporter, "endpoint_findings_by_host", counting_hosts)
+    base = [sample("bookinfo/platform/kube/bookinfo.yaml"), WORKLOADS, SUBSET_V3_RULE]
+    store = ConfigStore()
+    store.set_origin("mesh.yaml", parse_text("\n---\n".join(base), "mesh.yaml").configs)
+    first = PushContext.build(store.snapshot(), MeshConfig())
+    found = FindingsReporter()
+    found.update(first)
+    assert [m.code for m in found.messages] == ["IST0173"]  # no reviews v3 endpoint yet
+
+    moved = WORKLOADS.replace("version: v2}", "version: v3}")
+    text = "\n---\n".join([base[0], moved, SUBSET_V3_RULE])
+    store.set_origin("mesh.yaml", parse_text(text, "mesh.yaml").configs)
+    key = ConfigKey(kinds.WORKLOAD_ENTRY, "default", "reviews-v2")
+    second = first.with_endpoint_changes(store.snapshot(), frozenset({key}))
+    appeared, cleared = found.update(second)
+    assert config_calls == [first.version]
+    assert host_calls[1:] == [["reviews.default.svc.cluster.local"]]
+    assert (appeared, [m.code for m in cleared]) == ([], ["IST0173"])
+    assert found.messages == analyze(second) == []
+    found.update(push_of())
+    assert len(config_calls) == 2
 
 
 def test_analysis_imports_neither_translators_nor_upper_floors() -> None:
