@@ -12,11 +12,11 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
+from meshpilot.analysis.reporter import FindingsReporter
 from meshpilot.api.mesh import MeshConfig, load_mesh_config
 from meshpilot.config import ConfigKey
 from meshpilot.discovery.files import FileSource
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model import analysis
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import http as monitoring_http
@@ -62,6 +62,8 @@ class MeshServer:
         self.monitoring_port = 0
         self.secure: Any = None  # meshpilot.ca.secure.SecurePort when --ca-dir is set
         self.secure_port = 0
+        self.analysis = FindingsReporter()
+        self.analysis_task: asyncio.Task[None] | None = None
 
     # --- pipeline ------------------------------------------------------------------------
 
@@ -89,6 +91,20 @@ class MeshServer:
             # Endpoints changed the SPIFFE identities clusters verify (auto mTLS): CDS too.
             request = dataclasses.replace(request, full=True)
         self.discovery.push(request, ctx)
+        # After the push, not in it: one analysis of the newest context per loop turn.
+        if self.analysis_task is None or self.analysis_task.done():
+            self.analysis_task = asyncio.get_running_loop().create_task(self._analyze())
+
+    async def _analyze(self) -> None:
+        # Let the push's sends go out first, and fold a burst of pushes into one run.
+        await asyncio.sleep(_ANALYSIS_DELAY)
+        ctx = self.pusher.current
+        if ctx is None:
+            return
+        try:
+            self.analysis.update(ctx)
+        except Exception:
+            log.exception("config analysis failed", version=ctx.version)
 
     def _count_config(self) -> None:
         snap = self.store.snapshot()
@@ -140,6 +156,8 @@ class MeshServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.pusher.stop()
+        if self.analysis_task is not None:
+            self.analysis_task.cancel()
         if self.secure is not None:
             await self.secure.stop()
         if self._grpc is not None:
@@ -161,15 +179,8 @@ class MeshServer:
     def configz(self) -> dict[str, Any]:
         snap = self.store.snapshot()
         ctx = self.pusher.current
-        # Analysis runs on demand and once per context version: a push never pays for it.
-        cached: tuple[str, list[analysis.Message]] | None = self.__dict__.get("_analysis")
-        if ctx is not None and (cached is None or cached[0] != ctx.version):
-            found = analysis.analyze(ctx)
-            before = set(cached[1]) if cached is not None else set()
-            for m in found:
-                if m not in before:
-                    log.warning("config analysis", finding=str(m), code=m.code)
-            cached = self.__dict__["_analysis"] = (ctx.version, found)
+        if ctx is not None:
+            self.analysis.update(ctx)  # a no-op when the push already analyzed it
         return {
             "version": ctx.version if ctx else "",
             "objects": [
@@ -186,7 +197,7 @@ class MeshServer:
             "errors": [dict(e.to_dict(), text=str(e)) for e in self.store.errors()],
             "services": sorted(ctx.services) if ctx else [],
             "files": self.files.stats() if self.files is not None else None,
-            "analysis": [m.to_dict() for m in cached[1]] if cached is not None else [],
+            "analysis": [m.to_dict() for m in self.analysis.messages] if ctx else [],
         }
 
     def config_dump(self, proxy_id: str) -> dict[str, Any] | None:
@@ -231,3 +242,4 @@ def _tune_gc() -> None:
 
 
 _GC_GEN0 = 20_000
+_ANALYSIS_DELAY = 0.1

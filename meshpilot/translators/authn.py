@@ -23,11 +23,11 @@ than fall back to plaintext.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.security import DISABLE, PERMISSIVE, STRICT, PeerAuthnPolicy
 from meshpilot.translators.authz import AuthzFilters, build_authz_filters
 from meshpilot.translators.plan import InboundPlan
@@ -37,10 +37,6 @@ from meshpilot.translators.tls import (
     proxy_has_sds,
     sidecar_ingress_tls,
 )
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 TLS = "tls"
 RAW_BUFFER = "raw_buffer"

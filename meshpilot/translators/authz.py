@@ -20,7 +20,7 @@ rule ignores them (it denies more, never less). Istio's checkError.
 
 CUSTOM needs an ext_authz provider from MeshConfig `extensionProviders`; meshpilot has
 none, so, as Istio does for a provider it cannot find, CUSTOM rules become DENY rules
-(fail closed) and analysis.py says so.
+(fail closed) and analysis says so.
 
 Principals are checked against the peer certificate's URI SAN: `from.principals`,
 `namespaces` and `serviceAccounts` need mutual TLS, which PeerAuthentication decides.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import address_pb2, extension_pb2
 from envoy.config.listener.v3 import listener_components_pb2
@@ -46,13 +45,29 @@ from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2
 
 from meshpilot.api.security import AuthorizationPolicySpec, Rule
 from meshpilot.config import Config
+from meshpilot.model.authz_rules import (
+    ATTR_CONN_SNI,
+    ATTR_DEST_IP,
+    ATTR_DEST_PORT,
+    ATTR_REMOTE_IP,
+    ATTR_REQUEST_AUDIENCES,
+    ATTR_REQUEST_CLAIMS,
+    ATTR_REQUEST_HEADER,
+    ATTR_REQUEST_PRESENTER,
+    ATTR_REQUEST_PRINCIPAL,
+    ATTR_SRC_IP,
+    ATTR_SRC_NAMESPACE,
+    ATTR_SRC_PRINCIPAL,
+    InvalidRule,
+    Untranslatable,
+    check_rule,
+    is_port,
+    names_in_brackets,
+)
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.security import AuthzPolicies
 from meshpilot.translators.common import cidr_range, pack
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 RBAC = rbac_pb2.RBAC
 Permission = rbac_pb2.Permission
@@ -71,30 +86,6 @@ AUTHN_FILTER = "istio_authn"
 URI_TEMPLATE_EXTENSION = "uri-template"
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
 _SHADOW_STAT_PREFIX = {RBAC.ALLOW: "istio_dry_run_allow_", RBAC.DENY: "istio_dry_run_deny_"}
-
-# `when` keys (Istio's model.go), by where they land and what they match.
-ATTR_REQUEST_HEADER = "request.headers"
-ATTR_SRC_IP = "source.ip"
-ATTR_REMOTE_IP = "remote.ip"
-ATTR_SRC_NAMESPACE = "source.namespace"
-ATTR_SRC_PRINCIPAL = "source.principal"
-ATTR_REQUEST_PRINCIPAL = "request.auth.principal"
-ATTR_REQUEST_AUDIENCES = "request.auth.audiences"
-ATTR_REQUEST_PRESENTER = "request.auth.presenter"
-ATTR_REQUEST_CLAIMS = "request.auth.claims"
-ATTR_DEST_IP = "destination.ip"
-ATTR_DEST_PORT = "destination.port"
-ATTR_CONN_SNI = "connection.sni"
-EXPERIMENTAL_ENVOY_FILTERS = "experimental.envoy.filters."
-
-
-class Untranslatable(ValueError):
-    """A value this filter cannot express: HTTP-only on TCP, or malformed."""
-
-
-class InvalidRule(ValueError):
-    """A rule Istio rejects as a whole (an unknown `when` key)."""
-
 
 # --- string matching ----------------------------------------------------------------------
 
@@ -145,7 +136,7 @@ def _cidr(value: str) -> address_pb2.CidrRange:
 
 
 def _port(value: str) -> int:
-    if not value.strip().isdigit() or int(value) > 65535:
+    if not is_port(value):
         raise Untranslatable(f"{value!r} is not a port")
     return int(value)
 
@@ -247,26 +238,14 @@ def _request_attr(attr: str) -> Callable[[str, str, bool], Principal]:
 
 def _request_claim(key: str, value: str, for_tcp: bool) -> Principal:
     _http_only(key, for_tcp)
-    claims = _names_in_brackets(key.removeprefix(ATTR_REQUEST_CLAIMS))
+    claims = names_in_brackets(key.removeprefix(ATTR_REQUEST_CLAIMS))
     return _metadata([ATTR_REQUEST_CLAIMS, *claims], value, is_list=True)
 
 
 def _request_header(key: str, value: str, for_tcp: bool) -> Principal:
     _http_only(key, for_tcp)
-    (name,) = _names_in_brackets(key.removeprefix(ATTR_REQUEST_HEADER), nested=False)
+    (name,) = names_in_brackets(key.removeprefix(ATTR_REQUEST_HEADER), nested=False)
     return Principal(header=header_matcher(name, value))
-
-
-def _names_in_brackets(text: str, *, nested: bool = True) -> list[str]:
-    """`[a]` -> [a]; `[a][b]` -> [a, b] when nested."""
-    if not (text.startswith("[") and text.endswith("]")) or len(text) < 3:
-        raise InvalidRule(f"expected [NAME], found {text!r}")
-    names = text[1:-1].split("][")
-    if not nested and len(names) != 1:
-        raise InvalidRule(f"expected [NAME], found {text!r}")
-    if any(not n for n in names):
-        raise InvalidRule(f"expected [NAME], found {text!r}")
-    return names
 
 
 Generator = Callable[[str, str, bool], "Permission | Principal"]
@@ -328,17 +307,11 @@ def rule_model(rule: Rule, policy_namespace: str) -> RuleModel:
     """Istio's model.New; raises InvalidRule for what Istio would skip."""
     base_perm: list[_Cond] = []
     base_princ: list[_Cond] = []
+    check_rule(rule)
     for cond in rule.when:
         target = when_target(cond.key)
-        if target is None:
-            raise InvalidRule(f"unknown attribute {cond.key}")
+        assert target is not None  # check_rule rejected unknown keys
         kind, gen = target
-        if kind == "principal" and cond.key.startswith("request."):
-            # Validate bracket syntax now, as Istio rejects the rule on a bad key.
-            if cond.key.startswith(ATTR_REQUEST_HEADER):
-                _names_in_brackets(cond.key.removeprefix(ATTR_REQUEST_HEADER), nested=False)
-            elif cond.key.startswith(ATTR_REQUEST_CLAIMS):
-                _names_in_brackets(cond.key.removeprefix(ATTR_REQUEST_CLAIMS))
         (base_perm if kind == "permission" else base_princ).extend(
             _cond(cond.key, cond.values, cond.not_values, gen)
         )
@@ -452,7 +425,7 @@ def build_rbac(
                 model = rule_model(rule, cfg.namespace)
                 generated = generate_policy(model, for_tcp=for_tcp, strict=strict)
             except (InvalidRule, Untranslatable):
-                continue  # skipped rule: analysis.py reports invalid ones
+                continue  # skipped rule: analysis reports invalid ones
             out.policies[name].CopyFrom(generated)
         if not spec.rules:
             out.policies[policy_name(cfg, 0, custom=custom)].CopyFrom(_match_never())

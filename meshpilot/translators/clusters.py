@@ -9,7 +9,6 @@ rule that applies is looked up for the proxy's namespace, as Istio does.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2
@@ -18,6 +17,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from meshpilot.api.networking import Subset
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.routing import ResolvedDestinationRule
 from meshpilot.model.service import (
     Endpoint,
@@ -62,10 +62,6 @@ from meshpilot.translators.traffic_policy import (
 )
 from meshpilot.translators.upstream_tls import apply_tls, mesh_mtls
 
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
-
 Cluster = cluster_pb2.Cluster
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 # Istio's passthrough clusters close idle upstream connections after 5 minutes.
@@ -104,26 +100,6 @@ def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]
     for c in fixed:
         out.setdefault(c.name, c)
     return [out[name] for name in sorted(out)]
-
-
-def outbound_cluster_names(push: PushContext, proxy: Proxy) -> frozenset[str]:
-    """Names of the `outbound|PORT|SUBSET|HOST` clusters `build_clusters` gives `proxy`.
-
-    A cluster exists iff its host is a service in the proxy's sidecar scope, its port
-    is one of that service's (non-UDP) ports, and its subset is "" or a subset of the
-    DestinationRule that applies to the proxy. Routes must name only these.
-    """
-    names: set[str] = set()
-    for svc in push.sidecar_scope(proxy).services:
-        ports = [sp.port for sp in svc.ports if sp.protocol is not Protocol.UDP]
-        if not ports:
-            continue
-        dr = push.destination_rule(proxy.namespace, svc)
-        subsets = ["", *(s.name for s in dr.spec.subsets)] if dr is not None else [""]
-        for port in ports:
-            for subset in subsets:
-                names.add(naming.outbound_cluster_name(port, subset, svc.hostname))
-    return frozenset(names)
 
 
 def dns_clusters_depend_on_locality(push: PushContext, proxy: Proxy) -> bool:

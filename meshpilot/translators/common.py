@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import math
 
 from envoy.config.core.v3 import address_pb2, config_source_pb2
@@ -11,6 +10,7 @@ from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 from meshpilot.addresses import is_ip as is_ip
 from meshpilot.addresses import is_ipv4 as is_ipv4
 from meshpilot.durations import parse_duration
+from meshpilot.model.authz_rules import ip_network
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -81,9 +81,8 @@ def ads_config_source() -> config_source_pb2.ConfigSource:
 
 def cidr_range(text: str) -> address_pb2.CidrRange | None:
     """An IP or CIDR as a CidrRange; None when it is neither (hostnames, typos)."""
-    try:
-        net = ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
+    net = ip_network(text)
+    if net is None:
         return None
     return address_pb2.CidrRange(
         address_prefix=str(net.network_address), prefix_len=uint32(net.prefixlen)

@@ -1,26 +1,23 @@
 """VirtualService destinations to Istio cluster names, and which clusters a proxy has.
 
 Routes, TCP/TLS chains and mirrors all name clusters through `resolve`, and ask
-`ClusterSet.has` before pointing at one: a route must never reference a cluster
-the proxy was not sent (Envoy would answer 503 NC at best, and a listener whose
-tcp_proxy names a missing cluster drops every connection).
+`ClusterSet.has` before pointing at one. A listener whose tcp_proxy names a missing
+cluster drops every connection, so TCP/TLS chains and mirrors leave missing clusters
+out; an HTTP weighted split keeps them, as Istio does, so that their share of
+requests gets 503 NC (http_route.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from meshpilot.api.networking import Destination
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.routing import MESH_GATEWAY
-from meshpilot.model.service import Service
+from meshpilot.model.service import Protocol, Service
 from meshpilot.translators import naming
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +55,24 @@ def resolve(
 
 
 def outbound_cluster_names(push: PushContext, proxy: Proxy) -> frozenset[str]:
-    """The outbound clusters CDS sends this proxy: a cluster exists iff its host is a
-    service in the proxy's sidecar scope, its port is one of that service's (non-UDP)
-    ports, and its subset is "" or a subset of the DestinationRule that applies."""
-    # clusters.py owns the answer (imported here: clusters -> plan -> this module).
-    from meshpilot.translators import clusters
+    """Names of the `outbound|PORT|SUBSET|HOST` clusters CDS sends `proxy`.
 
-    return clusters.outbound_cluster_names(push, proxy)
+    A cluster exists iff its host is a service in the proxy's sidecar scope, its port
+    is one of that service's (non-UDP) ports, and its subset is "" or a subset of the
+    DestinationRule that applies to the proxy. Routes must name only these, and
+    clusters.build_clusters builds exactly these (a unit test holds both to it).
+    """
+    names: set[str] = set()
+    for svc in push.sidecar_scope(proxy).services:
+        ports = [sp.port for sp in svc.ports if sp.protocol is not Protocol.UDP]
+        if not ports:
+            continue
+        dr = push.destination_rule(proxy.namespace, svc)
+        subsets = ["", *(s.name for s in dr.spec.subsets)] if dr is not None else [""]
+        for port in ports:
+            for subset in subsets:
+                names.add(naming.outbound_cluster_name(port, subset, svc.hostname))
+    return frozenset(names)
 
 
 class ClusterSet:

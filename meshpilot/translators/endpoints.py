@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
 from meshpilot.api.networking import LocalityLbSetting
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Endpoint, Service, labels_match
 from meshpilot.translators import naming
 from meshpilot.translators.locality import (
@@ -42,10 +43,6 @@ _CANONICAL_REVISION_LABELS = (
     "app.kubernetes.io/version",
     "version",
 )
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 
 @dataclass(frozen=True, slots=True)

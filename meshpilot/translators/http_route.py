@@ -7,9 +7,11 @@ gateways) drop routes here. When a VirtualService yields routes, they are all th
 virtual host has: unmatched requests get 404, as in Istio. When it yields none on a
 port, the service keeps its default route.
 
-Unlike Istio, a destination whose cluster the proxy was not sent is dropped from a
-weighted split, and a rule left with no destination answers 503 with a body naming
-the missing cluster (Istio sends the route anyway and Envoy answers 503 NC).
+A destination whose cluster the proxy was not sent (unknown host, port or subset)
+keeps its weight in a split, as in Istio: that share of requests gets Envoy's 503 NC
+(`cluster_not_found`; route configs set `validate_clusters: false`, so Envoy accepts
+them). Unlike Istio, a rule whose every destination is missing (one destination, or
+all of a split) answers 503 with a body naming the missing clusters.
 
 Consistent hashing comes from the DestinationRule of each destination
 (traffic_policy.hash_policies); a single-destination route that hashes retries on
@@ -18,8 +20,6 @@ the same host, as Istio's DefaultConsistentHashPolicy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from google.protobuf import struct_pb2
@@ -27,16 +27,13 @@ from google.protobuf import struct_pb2
 from meshpilot.api.networking import Destination, HTTPMatchRequest, HTTPRoute
 from meshpilot.config import Config
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.routing import ResolvedVirtualService
 from meshpilot.model.service import Service
 from meshpilot.translators import naming, traffic_policy
 from meshpilot.translators import route_policies as rp
 from meshpilot.translators.common import bool_value, duration, pack
 from meshpilot.translators.destinations import ClusterSet, ResolvedDestination, static_match
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 FAULT_FILTER = "envoy.filters.http.fault"
 CORS_FILTER = "envoy.filters.http.cors"
@@ -225,9 +222,11 @@ class HttpRouteBuilder:
                 if rd.weight == 0:
                     continue  # Istio ignores zero weights when there are several
                 dest = self.clusters.resolve(ns, rd.destination, port)
-                if not self.clusters.has(dest.cluster):
+                known = self.clusters.has(dest.cluster)
+                if not known:
                     missing.append(dest.cluster)
-                    continue
+                # A missing cluster keeps its weight, as in Istio: its share of requests
+                # gets Envoy's 503 NC (cluster_not_found) instead of going to the others.
                 cw = rc.WeightedCluster.ClusterWeight(name=dest.cluster)
                 cw.weight.value = rd.weight
                 if rd.headers is not None:
@@ -239,11 +238,14 @@ class HttpRouteBuilder:
                     if ops.authority:
                         cw.host_rewrite_literal = ops.authority
                 action.weighted_clusters.clusters.append(cw)
+                if not known:
+                    continue
                 for h in self._destination_hashes(dest):
                     if h not in action.hash_policy:
                         action.hash_policy.append(h)
-            if not action.weighted_clusters.clusters:
-                # All weights zero (Envoy would reject the split) or all clusters missing.
+            if len(missing) == len(action.weighted_clusters.clusters):
+                # All weights zero (Envoy would reject the split) or all clusters missing:
+                # every request gets 503, so say which clusters, as for one destination.
                 _no_cluster(out, missing)
                 return
         retry = rp.retry_policy(rule.retries, consistent_hash)

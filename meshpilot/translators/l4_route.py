@@ -12,18 +12,14 @@ nothing left the connection goes to BlackHoleCluster instead of a missing cluste
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from meshpilot.api.networking import RouteDestination
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.routing import ResolvedVirtualService
 from meshpilot.model.service import Service
 from meshpilot.translators import naming, traffic_policy
 from meshpilot.translators.destinations import ClusterSet, ResolvedDestination, static_match
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 
 @dataclass(frozen=True, slots=True)

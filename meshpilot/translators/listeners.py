@@ -22,7 +22,6 @@ Sidecar says `captureMode: NONE` everywhere.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -39,6 +38,7 @@ from envoy.type.v3 import range_pb2
 from google.protobuf import message
 
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.translators import naming
 from meshpilot.translators.authn import (
     ChainVariant,
@@ -73,10 +73,6 @@ from meshpilot.translators.plan import (
 )
 from meshpilot.translators.routes import inbound_route_config
 from meshpilot.translators.tls import TLS_TRANSPORT_SOCKET
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 Listener = listener_pb2.Listener
 FilterChain = listener_components_pb2.FilterChain

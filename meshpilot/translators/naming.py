@@ -26,6 +26,8 @@ VIRTUAL_INBOUND_BLACKHOLE_CHAIN = "virtualInbound-blackhole"
 
 ALLOW_ANY_VHOST = "allow_any"
 BLOCK_ALL_VHOST = "block_all"
+# meshpilot's catch-all of a bound (explicit) listener under ALLOW_ANY.
+NO_ROUTE_VHOST = "no_route"
 DEFAULT_ROUTE = "default"
 
 # Istio appends this to stat prefixes so its stats tag regexes can find where a

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from meshpilot.api.networking import IstioIngressListener, ServerTLSSettings
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Protocol, Service, ServicePort, parse_protocol
 from meshpilot.model.sidecar_scope import EgressScope, SidecarScope
 from meshpilot.translators import naming
@@ -42,10 +42,6 @@ from meshpilot.translators.l4_route import (
     TcpSettings,
     TlsRoute,
 )
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
 
 _TLS_PROTOCOLS = frozenset({Protocol.HTTPS, Protocol.TLS})
 REGISTRY_ONLY = "REGISTRY_ONLY"

@@ -7,30 +7,32 @@ the cluster), the service VIPs, each with and without `:PORT`. A domain is kept
 by the first service (by hostname) that claims it: Envoy rejects duplicates.
 Unknown hosts hit `allow_any` (PassthroughCluster) or, with REGISTRY_ONLY,
 `block_all` (502), as in Istio. A bound (explicit) listener has no original
-destination to pass through to, so it always gets `block_all`.
+destination to pass through to: with REGISTRY_ONLY it keeps `block_all`, otherwise
+(where Istio would pass through) a Host no virtual host matches gets `no_route`, a
+404 whose body says so and names the port (Envoy cannot put the Host in a direct
+response body), instead of an empty answer the client cannot tell from an upstream
+failure.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Hashable, Iterable
-from typing import TYPE_CHECKING
 
+from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Service
 from meshpilot.translators import naming
 from meshpilot.translators.common import bool_value, duration, uint32
 from meshpilot.translators.http_route import MAX_DIRECT_RESPONSE_BODY_BYTES, HttpRouteBuilder
 from meshpilot.translators.plan import REGISTRY_ONLY, InboundPlan, OutboundListenerPlan, route_plans
 
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
-
 RouteConfiguration = route_pb2.RouteConfiguration
 BLOCK_ALL_STATUS = 502
+NO_ROUTE_STATUS = 404
 
 
 def route_names_for(push: PushContext, proxy: Proxy) -> list[str]:
@@ -107,8 +109,12 @@ def _outbound_route_config(
             )
         )
     if "*" not in claimed:
-        blocked = plan.bound or policy == REGISTRY_ONLY
-        rc.virtual_hosts.append(_block_all() if blocked else _allow_any())
+        if policy == REGISTRY_ONLY:
+            rc.virtual_hosts.append(_block_all())
+        elif plan.bound:
+            rc.virtual_hosts.append(_no_route(plan.port))
+        else:
+            rc.virtual_hosts.append(_allow_any())
     return rc
 
 
@@ -181,6 +187,25 @@ def _block_all() -> route_components_pb2.VirtualHost:
                 name=naming.BLOCK_ALL_VHOST,
                 match=route_components_pb2.RouteMatch(prefix="/"),
                 direct_response=route_components_pb2.DirectResponseAction(status=BLOCK_ALL_STATUS),
+            )
+        ],
+        include_request_attempt_count=True,
+    )
+
+
+def _no_route(port: int) -> route_components_pb2.VirtualHost:
+    body = f"meshpilot: no VirtualService or service matches this Host on port {port}\n"
+    return route_components_pb2.VirtualHost(
+        name=naming.NO_ROUTE_VHOST,
+        domains=["*"],
+        routes=[
+            route_components_pb2.Route(
+                name=naming.NO_ROUTE_VHOST,
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                direct_response=route_components_pb2.DirectResponseAction(
+                    status=NO_ROUTE_STATUS,
+                    body=base_pb2.DataSource(inline_string=body),
+                ),
             )
         ],
         include_request_attempt_count=True,

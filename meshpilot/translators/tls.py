@@ -169,7 +169,7 @@ def sidecar_ingress_tls(
 ) -> tls_pb2.DownstreamTlsContext | None:
     """Sidecar `ingress[].tls`: terminate with the files it names. SIMPLE serves the
     certificate; MUTUAL also requires a client certificate signed by caCertificates.
-    None for what a sidecar cannot do with files (see analysis.py)."""
+    None for what a sidecar cannot do with files (see meshpilot/analysis)."""
     if settings.mode not in SIDECAR_INGRESS_TLS_MODES or settings.credential_name:
         return None
     if not (settings.server_certificate and settings.private_key):

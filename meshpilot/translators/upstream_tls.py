@@ -26,7 +26,6 @@ without the agent's SDS (tls.proxy_has_sds), which could not load the certificat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
@@ -35,6 +34,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from meshpilot.api.networking import ClientTLSSettings
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_context import PushContext
 from meshpilot.model.security import DISABLE
 from meshpilot.model.service import Resolution, Service
 from meshpilot.translators import naming
@@ -46,11 +46,7 @@ from meshpilot.translators.tls import (
     proxy_has_sds,
     san_matchers,
 )
-
-if TYPE_CHECKING:
-    # Type only: keeps the translators from importing the store and sources at runtime.
-    from meshpilot.model.push_context import PushContext
-    from meshpilot.translators.traffic_policy import EffectivePolicy
+from meshpilot.translators.traffic_policy import EffectivePolicy
 
 Cluster = cluster_pb2.Cluster
 HttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions

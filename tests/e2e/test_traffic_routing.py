@@ -233,3 +233,61 @@ spec:
         assert [r.path for r in bi.app("reviews-v3").requests].count(path) == 0
 
     await asyncio.gather(consistent_hash(), redirect_once(), rewrite_once(), mirror_once())
+
+
+async def test_split_share_of_a_subset_no_rule_defines_gets_503(bookinfo: BookinfoFactory) -> None:
+    """80 v1 / 20 v3 with a DestinationRule that has no v3: as in Istio, the v3 share
+    keeps its weight and Envoy answers it 503 (no cluster); v1 keeps 80%. Envoy
+    accepts the route that names the missing cluster (validate_clusters is off)."""
+    rule = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+    split = """apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 80
+    - destination: {host: reviews, subset: v3}
+      weight: 20
+"""
+    bi = await bookinfo(files=[("reviews-dr.yaml", rule), ("reviews-vs.yaml", split)])
+    envoy = bi.sidecar()
+    routes = await bi.routes(name="9080")
+    assert cluster("reviews", subset="v3") in routes, routes
+    assert cluster("reviews", subset="v3") not in await bi.cluster_names()
+    rejected = await envoy.stats(r"rds\.9080\.update_rejected$")
+    assert rejected and all(v == 0 for v in rejected.values()), rejected
+
+    seen = await bi.versions("reviews", SPLIT_REQUESTS, "/reviews/0")
+    _check_split(Counter({"v1": seen["v1"], "v3": seen["HTTP 503"]}), {"v1": 80, "v3": 20}, routes)
+    assert set(seen) == {"v1", "HTTP 503"}, f"{seen}\n{routes}"
+    assert bi.counts("reviews-v2", "reviews-v3") == {"reviews-v2": 0, "reviews-v3": 0}
+    no_cluster = await envoy.stats(r"^http\..*\.no_cluster$")
+    assert sum(int(v) for v in no_cluster.values()) == seen["HTTP 503"], no_cluster
+
+
+async def test_wrong_host_on_an_explicit_listener_gets_404_saying_so(
+    bookinfo: BookinfoFactory,
+) -> None:
+    """Explicit mode (bound egress listener, no capture): a Host no service or
+    VirtualService matches has nowhere to pass through to, so Envoy answers 404 with
+    a body naming the port, not an empty 502 that looks like a failed upstream."""
+    bi = await bookinfo()
+    for host in ("nosuch", "reviews.elsewhere.example"):
+        resp = await bi.call(host, "/reviews/0")
+        assert resp.status == 404, f"{host}: {resp.status} {resp.text}\n{await bi.routes()}"
+        assert resp.text == (
+            "meshpilot: no VirtualService or service matches this Host on port 9080\n"
+        )
+    # The right Host on the same listener still routes.
+    assert (await bi.call("reviews", "/reviews/0")).status == 200

@@ -9,10 +9,10 @@ import textwrap
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
+from meshpilot.analysis import analyze
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
 from meshpilot.discovery.store import ConfigStore
-from meshpilot.model.analysis import analyze
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.xds import typeurls

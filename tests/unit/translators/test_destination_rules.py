@@ -16,7 +16,8 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from meshpilot.api.networking import TrafficPolicy
 from meshpilot.model.proxy import Locality
 from meshpilot.model.push_context import PushContext
-from meshpilot.translators.clusters import build_clusters, outbound_cluster_names
+from meshpilot.translators.clusters import build_clusters
+from meshpilot.translators.destinations import outbound_cluster_names
 from meshpilot.translators.endpoints import build_load_assignment, eds_cache_key
 from meshpilot.translators.traffic_policy import hash_policies, merge_traffic_policy
 from tests.samples import ISTIO_SAMPLES

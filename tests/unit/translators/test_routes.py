@@ -146,10 +146,23 @@ def test_none_means_all_names_the_listeners_use() -> None:
     )
 
 
-def test_bound_listener_routes_never_pass_through() -> None:
+def test_bound_listener_answers_an_unknown_host_404_with_a_body() -> None:
     # An explicit listener has no original destination: passthrough would loop back.
     rc = _route("9080", interception="NONE")
+    last = rc.virtual_hosts[-1]
+    assert (last.name, list(last.domains)) == ("no_route", ["*"])
+    (route,) = last.routes
+    assert route.direct_response.status == 404
+    assert route.direct_response.body.inline_string == (
+        "meshpilot: no VirtualService or service matches this Host on port 9080\n"
+    )
+    assert "allow_any" not in _vhosts(rc) and "block_all" not in _vhosts(rc)
+
+
+def test_bound_listener_keeps_block_all_under_registry_only() -> None:
+    rc = _route("9080", mesh=REGISTRY_ONLY, interception="NONE")
     assert rc.virtual_hosts[-1].name == "block_all"
+    assert rc.virtual_hosts[-1].routes[0].direct_response.status == 502
 
 
 def test_second_listener_on_a_port_gets_its_own_route() -> None:
@@ -167,7 +180,7 @@ def test_second_listener_on_a_port_gets_its_own_route() -> None:
     push, proxy = push_of(sc), sidecar()
     assert "0.0.0.0:9080" in route_names_for(push, proxy)
     explicit, captured = build_route_configs(push, proxy, ["9080", "0.0.0.0:9080"])
-    assert list(_vhosts(explicit)) == [f"{RATINGS}:9080", "block_all"]
+    assert list(_vhosts(explicit)) == [f"{RATINGS}:9080", "no_route"]
     assert f"{REVIEWS}:9080" in _vhosts(captured)
     assert captured.virtual_hosts[-1].name == "allow_any"
 

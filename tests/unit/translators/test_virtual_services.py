@@ -161,7 +161,9 @@ def test_unknown_subset_answers_503_naming_the_cluster() -> None:
     assert cluster("v3") in route.direct_response.body.inline_string
 
 
-def test_missing_destinations_leave_a_weighted_split() -> None:
+def test_missing_destinations_keep_their_weight_in_the_split() -> None:
+    """As in Istio: a destination without cluster keeps its share, which Envoy answers
+    with 503 NC, instead of moving that share to the destinations that exist."""
     route = only_route(
         reviews_vs(
             """
@@ -176,8 +178,29 @@ def test_missing_destinations_leave_a_weighted_split() -> None:
         )
     )
     assert [(c.name, c.weight.value) for c in route.route.weighted_clusters.clusters] == [
-        (cluster("v1"), 70)
+        (cluster("v1"), 70),
+        (cluster("v9"), 20),
+        ("outbound|9080||nowhere.default.svc.cluster.local", 10),
     ]
+    assert not route.route.hash_policy
+
+
+def test_split_with_every_destination_missing_answers_503_naming_them() -> None:
+    route = only_route(
+        reviews_vs(
+            """
+            - route:
+              - destination: {host: reviews, subset: v8}
+                weight: 50
+              - destination: {host: reviews, subset: v9}
+                weight: 50
+            """
+        )
+    )
+    assert route.WhichOneof("action") == "direct_response"
+    assert route.direct_response.status == 503
+    body = route.direct_response.body.inline_string
+    assert cluster("v8") in body and cluster("v9") in body
 
 
 def test_all_weights_zero_answers_503() -> None:
