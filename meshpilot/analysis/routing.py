@@ -5,7 +5,7 @@ merges DestinationRules)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from meshpilot.analysis.messages import (
@@ -21,7 +21,15 @@ from meshpilot.analysis.messages import (
     Message,
     msg,
 )
-from meshpilot.api.networking import Destination, HTTPRoute, VirtualServiceSpec
+from meshpilot.api.networking import (
+    Destination,
+    HTTPRoute,
+    L4MatchAttributes,
+    TCPRoute,
+    TLSMatchAttributes,
+    TLSRoute,
+    VirtualServiceSpec,
+)
 from meshpilot.config import Config, kinds
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.routing import MESH_GATEWAY, Conflict, ResolvedVirtualService
@@ -68,7 +76,11 @@ def _destinations(spec: VirtualServiceSpec) -> Iterator[tuple[str, Destination, 
             yield f"spec.http[{i}].mirror", rule.mirror, mirror_effect
         for j, m in enumerate(rule.mirrors):
             yield f"spec.http[{i}].mirrors[{j}].destination", m.destination, mirror_effect
-    for proto, l4_rules in (("tcp", spec.tcp), ("tls", spec.tls)):
+    l4_by_proto: tuple[tuple[str, Sequence[TCPRoute | TLSRoute]], ...] = (
+        ("tcp", spec.tcp),
+        ("tls", spec.tls),
+    )
+    for proto, l4_rules in l4_by_proto:
         for i, l4 in enumerate(l4_rules):
             effect = (
                 "it is left out of the split (its share goes to the other destinations; "
@@ -76,8 +88,8 @@ def _destinations(spec: VirtualServiceSpec) -> Iterator[tuple[str, Destination, 
                 if len(l4.route) > 1
                 else "connections go to BlackHoleCluster"
             )
-            for j, rd in enumerate(l4.route):
-                yield f"spec.{proto}[{i}].route[{j}].destination", rd.destination, effect
+            for j, l4_dest in enumerate(l4.route):
+                yield f"spec.{proto}[{i}].route[{j}].destination", l4_dest.destination, effect
 
 
 def _http_effect(weight: int, weights: list[int]) -> str:
@@ -108,12 +120,17 @@ def virtual_service(push: PushContext, vs: ResolvedVirtualService) -> Iterator[M
             )
         for j, m in enumerate(rule.match):
             yield from _gateways(push, cfg, m.gateways, f"spec.http[{i}].match[{j}].gateways")
-    for proto, rules in (("tcp", spec.tcp), ("tls", spec.tls)):
+    l4_by_proto: tuple[tuple[str, Sequence[TCPRoute | TLSRoute]], ...] = (
+        ("tcp", spec.tcp),
+        ("tls", spec.tls),
+    )
+    for proto, rules in l4_by_proto:
         for i, l4 in enumerate(rules):
             path = f"spec.{proto}[{i}]"
             yield from _weights(cfg, path, [rd.weight for rd in l4.route])
-            for j, m in enumerate(l4.match):
-                if m.destination_subnets:
+            matches: Sequence[L4MatchAttributes | TLSMatchAttributes] = l4.match
+            for j, l4_match in enumerate(matches):
+                if l4_match.destination_subnets:
                     yield msg(
                         UNSUPPORTED,
                         cfg,
@@ -214,13 +231,13 @@ def _destination(
             f"ports are {ports}, so its cluster does not exist: {effect}",
         )
     if dest.port is None and len(svc.ports) > 1:
-        ports = [p.port for p in svc.ports]
+        numbers = [p.port for p in svc.ports]
         yield msg(
             PORT_SELECTOR_REQUIRED,
             cfg,
             f"{path}.port",
             f"This VirtualService routes to a service {host!r} that exposes multiple ports "
-            f"{ports}. Specifying a port in the destination is required to disambiguate "
+            f"{numbers}. Specifying a port in the destination is required to disambiguate "
             "(meshpilot uses the port the request came in on).",
         )
     if dest.subset:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from envoy.config.core.v3 import address_pb2, extension_pb2
 from envoy.config.listener.v3 import listener_components_pb2
@@ -69,10 +70,10 @@ from meshpilot.model.push_context import PushContext
 from meshpilot.model.security import AuthzPolicies
 from meshpilot.translators.common import cidr_range, pack
 
-RBAC = rbac_pb2.RBAC
-Permission = rbac_pb2.Permission
-Principal = rbac_pb2.Principal
-StringMatcher = string_pb2.StringMatcher
+RBAC: TypeAlias = rbac_pb2.RBAC
+Permission: TypeAlias = rbac_pb2.Permission
+Principal: TypeAlias = rbac_pb2.Principal
+StringMatcher: TypeAlias = string_pb2.StringMatcher
 
 HTTP_RBAC_FILTER = "envoy.filters.http.rbac"
 NETWORK_RBAC_FILTER = "envoy.filters.network.rbac"

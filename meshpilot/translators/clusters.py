@@ -9,6 +9,7 @@ rule that applies is looked up for the proxy's namespace, as Istio does.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeAlias
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2
@@ -62,7 +63,7 @@ from meshpilot.translators.traffic_policy import (
 )
 from meshpilot.translators.upstream_tls import apply_tls, mesh_mtls
 
-Cluster = cluster_pb2.Cluster
+Cluster: TypeAlias = cluster_pb2.Cluster
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 # Istio's passthrough clusters close idle upstream connections after 5 minutes.
 PASSTHROUGH_IDLE_TIMEOUT_SECONDS = 300.0
@@ -273,10 +274,10 @@ def _set_h2(c: Cluster) -> None:
 def _dns_family(proxy: Proxy) -> int:
     ips = [ip for ip in proxy.ip_addresses if is_ip(ip)]
     if not ips or all(is_ipv4(ip) for ip in ips):
-        return Cluster.V4_ONLY
+        return int(Cluster.V4_ONLY)
     if not any(is_ipv4(ip) for ip in ips):
-        return Cluster.V6_ONLY
-    return Cluster.ALL
+        return int(Cluster.V6_ONLY)
+    return int(Cluster.ALL)
 
 
 def _istio_metadata(c: Cluster, svc: Service) -> None:

@@ -22,6 +22,7 @@ Sidecar says `captureMode: NONE` everywhere.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeAlias
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -74,9 +75,9 @@ from meshpilot.translators.plan import (
 from meshpilot.translators.routes import inbound_route_config
 from meshpilot.translators.tls import TLS_TRANSPORT_SOCKET
 
-Listener = listener_pb2.Listener
-FilterChain = listener_components_pb2.FilterChain
-FilterChainMatch = listener_components_pb2.FilterChainMatch
+Listener: TypeAlias = listener_pb2.Listener
+FilterChain: TypeAlias = listener_components_pb2.FilterChain
+FilterChainMatch: TypeAlias = listener_components_pb2.FilterChainMatch
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
@@ -106,11 +107,11 @@ def build_listeners(push: PushContext, proxy: Proxy) -> list[listener_pb2.Listen
         out.setdefault(naming.VIRTUAL_OUTBOUND, _virtual_outbound(proxy, egress_cluster))
     inbound = inbound_plans(push, proxy)
     security = inbound_security(push, proxy) if inbound or captures_inbound(scope, proxy) else None
-    for plan in inbound:
-        if plan.bound:
+    for inbound_plan in inbound:
+        if inbound_plan.bound:
             assert security is not None
             # A name clash with an outbound listener keeps the outbound one (Istio's order).
-            out.setdefault(plan.name, _bound_inbound_listener(plan, security))
+            out.setdefault(inbound_plan.name, _bound_inbound_listener(inbound_plan, security))
     if captures_inbound(scope, proxy):
         assert security is not None
         out.setdefault(

@@ -104,10 +104,12 @@ def _distribute_index(setting: LocalityLbSetting, proxy: Locality) -> int:
     return -1
 
 
-def _priority_labels(priorities: list[str], proxy_labels: Mapping[str, str]) -> tuple:
+def _priority_labels(
+    priorities: list[str], proxy_labels: Mapping[str, str]
+) -> tuple[tuple[str, str | None], ...]:
     """(label, value the proxy is compared with) per failoverPriority entry; `label=value`
     fixes the value instead of reading the proxy's label."""
-    out = []
+    out: list[tuple[str, str | None]] = []
     for entry in priorities:
         name, sep, value = entry.partition("=")
         out.append((name, value if sep else proxy_labels.get(name)))

@@ -139,13 +139,14 @@ def route_match(match: HTTPMatchRequest | None) -> rc.RouteMatch:
         else:
             out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=uri.regex or ""))
     out.case_sensitive.CopyFrom(bool_value(not match.ignore_uri_case))
-    for name, sm in (
+    pseudo: tuple[tuple[str, StringMatch | None], ...] = (
         (HEADER_METHOD, match.method),
         (HEADER_AUTHORITY, match.authority),
         (HEADER_SCHEME, match.scheme),
-    ):
-        if sm is not None:
-            headers.append(header_matcher(name, sm))
+    )
+    for name, pseudo_match in pseudo:
+        if pseudo_match is not None:
+            headers.append(header_matcher(name, pseudo_match))
     out.headers.extend(headers)
     for name in sorted(match.query_params):
         sm = match.query_params[name]
@@ -191,7 +192,9 @@ def _is_authority(name: str) -> bool:
     return name.lower() in (":authority", "host")
 
 
-def _header_options(values: dict[str, str], append: bool) -> tuple[list, str]:
+def _header_options(
+    values: dict[str, str], append: bool
+) -> tuple[list[base_pb2.HeaderValueOption], str]:
     authority = ""
     out = []
     action = (

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Hashable, Iterable
+from typing import TypeAlias
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
+from meshpilot.api.networking import TCPRoute, TLSRoute
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.service import Service
@@ -30,7 +32,7 @@ from meshpilot.translators.common import bool_value, duration, uint32
 from meshpilot.translators.http_route import MAX_DIRECT_RESPONSE_BODY_BYTES, HttpRouteBuilder
 from meshpilot.translators.plan import REGISTRY_ONLY, InboundPlan, OutboundListenerPlan, route_plans
 
-RouteConfiguration = route_pb2.RouteConfiguration
+RouteConfiguration: TypeAlias = route_pb2.RouteConfiguration
 BLOCK_ALL_STATUS = 502
 NO_ROUTE_STATUS = 404
 
@@ -53,7 +55,8 @@ def source_label_names(push: PushContext, namespace: str) -> tuple[str, ...]:
         for rule in spec.http:
             for m in rule.match:
                 keys.update(m.source_labels)
-        for l4 in (*spec.tcp, *spec.tls):
+        l4_routes: list[TCPRoute | TLSRoute] = [*spec.tcp, *spec.tls]
+        for l4 in l4_routes:
             for lm in l4.match:
                 keys.update(lm.source_labels)
     return tuple(sorted(keys))

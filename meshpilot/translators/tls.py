@@ -15,6 +15,7 @@ all (`proxy_has_sds`): no mesh mTLS out, plaintext in, and STRICT ports closed.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeAlias
 
 from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
@@ -58,7 +59,7 @@ SUPPORTED_CIPHERS = (
     "AES128-GCM-SHA256",
 )
 
-TlsParameters = common_pb2.TlsParameters
+TlsParameters: TypeAlias = common_pb2.TlsParameters
 _TLS_VERSIONS = {
     "TLS_AUTO": TlsParameters.TLS_AUTO,
     "TLSV1_0": TlsParameters.TLSv1_0,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2
@@ -42,9 +43,9 @@ from meshpilot.model.routing import ResolvedDestinationRule
 from meshpilot.model.service import Service
 from meshpilot.translators.common import MAX_UINT32, duration, uint32
 
-Cluster = cluster_pb2.Cluster
-HttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
-HashPolicy = route_components_pb2.RouteAction.HashPolicy
+Cluster: TypeAlias = cluster_pb2.Cluster
+HttpProtocolOptions: TypeAlias = http_protocol_options_pb2.HttpProtocolOptions
+HashPolicy: TypeAlias = route_components_pb2.RouteAction.HashPolicy
 
 # Envoy's own default when a consistent hash names neither ringHash nor maglev (Istio sets it).
 DEFAULT_MINIMUM_RING_SIZE = 1024
@@ -284,9 +285,10 @@ def set_h2(opts: HttpProtocolOptions) -> None:
 
 
 def is_h2(opts: HttpProtocolOptions) -> bool:
-    return opts.WhichOneof(
-        "upstream_protocol_options"
-    ) == "explicit_http_config" and opts.explicit_http_config.HasField("http2_protocol_options")
+    return bool(
+        opts.WhichOneof("upstream_protocol_options") == "explicit_http_config"
+        and opts.explicit_http_config.HasField("http2_protocol_options")
+    )
 
 
 def apply_outlier_detection(c: Cluster, outlier: OutlierDetection | None) -> None:

@@ -26,6 +26,7 @@ without the agent's SDS (tls.proxy_has_sds), which could not load the certificat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
@@ -48,8 +49,9 @@ from meshpilot.translators.tls import (
 )
 from meshpilot.translators.traffic_policy import EffectivePolicy
 
-Cluster = cluster_pb2.Cluster
-HttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
+Cluster: TypeAlias = cluster_pb2.Cluster
+TransportSocketMatch: TypeAlias = cluster_pb2.Cluster.TransportSocketMatch
+HttpProtocolOptions: TypeAlias = http_protocol_options_pb2.HttpProtocolOptions
 
 ALPN_H2 = ("h2",)
 TLS_MODE_ISTIO = "istio"
@@ -148,7 +150,7 @@ def _auto(c: Cluster, ctx: tls_pb2.UpstreamTlsContext) -> None:
     c.transport_socket_matches.add().CopyFrom(_DISABLED_MATCH)
 
 
-def _matches() -> tuple[Cluster.TransportSocketMatch, Cluster.TransportSocketMatch]:
+def _matches() -> tuple[TransportSocketMatch, TransportSocketMatch]:
     """Istio's auto-mTLS matches, without the TLS context (built per cluster)."""
     istio = Cluster.TransportSocketMatch(name=ISTIO_MATCH_NAME)
     istio.match.fields[TLS_MODE_MATCH_KEY].string_value = TLS_MODE_ISTIO
