@@ -123,7 +123,9 @@ async def poll_cds(xds_port: int, probe: Probe) -> None:
 async def object_count(session: aiohttp.ClientSession, port: int) -> int:
     async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
         text = await resp.text()
-    return sum(int(float(n)) for kind, n in _OBJECTS.findall(text) if kind in ("Service", "WorkloadEntry"))
+    return sum(
+        int(float(n)) for kind, n in _OBJECTS.findall(text) if kind in ("Service", "WorkloadEntry")
+    )
 
 
 async def run(files: int) -> dict[str, Any]:

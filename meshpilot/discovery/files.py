@@ -40,6 +40,8 @@ MAX_DEPTH = 64
 # the same filesystem timestamp tick with the same size: its stat cannot be trusted.
 _RACY_NS = 2_000_000_000
 _STEP_MS = 10
+# Files applied to the store between two yields to the event loop.
+_CHUNK = 200
 
 Rel = tuple[str, ...]
 """A path relative to its root, as parts; () is the root itself (a single-file root)."""
@@ -349,9 +351,9 @@ class FileSource:
                 # A bug here must not stop the source: the next event or resync retries.
                 log.exception("config scan failed", directory=str(self._roots[index].given))
                 continue
-            self._apply(index, root_scopes, known, result)
+            await self._apply(index, root_scopes, known, result)
 
-    def _apply(
+    async def _apply(
         self, index: int, scopes: list[_Scope], known: dict[Rel, _FileState], result: _ScanResult
     ) -> None:
         root = self._roots[index]
@@ -359,10 +361,12 @@ class FileSource:
             self._note_root(index, result.root_exists)
         self._note_unlisted(index, scopes, result.unlisted)
         changed = False
+        covered = _Coverage(scopes)
+        steps = 0
         # Removals first: a file renamed in the same batch then does not briefly
         # collide with itself under its old name.
         for rel in sorted(known):
-            if rel in result.found or not any(s.covers(rel) for s in scopes):
+            if rel in result.found or not covered(rel):
                 continue
             if any(rel[: len(u)] == u for u in result.unlisted):
                 continue
@@ -370,6 +374,9 @@ class FileSource:
             self._store.remove_origin(root.origin(rel))
             log.debug("config file removed", file=root.origin(rel))
             changed = True
+            steps += 1
+            if steps % _CHUNK == 0:
+                await asyncio.sleep(0)
         for rel, st in result.found.items():
             loaded = result.loaded.get(rel)
             state = self._files.get((index, rel))
@@ -394,6 +401,11 @@ class FileSource:
             )
             log.debug("config file loaded", file=origin, objects=objects, errors=len(parsed.errors))
             changed = True
+            steps += 1
+            if steps % _CHUNK == 0:
+                # Thousands of files in one batch: let /ready, xDS and pushes run
+                # between chunks. The lock keeps other scans out meanwhile.
+                await asyncio.sleep(0)
         if changed:
             self._last_change = time.time()
 
@@ -424,19 +436,32 @@ class FileSource:
 
 
 def _outermost(scopes: set[_Scope]) -> list[_Scope]:
-    """Drop scopes that a recursive scope of the same root already covers."""
+    """Drop scopes that a recursive scope of the same root already covers.
+
+    O(scopes x depth): a batch of thousands of new files must not compare every pair.
+    """
+    recursive = {(s.root, s.rel) for s in scopes if s.recursive}
     out = []
     for s in scopes:
-        if not any(
-            o != s
-            and o.recursive
-            and o.root == s.root
-            and o.covers(s.rel)
-            and (o.rel != s.rel or not s.recursive)
-            for o in scopes
-        ):
-            out.append(s)
+        if any((s.root, s.rel[:n]) in recursive for n in range(len(s.rel))):
+            continue  # under a recursive scope higher up
+        if not s.recursive and (s.root, s.rel) in recursive:
+            continue  # the directory's files, with the whole subtree rescanned anyway
+        out.append(s)
     return sorted(out, key=lambda s: (s.root, s.rel, s.recursive))
+
+
+class _Coverage:
+    """`covered(rel)`: does any of `scopes` (of one root) cover `rel`? O(depth) a call."""
+
+    def __init__(self, scopes: Iterable[_Scope]) -> None:
+        self._recursive = {s.rel for s in scopes if s.recursive}
+        self._flat = {s.rel for s in scopes if not s.recursive}
+
+    def __call__(self, rel: Rel) -> bool:
+        if any(rel[:n] in self._recursive for n in range(len(rel) + 1)):
+            return True
+        return rel in self._flat or rel[:-1] in self._flat
 
 
 def _ignored_name(name: str) -> bool:
