@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshpilot.discovery import files
+from meshpilot.discovery import files, scan
 from meshpilot.discovery.files import FileSource
 from meshpilot.discovery.store import ConfigStore
 from meshpilot.serve import MeshServer
@@ -67,15 +67,15 @@ async def test_a_batch_of_new_files_is_not_compared_pairwise(
     store = ConfigStore()
     src = FileSource(store, [tmp_path])
     await src.load_initial()
-    real_covers = files._Scope.covers
+    real_covers = scan.Scope.covers
     calls = 0
 
-    def covers(self: files._Scope, rel: files.Rel) -> bool:
+    def covers(self: scan.Scope, rel: scan.Rel) -> bool:
         nonlocal calls
         calls += 1
         return real_covers(self, rel)
 
-    monkeypatch.setattr(files._Scope, "covers", covers)
+    monkeypatch.setattr(scan.Scope, "covers", covers)
     added = write(tmp_path / "more", FILES, FILES)
     await src.apply_changes([str(tmp_path / "more"), *added])
     assert len(store.snapshot()) == 2 * FILES
