@@ -54,6 +54,12 @@ def write_files(directory: Path, first: int, count: int) -> None:
         (directory / f"we-{i}.yaml").write_text(yaml.safe_dump(mesh.workload_entry(i)))
 
 
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start the server with its output in `log_path` (sync: before timing starts)."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
 class Probe:
     """Polls one check in a loop; keeps the worst latency of the answers it got."""
 
@@ -140,8 +146,7 @@ async def run(files: int) -> dict[str, Any]:
         argv += ["--xds-address", f"127.0.0.1:{xds_port}"]
         argv += ["--monitoring-address", f"127.0.0.1:{mon_port}", "--log-level", "warning"]
         log_path = Path(tmp) / "serve.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = spawn(argv, log_path)
         try:
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -187,7 +192,7 @@ async def add(
     try:
         await asyncio.to_thread(write_files, directory, files // 2, files)
         written = time.monotonic() - start
-        while await object_count(session, mon_port) < before + files:
+        while await object_count(session, mon_port) < before + files:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         loaded = time.monotonic() - start
     finally:
