@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchfiles._rust_notify import RustNotify
 
 from meshpilot.api.errors import ConfigError
 from meshpilot.discovery.scan import (
@@ -36,6 +35,7 @@ from meshpilot.discovery.scan import (
 )
 from meshpilot.discovery.scan import scan as _scan
 from meshpilot.discovery.store import ConfigStore
+from meshpilot.discovery.watcher import DirectoryWatcher, Outcome
 
 log = structlog.get_logger(__name__)
 
@@ -142,7 +142,7 @@ class FileSource:
     async def _watch(self, roots: list[int]) -> None:
         """Apply inotify events until cancelled or until a root is replaced.
 
-        watchfiles' RustNotify rather than `awatch`: its watches exist once it is
+        DirectoryWatcher rather than watchfiles' `awatch`: its watches exist once it is
         constructed, so the rescan after it misses nothing, and stopping it takes one
         step rather than a whole timeout.
         """
@@ -150,25 +150,23 @@ class FileSource:
         stop = threading.Event()
         paths = [self._roots[i].absolute for i in roots]
         # Setting up recursive watches lists the whole tree: not on the loop.
-        watcher = await asyncio.to_thread(RustNotify, paths, False, False, 300, True, True)
+        watcher = await asyncio.to_thread(DirectoryWatcher, paths)
         monitor: asyncio.Task[None] | None = None
         try:
             self._watching = True
             await self._resync()
             monitor = asyncio.create_task(self._monitor(identities, stop))
             while True:
-                raw = await self._next_changes(watcher, stop)
-                if raw == "stop":
+                outcome = await self._next_changes(watcher, stop)
+                if outcome == "stop":
                     return
-                if isinstance(raw, set):
-                    paths = [path for _, path in raw]
+                if isinstance(outcome, set):
+                    paths = list(outcome)
                     await self.apply_changes(paths)
                     if any(self._locate(path) == (i, ()) for path in paths for i in roots):
                         # A root itself was deleted or replaced; its inode number may
                         # be reused at once, which the monitor cannot tell apart.
                         return
-                elif raw != "timeout":
-                    raise RuntimeError(f"file watcher returned {raw!r}")
         finally:
             self._watching = False
             stop.set()
@@ -178,11 +176,9 @@ class FileSource:
                     await monitor
             watcher.close()
 
-    async def _next_changes(
-        self, watcher: RustNotify, stop: threading.Event
-    ) -> set[tuple[int, str]] | str:
+    async def _next_changes(self, watcher: DirectoryWatcher, stop: threading.Event) -> Outcome:
         pending = asyncio.ensure_future(
-            asyncio.to_thread(watcher.watch, self._debounce_ms, _STEP_MS, 1000, stop)
+            asyncio.to_thread(watcher.changes, self._debounce_ms, _STEP_MS, 1000, stop)
         )
         try:
             return await asyncio.shield(pending)
