@@ -343,7 +343,9 @@ def load(
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         return failed(f"not valid UTF-8 (byte {e.start}); is this a binary file?", st, digest)
-    result = parse_text(text.removeprefix("\ufeff"), origin)
+    name = rel[-1] if rel else root.given.name
+    syntax = "json" if name.lower().endswith(".json") else "yaml"
+    result = parse_text(text.removeprefix("\ufeff"), origin, syntax=syntax)
     # Errors with no document index mean no document could be read at all.
     whole = any(e.document is None for e in result.errors)
     return Loaded(st, digest, now_ns, result, failed=whole)
