@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,6 +134,14 @@ class MeshServer:
         self.pusher.start()
         if self.files is not None:
             self._tasks.append(asyncio.create_task(self.files.run(), name="file-source"))
+        else:
+            # Not an error (config may be pushed in by tests or added later), but a
+            # silent empty mesh looks like a broken one.
+            log.warning(
+                "no config source: serving an empty mesh",
+                hint="give config with --config-dir DIR (repeatable) or "
+                f"MESHPILOT_CONFIG_DIR=DIR[{os.pathsep}DIR...]",
+            )
         log.info(
             "meshpilot serving",
             xds=f"{split_address(self.settings.xds_address)[0]}:{self.xds_port}",
