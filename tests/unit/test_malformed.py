@@ -105,7 +105,9 @@ EXPECTED: dict[str, Expect] = {
     ),
     "route-without-action.yaml": obj(VS, "no-action", "spec.http[0]", "one of route, redirect"),
     "billion-laughs.yaml": obj(VS, "lol", "", "expands to over"),
-    "deep-nesting.yaml": obj(VS, "deep", "", "nested deeper than"),
+    # libyaml (PyYAML >= 6.0.3) refuses the nesting while parsing, before the document
+    # depth check sees it: the file fails as a whole, at the line and column.
+    "deep-nesting.yaml": Expect(WHOLE, "", "line 7, column 1008: exceeded maximum nesting"),
     "list-with-bad-item.yaml": obj(
         DR,
         "list-bad",
