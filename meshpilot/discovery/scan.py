@@ -158,18 +158,19 @@ def is_config_file(name: str) -> bool:
 
 def real_scopes(
     root: Root, scopes: Iterable[Scope], forced: set[Rel]
-) -> tuple[set[Scope], set[Rel]]:
+) -> tuple[set[Scope], set[Rel], set[Rel]]:
     """`scopes` plus, for each one named through an alias, the same scope at its real
-    path (the alias itself stays, so that what was known under it is dropped); and
-    `forced` with the real paths of the forced ones."""
-    out, forced = set(scopes), set(forced)
+    path (the alias itself stays, so that what was known under it is dropped); `forced`
+    with the real paths of the forced ones; and the paths that are aliases."""
+    out, forced, aliases = set(scopes), set(forced), set()
     for s in list(out):
         target = root.canonical(s.rel)
         if target is not None:
+            aliases.add(s.rel)
             out.add(Scope(s.root, target, s.recursive))
             if s.rel in forced:
                 forced.add(target)
-    return out, forced
+    return out, forced, aliases
 
 
 def outermost(scopes: Iterable[Scope]) -> list[Scope]:
@@ -204,14 +205,16 @@ def scan(
     `dirs` are the directories walked before; those outside the scopes, and the files
     known outside them, keep their paths: reaching them again is reaching an alias.
     """
-    wanted, forced = real_scopes(root, scopes, forced)
+    wanted, forced, aliases = real_scopes(root, scopes, forced)
     scopes = outermost(wanted)
     out = ScanResult({}, {}, {}, os.path.exists(root.absolute), scopes)
     covered = Coverage(scopes)
     seen_dirs = {ident: rel for ident, rel in dirs.items() if not covered.walked(rel)}
     seen_files = {(f.stat.dev, f.stat.ino): rel for rel, f in known.items() if not covered(rel)}
     for scope in scopes:
-        _walk(root, scope, out, seen_dirs, seen_files)
+        # An alias is walked at its real path (a scope of its own) only.
+        if scope.rel not in aliases:
+            _walk(root, scope, out, seen_dirs, seen_files)
     now = time.time_ns()
     for rel, st in list(out.found.items()):
         state = known.get(rel)
@@ -259,8 +262,6 @@ def _walk(
         st = os.stat(start)
     except OSError:
         return
-    if root.canonical(scope.rel) is not None:
-        return  # an alias: its real path is a scope of its own (real_scopes)
     if stat.S_ISREG(st.st_mode):
         if (not scope.rel or is_config_file(scope.rel[-1])) and _claim(
             root, seen_files, st, scope.rel
