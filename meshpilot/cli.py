@@ -62,7 +62,7 @@ _SERVE_FLAGS = (
     _Flag(
         "--config-dir",
         None,
-        "directory (or file) of Kubernetes/Istio YAML or JSON, watched for changes; "
+        "directory of Kubernetes/Istio YAML or JSON, watched for changes; "
         "repeatable. Without one the mesh is empty",
         metavar="DIR",
         type=Path,
