@@ -1,15 +1,25 @@
-"""The `meshpilot` command."""
+"""The `meshpilot` command.
+
+`meshpilot serve` flags follow istiod's habit of one environment variable per setting:
+each flag not given on the command line is read from MESHPILOT_<FLAG_NAME>; a list
+flag (--config-dir) takes several values there separated by os.pathsep, like PATH.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import meshpilot
 from meshpilot import logs
 from meshpilot.agent import bootstrap
 from meshpilot.agent import command as agent
@@ -18,37 +28,172 @@ from meshpilot.durations import duration_arg
 from meshpilot.settings import Settings
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    env = Settings.env_default
-    p = sub.add_parser("serve", help="run the control plane (xDS + monitoring)")
-    p.add_argument(
+@dataclass(frozen=True, slots=True)
+class _Flag:
+    """One `meshpilot serve` flag, read from MESHPILOT_<NAME> when not given."""
+
+    flag: str
+    default: str | None  # as a user would write it; None: unset unless given
+    help: str
+    metavar: str | None = None
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    repeatable: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return f"MESHPILOT_{self.dest.upper()}"
+
+    def help_text(self) -> str:
+        allowed = f"one of {', '.join(self.choices)}; " if self.choices else ""
+        default = self.default if self.default is not None else "none"
+        env = self.env
+        if self.repeatable:
+            # Like PATH: the separator that never occurs inside a single path here.
+            env += f", several separated by {os.pathsep!r}"
+        return f"{self.help} ({allowed}default: {default}; env {env})"
+
+
+_SERVE_FLAGS = (
+    _Flag(
         "--config-dir",
-        action="append",
-        type=Path,
-        default=[],
+        None,
+        "directory of Kubernetes/Istio YAML or JSON, watched for changes; "
+        "repeatable. Without one the mesh is empty",
         metavar="DIR",
-        help="directory of Kubernetes/Istio YAML or JSON, watched for changes (repeatable)",
-    )
-    p.add_argument("--mesh-config", type=Path, metavar="FILE", help="Istio MeshConfig YAML")
-    p.add_argument("--xds-address", default=env("XDS_ADDRESS", "127.0.0.1:15010"))
-    p.add_argument("--monitoring-address", default=env("MONITORING_ADDRESS", "127.0.0.1:15014"))
-    p.add_argument(
+        type=Path,
+        repeatable=True,
+    ),
+    _Flag("--mesh-config", None, "Istio MeshConfig YAML", metavar="FILE", type=Path),
+    _Flag("--xds-address", "127.0.0.1:15010", "plaintext xDS (ADS) listen address", "HOST:PORT"),
+    _Flag(
+        "--monitoring-address",
+        "127.0.0.1:15014",
+        "/ready, /metrics and /debug/* listen address",
+        "HOST:PORT",
+    ),
+    _Flag(
         "--debounce-after",
-        type=duration_arg,
-        default=duration_arg(env("DEBOUNCE_AFTER", "100ms")),
-        metavar="DURATION",
-    )
-    p.add_argument(
+        "100ms",
+        "quiet time after a config change before pushing",
+        "DURATION",
+        duration_arg,
+    ),
+    _Flag(
         "--debounce-max",
-        type=duration_arg,
-        default=duration_arg(env("DEBOUNCE_MAX", "10s")),
-        metavar="DURATION",
+        "10s",
+        "longest a push waits for changes to settle",
+        "DURATION",
+        duration_arg,
+    ),
+    _Flag("--log-format", "console", "log output format", choices=("console", "json")),
+    _Flag(
+        "--log-level",
+        "info",
+        "least severe level logged",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+    ),
+)
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="run the control plane (xDS + monitoring)",
+        description="Run the control plane. Every flag can also be set through the "
+        "environment variable named in its help; a flag given wins over it.",
     )
-    p.add_argument(
-        "--log-format", choices=("console", "json"), default=env("LOG_FORMAT", "console")
-    )
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    for f in _SERVE_FLAGS:
+        p.add_argument(
+            f.flag,
+            dest=f.dest,
+            action="append" if f.repeatable else "store",
+            type=f.type,
+            choices=f.choices,
+            metavar=f.metavar,
+            default=None,  # resolved after parsing: flag, then environment, then default
+            help=f.help_text(),
+        )
     ca_cli.add_serve_arguments(p)
+
+
+def _resolve_env(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, environ: Mapping[str, str]
+) -> None:
+    """Fill each serve flag not given from its MESHPILOT_* variable, else its default."""
+    for f in _SERVE_FLAGS:
+        if getattr(args, f.dest) is not None:
+            continue
+        text, source = environ.get(f.env) or None, f.env
+        if text is None:
+            text, source = f.default, f.flag
+        if text is None:
+            setattr(args, f.dest, [] if f.repeatable else None)
+            continue
+        parts = [t for t in text.split(os.pathsep) if t] if f.repeatable else [text]
+        values = []
+        for part in parts:
+            try:
+                value = f.type(part)
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                parser.error(f"{source}={part!r}: {e}")
+            if f.choices and value not in f.choices:
+                parser.error(f"{source}={part!r}: expected one of {', '.join(f.choices)}")
+            values.append(value)
+        setattr(args, f.dest, values if f.repeatable else values[0])
+
+
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """The Settings of a parsed (and env-resolved) `meshpilot serve` command line."""
+    return Settings(
+        config_dirs=args.config_dir,
+        mesh_config=args.mesh_config,
+        xds_address=args.xds_address,
+        monitoring_address=args.monitoring_address,
+        debounce_after=args.debounce_after,
+        debounce_max=args.debounce_max,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        **ca_cli.settings_kwargs(args),
+    )
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when run from a tree
+    that was not installed."""
+    try:
+        return importlib.metadata.version("meshpilot")
+    except importlib.metadata.PackageNotFoundError:
+        return meshpilot.__version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshpilot", description="An Istio-compatible service mesh control plane."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    bootstrap.register(sub)
+    ca_cli.register(sub)
+    agent.register(sub)
+    return parser
+
+
+def parse(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse a command line; for `serve`, unset flags come from `environ` (os.environ)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        _resolve_env(parser, args, os.environ if environ is None else environ)
+    return parser, args
 
 
 async def _serve(settings: Settings) -> int:
@@ -75,27 +220,9 @@ async def _serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="meshpilot", description="An Istio-compatible service mesh control plane."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    bootstrap.register(sub)
-    ca_cli.register(sub)
-    agent.register(sub)
-    args = parser.parse_args(argv)
+    parser, args = parse(argv)
     if args.command == "serve":
-        settings = Settings(
-            config_dirs=args.config_dir,
-            mesh_config=args.mesh_config,
-            xds_address=args.xds_address,
-            monitoring_address=args.monitoring_address,
-            debounce_after=args.debounce_after,
-            debounce_max=args.debounce_max,
-            log_format=args.log_format,
-            log_level=args.log_level,
-            **ca_cli.settings_kwargs(args),
-        )
+        settings = serve_settings(args)
         try:
             logs.configure(settings.log_format, settings.log_level)
             settings.validate()

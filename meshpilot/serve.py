@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -13,10 +15,11 @@ import structlog
 from google.protobuf import json_format
 
 from meshpilot.analysis.reporter import FindingsReporter
+from meshpilot.api.kinds import KINDS
 from meshpilot.api.mesh import MeshConfig, load_mesh_config
 from meshpilot.config import ConfigKey
 from meshpilot.discovery.files import FileSource
-from meshpilot.discovery.store import ConfigStore
+from meshpilot.discovery.store import ConfigStore, kind_label
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import http as monitoring_http
@@ -54,6 +57,7 @@ class MeshServer:
         )
         self.files = FileSource(self.store, settings.config_dirs) if settings.config_dirs else None
         self.store.subscribe(self._on_change)
+        self.store.subscribe_errors(self._count_errors)
         self._ready = False
         self._grpc: grpc.aio.Server | None = None
         self._monitoring: Any = None
@@ -70,7 +74,7 @@ class MeshServer:
     def _on_change(self, keys: frozenset[ConfigKey]) -> None:
         if self._ready:
             self.pusher.enqueue(PushRequest.for_changes(keys))
-        self._count_config()
+        self._count_objects()
 
     def _build_context(self, previous: PushContext | None, request: PushRequest) -> PushContext:
         snapshot = self.store.snapshot()
@@ -106,15 +110,20 @@ class MeshServer:
         except Exception:
             log.exception("config analysis failed", version=ctx.version)
 
-    def _count_config(self) -> None:
-        snap = self.store.snapshot()
-        for kind, objs in snap.by_kind.items():
-            metrics.CONFIG_OBJECTS.labels(kind).set(len(objs))
-        by_kind: dict[str, int] = {}
-        for err in self.store.errors():
-            by_kind[err.kind or "unknown"] = by_kind.get(err.kind or "unknown", 0) + 1
-        for kind in set(by_kind) | {"unknown"}:
-            metrics.CONFIG_ERRORS.labels(kind).set(by_kind.get(kind, 0))
+    def _count_objects(self) -> None:
+        # O(kinds) from the store's own counts: this runs after every change, and a
+        # walk over the objects or errors here made loading N files cost O(N^2).
+        for kind, n in self.store.object_counts().items():
+            metrics.CONFIG_OBJECTS.labels(kind).set(n)
+
+    def _count_errors(self, counts: Mapping[str, int]) -> None:
+        # Every label is set each time, so that a kind whose errors are gone reads 0
+        # and this store's figures replace those of any earlier server in the process.
+        by_label = dict.fromkeys([*KINDS, "unknown"], 0)
+        for kind, n in counts.items():
+            by_label[kind_label(kind)] += n
+        for label, n in by_label.items():
+            metrics.CONFIG_ERRORS.labels(label).set(n)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -125,7 +134,8 @@ class MeshServer:
         self.monitoring_port = self._monitoring.addresses[0][1]
         if self.files is not None:
             await self.files.load_initial()
-        self._count_config()
+        self._count_objects()
+        self._count_errors(self.store.error_counts())
         await self.pusher.init()
         _tune_gc()
         self._grpc = xds_server.create_server(self.discovery)
@@ -140,6 +150,14 @@ class MeshServer:
         self.pusher.start()
         if self.files is not None:
             self._tasks.append(asyncio.create_task(self.files.run(), name="file-source"))
+        else:
+            # Not an error (config may be pushed in by tests or added later), but a
+            # silent empty mesh looks like a broken one.
+            log.warning(
+                "no config source: serving an empty mesh",
+                hint="give config with --config-dir DIR (repeatable) or "
+                f"MESHPILOT_CONFIG_DIR=DIR[{os.pathsep}DIR...]",
+            )
         log.info(
             "meshpilot serving",
             xds=f"{split_address(self.settings.xds_address)[0]}:{self.xds_port}",

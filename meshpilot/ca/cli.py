@@ -41,33 +41,38 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=env("MESHPILOT_CA_DIR") or None,
         metavar="DIR",
         help="run the CA and the secure port: Istio plug-in files in DIR (ca-cert.pem, "
-        "ca-key.pem, root-cert.pem, cert-chain.pem) or a self-signed root created there",
+        "ca-key.pem, root-cert.pem, cert-chain.pem) or a self-signed root created there "
+        "(default: none, no CA; env MESHPILOT_CA_DIR)",
     )
     p.add_argument(
         "--trust-domain",
         default=env("MESHPILOT_TRUST_DOMAIN") or None,
         metavar="TD",
-        help="SPIFFE trust domain (default: the mesh config's trustDomain, cluster.local)",
+        help="SPIFFE trust domain (default: the mesh config's trustDomain, cluster.local; "
+        "env MESHPILOT_TRUST_DOMAIN)",
     )
     p.add_argument(
         "--secure-xds-address",
         default=env("MESHPILOT_SECURE_XDS_ADDRESS", "127.0.0.1:15012"),
         metavar="HOST:PORT",
-        help="TLS port serving the CA and ADS (default 127.0.0.1:15012)",
+        help="TLS address serving the CA and ADS, with --ca-dir (default: 127.0.0.1:15012; "
+        "env MESHPILOT_SECURE_XDS_ADDRESS)",
     )
     p.add_argument(
         "--workload-cert-ttl",
         type=ttl_arg,
         default=ttl_arg(env("MESHPILOT_WORKLOAD_CERT_TTL", "24h")),
         metavar="DURATION",
-        help="validity of workload certificates when the CSR asks for none (default 24h)",
+        help="validity of workload certificates when the CSR asks for none (default: 24h; "
+        "env MESHPILOT_WORKLOAD_CERT_TTL)",
     )
     p.add_argument(
         "--max-workload-cert-ttl",
         type=ttl_arg,
         default=ttl_arg(env("MESHPILOT_MAX_WORKLOAD_CERT_TTL", "2160h")),
         metavar="DURATION",
-        help="longest validity a CSR may ask for (default 2160h = 90d)",
+        help="longest validity a CSR may ask for; DURATION or days such as 90d (default: "
+        "2160h = 90d; env MESHPILOT_MAX_WORKLOAD_CERT_TTL)",
     )
 
 

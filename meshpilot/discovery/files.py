@@ -12,105 +12,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
-from watchfiles._rust_notify import RustNotify
 
 from meshpilot.api.errors import ConfigError
-from meshpilot.api.parse import ParseResult, parse_text
+from meshpilot.discovery.scan import (
+    Coverage,
+    FileState,
+    Identity,
+    Rel,
+    Root,
+    ScanResult,
+    Scope,
+    ignored_name,
+    outermost,
+)
+from meshpilot.discovery.scan import scan as _scan
 from meshpilot.discovery.store import ConfigStore
+from meshpilot.discovery.watcher import DirectoryWatcher, Outcome
 
 log = structlog.get_logger(__name__)
 
-CONFIG_SUFFIXES = frozenset({".yaml", ".yml", ".json"})
 MAX_FILE_BYTES = 4 * 1024 * 1024
-MAX_DEPTH = 64
-"""Directory depth limit, a backstop behind the symlink loop check."""
 
-# A file modified within this window of our read may have been modified again within
-# the same filesystem timestamp tick with the same size: its stat cannot be trusted.
-_RACY_NS = 2_000_000_000
 _STEP_MS = 10
-
-Rel = tuple[str, ...]
-"""A path relative to its root, as parts; () is the root itself (a single-file root)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _StatKey:
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-
-    @staticmethod
-    def of(st: os.stat_result) -> _StatKey:
-        return _StatKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@dataclass(slots=True)
-class _FileState:
-    stat: _StatKey
-    digest: str
-    read_at_ns: int
-    objects: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Root:
-    given: Path
-    absolute: str
-    real: str
-
-    def origin(self, rel: Rel) -> str:
-        return str(self.given.joinpath(*rel)) if rel else str(self.given)
-
-    def fs_path(self, rel: Rel) -> str:
-        return os.path.join(self.absolute, *rel) if rel else self.absolute
-
-
-@dataclass(frozen=True, slots=True)
-class _Scope:
-    """Part of one root to rescan: a file, a directory's files, or a whole subtree."""
-
-    root: int
-    rel: Rel
-    recursive: bool
-
-    def covers(self, rel: Rel) -> bool:
-        n = len(self.rel)
-        if rel[:n] != self.rel:
-            return False
-        return self.recursive or len(rel) <= n + 1
-
-
-@dataclass(slots=True)
-class _Loaded:
-    stat: _StatKey
-    digest: str
-    read_at_ns: int
-    # None when the content is unchanged since the last read.
-    result: ParseResult | None
-    # Set when the file failed as a whole: it keeps all its previous objects.
-    failed: bool = False
-
-
-@dataclass(slots=True)
-class _ScanResult:
-    found: dict[Rel, _StatKey]
-    loaded: dict[Rel, _Loaded]
-    # Directories that could not be listed: what we knew under them stays.
-    unlisted: dict[Rel, str]
-    root_exists: bool = True
+# Files applied to the store between two yields to the event loop.
+_CHUNK = 200
 
 
 class FileSource:
@@ -127,9 +60,9 @@ class FileSource:
         resync_interval: float = 10.0,
     ) -> None:
         self._store = store
-        self._roots: list[_Root] = []
+        self._roots: list[Root] = []
         for d in directories:
-            root = _Root(Path(d), os.path.abspath(d), os.path.realpath(d))
+            root = Root(Path(d), os.path.abspath(d), os.path.realpath(d))
             # The same directory twice would make every object its own duplicate.
             if all(r.absolute != root.absolute for r in self._roots):
                 self._roots.append(root)
@@ -137,7 +70,8 @@ class FileSource:
         self._debounce_ms = debounce_ms
         self._rescan_interval = rescan_interval
         self._resync_interval = resync_interval
-        self._files: dict[tuple[int, Rel], _FileState] = {}
+        self._files: dict[tuple[int, Rel], FileState] = {}
+        self._dirs: dict[int, dict[Identity, Rel]] = {}
         self._missing_roots: set[int] = set()
         self._unlisted: dict[tuple[int, Rel], str] = {}
         self._lock = asyncio.Lock()
@@ -150,7 +84,7 @@ class FileSource:
     async def load_initial(self) -> None:
         """Load every config file once; call before serving."""
         async with self._lock:
-            await self._sync([_Scope(i, (), True) for i in range(len(self._roots))], set())
+            await self._sync([Scope(i, (), True) for i in range(len(self._roots))], set())
         s = self.stats()
         log.info(
             "config files loaded",
@@ -208,7 +142,7 @@ class FileSource:
     async def _watch(self, roots: list[int]) -> None:
         """Apply inotify events until cancelled or until a root is replaced.
 
-        watchfiles' RustNotify rather than `awatch`: its watches exist once it is
+        DirectoryWatcher rather than watchfiles' `awatch`: its watches exist once it is
         constructed, so the rescan after it misses nothing, and stopping it takes one
         step rather than a whole timeout.
         """
@@ -216,25 +150,23 @@ class FileSource:
         stop = threading.Event()
         paths = [self._roots[i].absolute for i in roots]
         # Setting up recursive watches lists the whole tree: not on the loop.
-        watcher = await asyncio.to_thread(RustNotify, paths, False, False, 300, True, True)
+        watcher = await asyncio.to_thread(DirectoryWatcher, paths)
         monitor: asyncio.Task[None] | None = None
         try:
             self._watching = True
             await self._resync()
             monitor = asyncio.create_task(self._monitor(identities, stop))
             while True:
-                raw = await self._next_changes(watcher, stop)
-                if raw == "stop":
+                outcome = await self._next_changes(watcher, stop)
+                if outcome == "stop":
                     return
-                if isinstance(raw, set):
-                    paths = [path for _, path in raw]
+                if isinstance(outcome, set):
+                    paths = list(outcome)
                     await self.apply_changes(paths)
                     if any(self._locate(path) == (i, ()) for path in paths for i in roots):
                         # A root itself was deleted or replaced; its inode number may
                         # be reused at once, which the monitor cannot tell apart.
                         return
-                elif raw != "timeout":
-                    raise RuntimeError(f"file watcher returned {raw!r}")
         finally:
             self._watching = False
             stop.set()
@@ -244,11 +176,9 @@ class FileSource:
                     await monitor
             watcher.close()
 
-    async def _next_changes(
-        self, watcher: RustNotify, stop: threading.Event
-    ) -> set[tuple[int, str]] | str:
+    async def _next_changes(self, watcher: DirectoryWatcher, stop: threading.Event) -> Outcome:
         pending = asyncio.ensure_future(
-            asyncio.to_thread(watcher.watch, self._debounce_ms, _STEP_MS, 1000, stop)
+            asyncio.to_thread(watcher.changes, self._debounce_ms, _STEP_MS, 1000, stop)
         )
         try:
             return await asyncio.shield(pending)
@@ -297,29 +227,29 @@ class FileSource:
 
     async def _resync(self) -> None:
         async with self._lock:
-            await self._sync([_Scope(i, (), True) for i in range(len(self._roots))], set())
+            await self._sync([Scope(i, (), True) for i in range(len(self._roots))], set())
 
     async def apply_changes(self, paths: Iterable[str]) -> None:
         """Rescan what changed at these filesystem paths (as a watcher reports them)."""
-        scopes: set[_Scope] = set()
+        scopes: set[Scope] = set()
         forced: set[tuple[int, Rel]] = set()
         for path in paths:
             located = self._locate(path)
             if located is None:
                 continue
             index, rel = located
-            ignored_at = next((n for n, part in enumerate(rel) if _ignored_name(part)), None)
+            ignored_at = next((n for n, part in enumerate(rel) if ignored_name(part)), None)
             if ignored_at is not None:
                 # Temp and hidden files are not config, but a change among them can still
                 # swap what visible names point to (Kubernetes ConfigMap `..data` links).
-                scopes.add(_Scope(index, rel[:ignored_at], False))
+                scopes.add(Scope(index, rel[:ignored_at], False))
                 continue
-            scopes.add(_Scope(index, rel, True))
+            scopes.add(Scope(index, rel, True))
             forced.add((index, rel))
         if not scopes:
             return
         async with self._lock:
-            await self._sync(_outermost(scopes), forced)
+            await self._sync(outermost(scopes), forced)
 
     def _locate(self, path: str) -> tuple[int, Rel] | None:
         for index, root in enumerate(self._roots):
@@ -333,36 +263,55 @@ class FileSource:
 
     # --- scanning -------------------------------------------------------------------------
 
-    async def _sync(self, scopes: Iterable[_Scope], forced: set[tuple[int, Rel]]) -> None:
+    async def _sync(self, scopes: Iterable[Scope], forced: set[tuple[int, Rel]]) -> None:
         """Rescan `scopes` and bring the store in line. Caller holds the lock."""
-        by_root: dict[int, list[_Scope]] = {}
+        by_root: dict[int, list[Scope]] = {}
         for scope in scopes:
             by_root.setdefault(scope.root, []).append(scope)
         for index, root_scopes in sorted(by_root.items()):
             known = {rel: st for (i, rel), st in self._files.items() if i == index}
             force = {rel for i, rel in forced if i == index}
+            dirs = dict(self._dirs.get(index, {}))
             try:
                 result = await asyncio.to_thread(
-                    _scan, self._roots[index], root_scopes, known, force, self._max_file_bytes
+                    _scan,
+                    self._roots[index],
+                    root_scopes,
+                    known,
+                    force,
+                    self._max_file_bytes,
+                    dirs,
                 )
             except Exception:
                 # A bug here must not stop the source: the next event or resync retries.
                 log.exception("config scan failed", directory=str(self._roots[index].given))
                 continue
-            self._apply(index, root_scopes, known, result)
+            self._note_dirs(index, result)
+            await self._apply(index, result.scopes, known, result)
 
-    def _apply(
-        self, index: int, scopes: list[_Scope], known: dict[Rel, _FileState], result: _ScanResult
+    def _note_dirs(self, index: int, result: ScanResult) -> None:
+        """Remember which path each walked directory was read by."""
+        walked = Coverage(result.scopes)
+        dirs = {
+            ident: rel for ident, rel in self._dirs.get(index, {}).items() if not walked.walked(rel)
+        }
+        dirs.update(result.dirs)
+        self._dirs[index] = dirs
+
+    async def _apply(
+        self, index: int, scopes: list[Scope], known: dict[Rel, FileState], result: ScanResult
     ) -> None:
         root = self._roots[index]
         if any(s.rel == () for s in scopes):
             self._note_root(index, result.root_exists)
         self._note_unlisted(index, scopes, result.unlisted)
         changed = False
+        covered = Coverage(scopes)
+        steps = 0
         # Removals first: a file renamed in the same batch then does not briefly
         # collide with itself under its old name.
         for rel in sorted(known):
-            if rel in result.found or not any(s.covers(rel) for s in scopes):
+            if rel in result.found or not covered(rel):
                 continue
             if any(rel[: len(u)] == u for u in result.unlisted):
                 continue
@@ -370,6 +319,9 @@ class FileSource:
             self._store.remove_origin(root.origin(rel))
             log.debug("config file removed", file=root.origin(rel))
             changed = True
+            steps += 1
+            if steps % _CHUNK == 0:
+                await asyncio.sleep(0)
         for rel, st in result.found.items():
             loaded = result.loaded.get(rel)
             state = self._files.get((index, rel))
@@ -389,15 +341,20 @@ class FileSource:
             objects = len(parsed.configs)
             if loaded.failed and state is not None:
                 objects = state.objects
-            self._files[(index, rel)] = _FileState(
+            self._files[(index, rel)] = FileState(
                 loaded.stat, loaded.digest, loaded.read_at_ns, objects
             )
             log.debug("config file loaded", file=origin, objects=objects, errors=len(parsed.errors))
             changed = True
+            steps += 1
+            if steps % _CHUNK == 0:
+                # Thousands of files in one batch: let /ready, xDS and pushes run
+                # between chunks. The lock keeps other scans out meanwhile.
+                await asyncio.sleep(0)
         if changed:
             self._last_change = time.time()
 
-    def _note_unlisted(self, index: int, scopes: list[_Scope], unlisted: dict[Rel, str]) -> None:
+    def _note_unlisted(self, index: int, scopes: list[Scope], unlisted: dict[Rel, str]) -> None:
         """Log an unreadable directory once, not on every rescan."""
         for key in [k for k in self._unlisted if k[0] == index]:
             listed_now = any(s.rel == key[1] or (s.recursive and s.covers(key[1])) for s in scopes)
@@ -421,147 +378,3 @@ class FileSource:
             self._store.set_origin(
                 str(root.given), [], [ConfigError(str(root.given), "directory does not exist")]
             )
-
-
-def _outermost(scopes: set[_Scope]) -> list[_Scope]:
-    """Drop scopes that a recursive scope of the same root already covers."""
-    out = []
-    for s in scopes:
-        if not any(
-            o != s
-            and o.recursive
-            and o.root == s.root
-            and o.covers(s.rel)
-            and (o.rel != s.rel or not s.recursive)
-            for o in scopes
-        ):
-            out.append(s)
-    return sorted(out, key=lambda s: (s.root, s.rel, s.recursive))
-
-
-def _ignored_name(name: str) -> bool:
-    """Hidden files and directories (.git, ..data) and editor temp files."""
-    return name.startswith(".") or name.endswith(("~", ".swp", ".swx", ".tmp"))
-
-
-def _is_config_file(name: str) -> bool:
-    return not _ignored_name(name) and os.path.splitext(name)[1].lower() in CONFIG_SUFFIXES
-
-
-# --- the worker-thread part ---------------------------------------------------------------
-
-
-def _scan(
-    root: _Root,
-    scopes: list[_Scope],
-    known: dict[Rel, _FileState],
-    forced: set[Rel],
-    max_bytes: int,
-) -> _ScanResult:
-    out = _ScanResult({}, {}, {}, os.path.exists(root.absolute))
-    for scope in scopes:
-        _walk(root, scope, out)
-    now = time.time_ns()
-    for rel, st in list(out.found.items()):
-        state = known.get(rel)
-        if (
-            state is not None
-            and rel not in forced
-            and state.stat == st
-            and st.mtime_ns + _RACY_NS < state.read_at_ns
-        ):
-            continue
-        loaded = _load(root, rel, state, max_bytes, now)
-        if loaded is None:
-            del out.found[rel]  # deleted since it was listed: an event will follow
-        else:
-            out.loaded[rel] = loaded
-    return out
-
-
-def _walk(root: _Root, scope: _Scope, out: _ScanResult) -> None:
-    start = root.fs_path(scope.rel)
-    try:
-        st = os.stat(start)
-    except OSError:
-        return
-    if stat.S_ISREG(st.st_mode):
-        if not scope.rel or _is_config_file(scope.rel[-1]):
-            out.found[scope.rel] = _StatKey.of(st)
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    visited: set[tuple[int, int]] = set()
-    stack: list[tuple[Rel, os.stat_result]] = [(scope.rel, st)]
-    while stack:
-        rel, dir_st = stack.pop()
-        identity = (dir_st.st_dev, dir_st.st_ino)
-        # Following symlinked directories can loop; each directory is listed once.
-        if identity in visited or len(rel) > MAX_DEPTH:
-            continue
-        visited.add(identity)
-        try:
-            entries = sorted(os.scandir(root.fs_path(rel)), key=lambda e: e.name)
-        except OSError as e:
-            out.unlisted[rel] = e.strerror or str(e)
-            continue
-        subdirs = []
-        for entry in entries:
-            if _ignored_name(entry.name):
-                continue
-            try:
-                est = entry.stat(follow_symlinks=True)
-            except OSError:
-                continue  # dangling or looping symlink, or gone already
-            child = (*rel, entry.name)
-            if stat.S_ISDIR(est.st_mode):
-                if scope.recursive:
-                    subdirs.append((child, est))
-            elif stat.S_ISREG(est.st_mode) and _is_config_file(entry.name):
-                out.found[child] = _StatKey.of(est)
-        # Reversed so that the stack pops them in name order: with symlinked
-        # directories the path that reaches a directory first is deterministic.
-        stack.extend(reversed(subdirs))
-
-
-def _load(
-    root: _Root, rel: Rel, state: _FileState | None, max_bytes: int, now_ns: int
-) -> _Loaded | None:
-    origin = root.origin(rel)
-    path = root.fs_path(rel)
-
-    def failed(message: str, st: _StatKey, digest: str = "") -> _Loaded:
-        digest = digest or f"error:{message}"
-        if state is not None and state.digest == digest:
-            return _Loaded(st, digest, now_ns, None)
-        result = ParseResult(errors=[ConfigError(origin, message)])
-        return _Loaded(st, digest, now_ns, result, failed=True)
-
-    try:
-        # O_NONBLOCK: a FIFO swapped in after the stat must not hang the thread.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            raw = os.fstat(f.fileno())
-            if not stat.S_ISREG(raw.st_mode):
-                return None  # swapped for a FIFO or device since it was listed
-            st = _StatKey.of(raw)
-            if st.size > max_bytes:
-                return failed(f"file is {st.size} bytes, over the {max_bytes} byte limit", st)
-            data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return failed(f"cannot read file: {e.strerror or e}", _StatKey(0, 0, -1, 0))
-    if len(data) > max_bytes:
-        return failed(f"file is over the {max_bytes} byte limit", st)
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    if state is not None and state.digest == digest:
-        return _Loaded(st, digest, now_ns, None)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return failed(f"not valid UTF-8 (byte {e.start}); is this a binary file?", st, digest)
-    result = parse_text(text.removeprefix("\ufeff"), origin)
-    # Errors with no document index mean no document could be read at all.
-    whole = any(e.document is None for e in result.errors)
-    return _Loaded(st, digest, now_ns, result, failed=whole)

@@ -3,24 +3,27 @@
 Sources hand over what one origin (a file, a watched object) holds now. The store keeps,
 per origin, the objects that validated; an object that fails keeps its last good
 version, and a file that fails to parse keeps all of its last good objects. Listeners
-hear which keys changed.
+hear which keys changed; error listeners hear the error count by kind whenever it
+changes, including for rejections that change no object.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import structlog
 
 from meshpilot.api.errors import ConfigError
+from meshpilot.api.kinds import KINDS
 from meshpilot.config import Config, ConfigKey, StoreSnapshot
 from meshpilot.monitoring import metrics
 
 log = structlog.get_logger(__name__)
 
 ChangeListener = Callable[[frozenset[ConfigKey]], None]
+ErrorListener = Callable[[Mapping[str, int]], None]
 
 
 @dataclass(slots=True)
@@ -39,6 +42,10 @@ class ConfigStore:
         self._by_kind: dict[str, dict[ConfigKey, Config]] = {}
         self._dirty_kinds: set[str] = set()
         self._listeners: list[ChangeListener] = []
+        self._error_listeners: list[ErrorListener] = []
+        # Kept up to date change by change, so that a batch of N files costs O(N) to
+        # count rather than a walk over every error after every file.
+        self._error_counts: dict[str, int] = {}
         self._snapshot: StoreSnapshot | None = None
         self._last_snapshot: StoreSnapshot | None = None
         self._generation = 0
@@ -82,15 +89,17 @@ class ConfigStore:
         if new_errors and new_errors != previous.errors:
             for err in new_errors:
                 log.warning("config rejected", error=str(err))
-                metrics.CONFIG_ERRORS_TOTAL.labels(err.kind or "unknown").inc()
+                metrics.CONFIG_ERRORS_TOTAL.labels(kind_label(err.kind)).inc()
         self._origins[origin] = _Origin(fresh, new_errors)
-        return self._commit(origin, previous.configs.keys() | fresh.keys())
+        counted = self._count_errors(previous.errors, new_errors)
+        return self._commit(origin, previous.configs.keys() | fresh.keys(), counted)
 
     def remove_origin(self, origin: str) -> frozenset[ConfigKey]:
         previous = self._origins.pop(origin, None)
         if previous is None:
             return frozenset()
-        return self._commit(origin, previous.configs.keys())
+        counted = self._count_errors(previous.errors, ())
+        return self._commit(origin, previous.configs.keys(), counted)
 
     def apply(self, config: Config, origin: str | None = None) -> frozenset[ConfigKey]:
         """Set one object programmatically (watch events, tests, benchmarks)."""
@@ -101,6 +110,10 @@ class ConfigStore:
 
     def subscribe(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
+
+    def subscribe_errors(self, listener: ErrorListener) -> None:
+        """`listener(error_counts())` after every change of the error counts."""
+        self._error_listeners.append(listener)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -129,10 +142,38 @@ class ConfigStore:
     def origins(self) -> list[str]:
         return sorted(self._origins)
 
+    def error_counts(self) -> Mapping[str, int]:
+        """Current errors by object kind ("" when no kind is known); kinds that had
+        errors and have none now stay, at 0. Costs O(kinds), not O(errors)."""
+        return MappingProxyType(self._error_counts)
+
+    def object_counts(self) -> dict[str, int]:
+        """Objects in effect by kind; a kind that had objects and has none now is 0."""
+        return {kind: len(objs) for kind, objs in self._by_kind.items()}
+
     # --- internals ----------------------------------------------------------------------
 
-    def _commit(self, origin: str, keys: Iterable[ConfigKey]) -> frozenset[ConfigKey]:
-        """Re-decide the winner of each key `origin` held or holds now."""
+    def _count_errors(self, old: Iterable[ConfigError], new: Iterable[ConfigError]) -> bool:
+        """Move the error counts from `old` to `new`; True when any count changed."""
+        delta: dict[str, int] = {}
+        for err in old:
+            delta[err.kind] = delta.get(err.kind, 0) - 1
+        for err in new:
+            delta[err.kind] = delta.get(err.kind, 0) + 1
+        counted = False
+        for kind, n in delta.items():
+            if n:
+                self._error_counts[kind] = self._error_counts.get(kind, 0) + n
+                counted = True
+        return counted
+
+    def _commit(
+        self, origin: str, keys: Iterable[ConfigKey], counted: bool = False
+    ) -> frozenset[ConfigKey]:
+        """Re-decide the winner of each key `origin` held or holds now.
+
+        `counted`: the caller changed the error counts, so error listeners are due.
+        """
         held = self._origins.get(origin)
         changed: set[ConfigKey] = set()
         for key in keys:
@@ -150,10 +191,11 @@ class ConfigStore:
                 if winner is not None
             ]
             old_dupes = self._dupes_by_key.get(key, [])
+            counted = self._count_errors(old_dupes, dupes) or counted
             for d in dupes:
                 if d not in old_dupes:
                     log.warning("config rejected", error=str(d))
-                    metrics.CONFIG_ERRORS_TOTAL.labels(d.kind or "unknown").inc()
+                    metrics.CONFIG_ERRORS_TOTAL.labels(kind_label(d.kind)).inc()
             if dupes:
                 self._dupes_by_key[key] = dupes
             else:
@@ -170,6 +212,10 @@ class ConfigStore:
                     self._merged[key] = winner
                     kind_map[key] = winner
                 self._dirty_kinds.add(key.kind)
+        if counted:
+            counts = self.error_counts()
+            for error_listener in self._error_listeners:
+                error_listener(counts)
         if changed:
             self._generation += 1
             self._snapshot = None
@@ -178,6 +224,12 @@ class ConfigStore:
                 listener(frozen)
             return frozen
         return frozenset()
+
+
+def kind_label(kind: str) -> str:
+    """The metric label for errors of `kind`: a kind the user made up would otherwise
+    mint a new time series per typo."""
+    return kind if kind in KINDS else "unknown"
 
 
 def _differs(a: Config | None, b: Config | None) -> bool:

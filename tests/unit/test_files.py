@@ -294,7 +294,7 @@ async def test_falls_back_to_polling_when_watching_fails(
     def broken(*args: object) -> None:
         raise OSError(28, "OS file watch limit reached")
 
-    monkeypatch.setattr(files, "RustNotify", broken)
+    monkeypatch.setattr(files, "DirectoryWatcher", broken)
     store = ConfigStore()
     src = source(store, conf, rescan_interval=0.05)
     await src.load_initial()

@@ -197,3 +197,24 @@ spec: {host: reviews, trafficPolicy: {tls: {mode: MUTUAL, caCertificates: /ca.pe
     [err] = parse_text(mutual, "dr.yaml").errors
     assert err.field == "spec.trafficPolicy.tls"
     assert "clientCertificate and privateKey" in err.message
+
+
+def test_json_is_parsed_as_json_and_errors_say_line_and_column() -> None:
+    good = json.dumps({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule"})
+    good = good[:-1] + ', "metadata": {"name": "r"}, "spec": {"host": "r"}}'
+    assert len(parse_text(good, "r.json", syntax="json").configs) == 1
+    # A trailing comma is fine in YAML's flow style, not in JSON.
+    broken = '{"apiVersion": "v1",\n "kind": "Service",\n "metadata": {"name": "s",}}\n'
+    [err] = parse_text(broken, "s.json", syntax="json").errors
+    assert err.origin == "s.json" and err.document is None
+    assert err.message.startswith("invalid JSON at line 3, column 27: Expecting property name")
+
+
+def test_json_nested_too_deeply_is_an_error() -> None:
+    [err] = parse_text("[" * 100_000 + "]" * 100_000, "deep.json", syntax="json").errors
+    assert err.message == "invalid JSON: nested too deeply"
+
+
+def test_json_top_level_must_be_an_object() -> None:
+    [err] = parse_text("[1, 2]", "list.json", syntax="json").errors
+    assert err.document == 1 and "expected a mapping, got list" in err.message
