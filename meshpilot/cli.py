@@ -52,7 +52,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 async def _serve(settings: Settings) -> int:
-    from meshpilot.serve import MeshServer
+    from meshpilot.serve import MeshServer, tune_gc
 
     try:
         server = MeshServer(settings)
@@ -69,6 +69,7 @@ async def _serve(settings: Settings) -> int:
         print(f"meshpilot serve: {e}", file=sys.stderr)
         await server.stop()
         return 1
+    tune_gc()
     await stop.wait()
     await server.stop()
     return 0

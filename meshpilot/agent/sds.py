@@ -19,6 +19,7 @@ import secrets
 import socket
 import stat
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,6 +402,18 @@ class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
             log.debug("sds stream closed", stream=stream.stream_id)
 
 
+# The service of each running server, for stop_server: kept beside grpc's server object
+# rather than written onto it (it declares no such attribute).
+_SERVICES: weakref.WeakKeyDictionary[grpc.aio.Server, SecretDiscoveryService] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def service_of(server: grpc.aio.Server) -> SecretDiscoveryService | None:
+    """The SDS service a running server (from start_server) serves, for debugging."""
+    return _SERVICES.get(server)
+
+
 def _clear_stale_socket(path: Path) -> None:
     # A socket file left by a dead agent is replaced; a live one belongs to another
     # agent using this workdir, which is refused.
@@ -437,14 +450,14 @@ async def start_server(
     # The directory is 0700 already; the mode is a second lock on the same door.
     os.chmod(socket_path, 0o600)
     await server.start()
-    server.sds_service = service  # type: ignore[attr-defined]
+    _SERVICES[server] = service
     return server
 
 
 async def stop_server(server: grpc.aio.Server, socket_path: Path, grace: float = 0.5) -> None:
     """Stop serving and remove the socket file."""
     await server.stop(grace)
-    service = getattr(server, "sds_service", None)
+    service = _SERVICES.pop(server, None)
     if service is not None:
         await service.files.close()
     with contextlib.suppress(FileNotFoundError):
