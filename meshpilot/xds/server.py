@@ -36,11 +36,16 @@ KNOWN_TYPES = frozenset(typeurls.PUSH_ORDER)
 
 # Envoy's own default is unlimited; a big mesh's CDS easily passes gRPC's 4 MiB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Requests are small: the largest is an EDS/RDS subscription repeating every name
+# (MAX_NAMES_PER_TYPE names of Envoy's ~60-character cluster names is well under 1
+# MiB). gRPC refuses a bigger message (RESOURCE_EXHAUSTED) before buffering it, so an
+# unauthenticated client cannot make the server hold hundreds of MB per request.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     # A second server on a busy port must fail, not share it silently.
     ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     # Istio's keepalive: find dead proxies within a minute, tolerate idle clients that ping.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
