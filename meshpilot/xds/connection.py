@@ -19,10 +19,15 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_request import PushRequest
+from meshpilot.untrusted import truncate_untrusted
 from meshpilot.xds import typeurls, wire
 from meshpilot.xds.resources import PushContextLike, Resource
 
 WILDCARD = "*"
+# Envoy's NACK messages name the resource and the reason; kept whole up to this length.
+MAX_NACK_CHARS = 1024
+
+_MAX_WARNED_TYPES = 16
 
 _INTERNED: dict[frozenset[str], frozenset[str]] = {}
 _MAX_INTERNED = 4096
@@ -171,7 +176,8 @@ class Connection:
         self.peer = peer
         self.connected_at = time.time()
         self._watched: dict[str, WatchedResource] = {}
-        self.warned_types: set[str] = set()
+        # Unknown type URLs already warned about (bounded: a client can send any number).
+        self._warned_types: set[str] = set()
         # Earliest PushRequest.start not yet fully ACKed, for the convergence metric.
         self.converge_start: float | None = None
         self._requests: deque[Request] = deque()
@@ -187,6 +193,13 @@ class Connection:
     @property
     def watched(self) -> Mapping[str, WatchedResource]:
         return self._watched
+
+    def warn_unknown_type(self, type_url: str) -> bool:
+        """True the first time an unknown `type_url` is seen (for the first few only)."""
+        if type_url in self._warned_types or len(self._warned_types) >= _MAX_WARNED_TYPES:
+            return False
+        self._warned_types.add(type_url)
+        return True
 
     def sent_resources(self, type_url: str) -> dict[str, Resource]:
         """What this proxy was last sent of `type_url` (empty if not watched)."""
@@ -381,7 +394,9 @@ class Connection:
     def _ack_or_nack(self, w: WatchedResource, nonce: str, version: str, req: Request) -> Kind:
         w.awaiting_ack = False
         if req.HasField("error_detail"):
-            w.nack = req.error_detail.message or f"code {req.error_detail.code}"
+            w.nack = truncate_untrusted(
+                req.error_detail.message or f"code {req.error_detail.code}", MAX_NACK_CHARS
+            )
             w.nack_time = time.time()
             w.nacks += 1
             return Kind.NACK

@@ -25,6 +25,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from meshpilot.model.proxy import Proxy, ProxyIdError
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import metrics
+from meshpilot.untrusted import truncate_untrusted
 from meshpilot.xds import typeurls, wire
 from meshpilot.xds.connection import Connection, Kind, PendingPush, Reply, WatchedResource
 from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource, same_versions
@@ -33,6 +34,11 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 KNOWN_TYPES = frozenset(typeurls.PUSH_ORDER)
+# Envoy's node ids are a few dozen characters; Istio's longest are far below this.
+MAX_NODE_ID_CHARS = 1024
+# Client text quoted in a status message (the status travels back to that client only,
+# but also into our log).
+MAX_ERROR_CHARS = 512
 
 # Envoy's own default is unlimited; a big mesh's CDS easily passes gRPC's 4 MiB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -204,26 +210,32 @@ class DiscoveryServer:
             first = await anext(it)
         except StopAsyncIteration:
             return
+        peer = truncate_untrusted(context.peer() or "")
         try:
             if not first.HasField("node") or not first.node.id:
                 raise ProxyIdError("the first request on an ADS stream must carry node.id")
+            if len(first.node.id) > MAX_NODE_ID_CHARS:
+                raise ProxyIdError(
+                    f"node.id: {len(first.node.id)} characters, expected at most "
+                    f"{MAX_NODE_ID_CHARS} (TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN)"
+                )
             proxy = Proxy.from_node(first.node)
         except ProxyIdError as e:
-            log.warning("xds rejected stream", peer=context.peer(), error=str(e))
+            error = truncate_untrusted(e, MAX_ERROR_CHARS)
+            log.warning("xds rejected stream", peer=peer, error=error)
             # abort() raises: the stream ends with this status, the server goes on.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
             return
 
         conn = Connection(
-            f"{proxy.id}-{next(self._conn_ids)}",
+            f"{truncate_untrusted(proxy.id)}-{next(self._conn_ids)}",
             proxy,
             delta=delta,
-            peer=context.peer() or "",
+            peer=peer,
             max_queued_requests=self._max_queued_requests,
         )
-        version_label = proxy.istio_version or "unknown"
         self._connections[conn.conn_id] = conn
-        metrics.XDS_CLIENTS.labels(version_label).inc()
+        version_label = metrics.XDS_CLIENT_VERSIONS.connected(proxy.istio_version)
         log.info("xds connected", conn=conn.conn_id, delta=delta, peer=conn.peer)
         await conn.put_request(first)
         reader = asyncio.create_task(self._read(it, conn), name=f"xds-read-{conn.conn_id}")
@@ -238,7 +250,7 @@ class DiscoveryServer:
         finally:
             reader.cancel()
             del self._connections[conn.conn_id]
-            metrics.XDS_CLIENTS.labels(version_label).dec()
+            metrics.XDS_CLIENT_VERSIONS.disconnected(version_label)
             log.info("xds disconnected", conn=conn.conn_id)
 
     async def _read(self, it: AsyncIterator[Any], conn: Connection) -> None:
@@ -260,7 +272,7 @@ class DiscoveryServer:
             raise
         except Exception as e:
             # The RPC failed or was cancelled by the client; the main task ends too.
-            log.debug("xds stream read ended", conn=conn.conn_id, error=repr(e))
+            log.debug("xds stream read ended", conn=conn.conn_id, error=truncate_untrusted(repr(e)))
         finally:
             conn.close_input()
 
@@ -274,23 +286,31 @@ class DiscoveryServer:
         conn = writer.conn
         type_url = req.type_url
         if type_url not in KNOWN_TYPES:
-            if type_url not in conn.warned_types:
-                conn.warned_types.add(type_url)
-                log.warning("xds unknown type ignored", conn=conn.conn_id, type_url=type_url)
+            if conn.warn_unknown_type(type_url):
+                log.warning(
+                    "xds unknown type ignored",
+                    conn=conn.conn_id,
+                    type_url=truncate_untrusted(type_url),
+                )
             return
         outcome = conn.on_delta_request(req) if conn.delta else conn.on_sotw_request(req)
         w = conn.watched[type_url]
         short = typeurls.short(type_url)
         if outcome.kind is Kind.STALE:
             metrics.XDS_EXPIRED_NONCE.labels(short).inc()
-            log.debug("xds stale nonce", conn=conn.conn_id, type=short, nonce=req.response_nonce)
+            log.debug(
+                "xds stale nonce",
+                conn=conn.conn_id,
+                type=short,
+                nonce=truncate_untrusted(req.response_nonce),
+            )
         elif outcome.kind is Kind.NACK:
             metrics.TOTAL_XDS_REJECTS.labels(short).inc()
             log.warning(
                 "xds nack",
                 conn=conn.conn_id,
                 type=short,
-                nonce=req.response_nonce,
+                nonce=w.nonce_sent,
                 error=w.nack,
             )
         elif outcome.kind is Kind.INIT:

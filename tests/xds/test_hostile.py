@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import grpc
 
+from meshpilot.monitoring import metrics
 from tests.xds.client import names_of
-from tests.xds.conftest import CDS, EDS, Harness
+from tests.xds.conftest import CDS, EDS, Harness, Logs, eventually
 
 
 async def test_a_request_over_the_receive_limit_is_refused_by_grpc(harness: Harness) -> None:
@@ -19,3 +20,64 @@ async def test_a_request_over_the_receive_limit_is_refused_by_grpc(harness: Harn
     other = harness.sotw()
     other.request(CDS)
     assert names_of(await other.recv()) == ["a", "b", "c"]
+
+
+async def test_client_text_in_logs_and_status_is_truncated(
+    harness: Harness, xds_logs: Logs
+) -> None:
+    huge_id = "sidecar~10.1.0.7~" + "p" * 2_000_000 + ".default~default.svc.cluster.local"
+    c = harness.sotw(huge_id)
+    c.request(CDS)
+    err = await c.error()
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.id" in (err.details() or "")
+    assert len(err.details() or "") < 1024
+    # A valid proxy that sends junk type URLs and a huge NACK message.
+    ok = harness.sotw()
+    ok.request(CDS)
+    resp = await ok.recv()
+    for i in range(40):
+        ok.request(f"type.googleapis.com/junk.{i}." + "t" * 100_000)
+    ok.nack(resp, "bad cluster " + "e" * 1_000_000)
+    await harness.settled()
+    await eventually(lambda: bool(xds_logs.named("xds nack")))
+    unknown = xds_logs.named("xds unknown type ignored")
+    assert 0 < len(unknown) <= 16
+    assert xds_logs.lines
+    assert max(len(line) for line in xds_logs.lines) < 4096
+    nack = harness.status()["cluster_nack"]
+    assert isinstance(nack, str) and nack.startswith("bad cluster ") and len(nack) < 2048
+
+
+async def test_istio_version_labels_stay_bounded_and_go_with_their_proxies(
+    harness: Harness,
+) -> None:
+    def series() -> dict[str, float]:
+        return {
+            s.labels["version"]: s.value
+            for m in metrics.REGISTRY.collect()
+            if m.name == "pilot_xds"
+            for s in m.samples
+        }
+
+    clients = []
+    for i in range(300):
+        version = f"1.{i}.0" if i % 2 else f"evil-{i}-" + "v" * 200
+        c = harness.sotw(
+            f"sidecar~10.1.{i // 250}.{i % 250}~p{i}.default~default.svc.cluster.local"
+        )
+        c.istio_version = version
+        c.request(CDS)
+        clients.append(c)
+    for c in clients:
+        await c.recv()
+    live = series()
+    assert len(live) <= metrics.MAX_VERSION_SERIES + 2
+    assert sum(live.values()) == 300
+    assert all(len(label) <= 32 for label in live)
+    assert live.get("unknown") == 150
+    for c in clients:
+        await c.close()
+    harness.clients.clear()
+    await eventually(lambda: not harness.discovery.connections)
+    assert series() == {}
