@@ -184,6 +184,8 @@ class Connection:
         self._max_requests = max_queued_requests
         self._push: PendingPush | None = None
         self._closed = False
+        # The client sent bytes that do not decode; set by the reader before closing.
+        self.undecodable: wire.Undecodable | None = None
         # The connection task is parked in next_event() with nothing to do.
         self._parked = False
         self._wake = asyncio.Event()

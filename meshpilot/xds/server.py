@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import structlog
 from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshpilot.model.proxy import Proxy, ProxyIdError
 from meshpilot.model.push_request import PushRequest
@@ -177,12 +177,12 @@ class DiscoveryServer:
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 servicer.StreamAggregatedResources,
-                request_deserializer=wire.SotwRequest.parse,
+                request_deserializer=wire.parse_sotw,
                 response_serializer=_serialize,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 servicer.DeltaAggregatedResources,
-                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                request_deserializer=wire.parse_delta,
                 response_serializer=_serialize,
             ),
         }
@@ -211,6 +211,9 @@ class DiscoveryServer:
         except StopAsyncIteration:
             return
         peer = truncate_untrusted(context.peer() or "")
+        if isinstance(first, wire.Undecodable):
+            await self._refuse_undecodable(context, first, peer=peer)
+            return
         try:
             if not first.HasField("node") or not first.node.id:
                 raise ProxyIdError("the first request on an ADS stream must carry node.id")
@@ -247,15 +250,36 @@ class DiscoveryServer:
                     await self._push_connection(writer, event.request, event.context)
                 else:
                     await self._handle_request(writer, event)
+            if conn.undecodable is not None:
+                await self._refuse_undecodable(context, conn.undecodable, conn=conn.conn_id)
         finally:
             reader.cancel()
             del self._connections[conn.conn_id]
             metrics.XDS_CLIENT_VERSIONS.disconnected(version_label)
             log.info("xds disconnected", conn=conn.conn_id)
 
+    @staticmethod
+    async def _refuse_undecodable(
+        context: grpc.aio.ServicerContext, bad: wire.Undecodable, **where: str
+    ) -> None:
+        log.warning(
+            "xds request undecodable",
+            **where,
+            message=bad.message,
+            size=bad.size,
+            error=truncate_untrusted(bad.error),
+        )
+        # abort() raises: the stream ends with this status, the server goes on.
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(bad))
+
     async def _read(self, it: AsyncIterator[Any], conn: Connection) -> None:
         try:
             async for req in it:
+                if isinstance(req, wire.Undecodable):
+                    # Requests before it are handled; the connection task then ends
+                    # the stream with INVALID_ARGUMENT.
+                    conn.undecodable = req
+                    break
                 # Most requests are plain ACKs (every push gets one per stream). While
                 # the connection task is idle, handling one here is exactly what that
                 # task would do next, with no write: skip its wakeup.

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from meshpilot.xds.resources import Resource
 
@@ -135,3 +136,33 @@ class SotwRequest:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.msg, name)
+
+
+class Undecodable:
+    """A request whose bytes do not parse: what the deserializer returns instead of
+    raising, so the stream handler can answer INVALID_ARGUMENT with one log line (an
+    exception in a deserializer ends the stream as UNKNOWN, with a traceback in the log)."""
+
+    __slots__ = ("error", "message", "size")
+
+    def __init__(self, message: str, size: int, error: str) -> None:
+        self.message = message
+        self.size = size
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"{self.message}: {self.size} bytes that do not decode ({self.error})"
+
+
+def parse_sotw(raw: bytes) -> SotwRequest | Undecodable:
+    try:
+        return SotwRequest.parse(raw)
+    except DecodeError as e:
+        return Undecodable("DiscoveryRequest", len(raw), str(e))
+
+
+def parse_delta(raw: bytes) -> discovery_pb2.DeltaDiscoveryRequest | Undecodable:
+    try:
+        return discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
+    except DecodeError as e:
+        return Undecodable("DeltaDiscoveryRequest", len(raw), str(e))

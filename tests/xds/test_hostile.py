@@ -5,9 +5,12 @@ bounded and keep answering everyone else."""
 from __future__ import annotations
 
 import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
 
 from meshpilot.monitoring import metrics
-from tests.xds.client import names_of
+from meshpilot.xds.server import SERVICE_NAME
+from tests.xds.client import names_of, node
 from tests.xds.conftest import CDS, EDS, Harness, Logs, eventually
 
 
@@ -81,3 +84,47 @@ async def test_istio_version_labels_stay_bounded_and_go_with_their_proxies(
     harness.clients.clear()
     await eventually(lambda: not harness.discovery.connections)
     assert series() == {}
+
+
+GARBAGE = b"\xff\xff\xff\xff"
+
+
+async def _raw_stream(harness: Harness, method: str, messages: list[bytes]) -> grpc.aio.AioRpcError:
+    """Send raw bytes on an ADS method; returns the error that ends the stream."""
+    call = harness.channel.stream_stream(
+        f"/{SERVICE_NAME}/{method}",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )(iter(messages))
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as e:
+        return e
+    raise AssertionError(f"stream ended with {await call.code()}, expected an error")
+
+
+@pytest.mark.parametrize("method", ["StreamAggregatedResources", "DeltaAggregatedResources"])
+async def test_an_undecodable_first_request_is_invalid_argument_with_one_log_line(
+    harness: Harness, xds_logs: Logs, method: str
+) -> None:
+    err = await _raw_stream(harness, method, [GARBAGE])
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "do not decode" in (err.details() or "")
+    [event] = xds_logs.named("xds request undecodable")
+    assert event["level"] == "warning" and event["size"] == len(GARBAGE)
+    assert all("\n" not in line and "Traceback" not in line for line in xds_logs.lines)
+
+
+@pytest.mark.parametrize("method", ["StreamAggregatedResources", "DeltaAggregatedResources"])
+async def test_garbage_after_a_valid_request_is_invalid_argument(
+    harness: Harness, xds_logs: Logs, method: str
+) -> None:
+    if method == "StreamAggregatedResources":
+        first = discovery_pb2.DiscoveryRequest(type_url=CDS, node=node())
+    else:
+        first = discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, node=node())
+    err = await _raw_stream(harness, method, [first.SerializeToString(), GARBAGE])
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(xds_logs.named("xds request undecodable")) == 1
+    await eventually(lambda: not harness.discovery.connections)
