@@ -150,6 +150,12 @@ class Undecodable:
         self.size = size
         self.error = error
 
+    @staticmethod
+    def HasField(name: str) -> bool:
+        # Code that peeks at a stream's first request before the server (the secure
+        # port's namespace check) sees a request without a node and passes it on.
+        return False
+
     def __str__(self) -> str:
         return f"{self.message}: {self.size} bytes that do not decode ({self.error})"
 
