@@ -250,13 +250,19 @@ class DiscoveryServer:
                     await self._push_connection(writer, event.request, event.context)
                 else:
                     await self._handle_request(writer, event)
-            if conn.undecodable is not None:
-                await self._refuse_undecodable(context, conn.undecodable, conn=conn.conn_id)
+        except ClientGone as e:
+            log.info("xds client gone during a write", conn=conn.conn_id, error=str(e))
+            # There is no one to send a status to, and gRPC cannot finish the call
+            # normally after a failed write (it would log its own error): end it the
+            # way it ends a call the client cancelled.
+            raise asyncio.CancelledError from None
         finally:
             reader.cancel()
             del self._connections[conn.conn_id]
             metrics.XDS_CLIENT_VERSIONS.disconnected(version_label)
             log.info("xds disconnected", conn=conn.conn_id)
+        if conn.undecodable is not None:
+            await self._refuse_undecodable(context, conn.undecodable, conn=conn.conn_id)
 
     @staticmethod
     async def _refuse_undecodable(
@@ -565,14 +571,29 @@ class DiscoveryServer:
             metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - start)
 
 
+class ClientGone(Exception):
+    """A write failed because the client went away (reset, killed, network gone)."""
+
+
 class _Writer:
     """The write side of one stream, with the connection it belongs to."""
 
-    __slots__ = ("conn", "write")
+    __slots__ = ("_write", "conn")
 
     def __init__(self, conn: Connection, context: grpc.aio.ServicerContext) -> None:
         self.conn = conn
-        self.write = context.write
+        self._write = context.write
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._write(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # Responses are bytes already (nothing left to serialize), so a failed
+            # write is the transport: the peer is gone. That is an ordinary end of a
+            # stream, not a server error.
+            raise ClientGone(type(e).__name__) from e
 
 
 _SYNCZ_LABELS = {
