@@ -29,22 +29,66 @@ MAX_NACK_CHARS = 1024
 
 _MAX_WARNED_TYPES = 16
 
-_INTERNED: dict[frozenset[str], frozenset[str]] = {}
-_MAX_INTERNED = 4096
+# Names one stream may subscribe to per type (in one request, and in total). Envoy asks
+# for one name per cluster or route config it has, far below this even in big meshes.
+# Beyond it the stream is refused (INVALID_ARGUMENT) rather than answered in part: a
+# partial answer would leave Envoy waiting for names it never gets, while a refusal is
+# visible on both sides. Requests are also capped in bytes by gRPC (server.py).
+MAX_NAMES_PER_TYPE = 10_000
 
 
-def intern_names(names: frozenset[str]) -> frozenset[str]:
-    """One shared object per distinct subscription. Proxies of one scope subscribe the
-    same names; caches keyed by the set then match by identity, not element by element
-    (an equal-but-distinct 1000-name set costs ~100 us per dict lookup)."""
-    if len(names) < 8:
+class TooManyNames(ValueError):
+    """A request would subscribe a stream to more than MAX_NAMES_PER_TYPE names."""
+
+    def __init__(self, type_url: str, count: int) -> None:
+        super().__init__(
+            f"{typeurls.short(type_url)}: subscription of {count} names, "
+            f"expected at most {MAX_NAMES_PER_TYPE} per type"
+        )
+
+
+class Interner:
+    """One shared object per distinct subscription, while some stream holds it.
+
+    Proxies of one scope subscribe the same names; caches keyed by the set then match
+    by identity, not element by element (an equal-but-distinct 1000-name set costs
+    ~100 us per dict lookup). Each set is counted by the streams holding it and dropped
+    with the last one, so clients that leave leave nothing behind here.
+    """
+
+    # Small sets compare quickly anyway; interning them would cost more than it saves.
+    MIN_NAMES = 8
+
+    def __init__(self, max_sets: int = 4096) -> None:
+        self._sets: dict[frozenset[str], list[Any]] = {}
+        self._max_sets = max_sets
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def acquire(self, names: frozenset[str]) -> frozenset[str]:
+        """The shared equal set (counted until release()), or `names` itself."""
+        if len(names) < self.MIN_NAMES:
+            return names
+        entry = self._sets.get(names)
+        if entry is not None:
+            entry[1] += 1
+            return entry[0]  # type: ignore[no-any-return]
+        if len(self._sets) < self._max_sets:
+            # Full: the set is used as it is (correct, only slower to look up).
+            self._sets[names] = [names, 1]
         return names
-    shared = _INTERNED.get(names)
-    if shared is None:
-        if len(_INTERNED) >= _MAX_INTERNED:
-            _INTERNED.clear()
-        shared = _INTERNED[names] = names
-    return shared
+
+    def release(self, names: frozenset[str]) -> None:
+        """One holder of `names` (as returned by acquire) is done with it."""
+        if len(names) < self.MIN_NAMES:
+            return
+        entry = self._sets.get(names)
+        if entry is None or entry[0] is not names:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._sets[names]
 
 
 @dataclass(slots=True)
@@ -169,6 +213,7 @@ class Connection:
         delta: bool,
         peer: str = "",
         max_queued_requests: int = 64,
+        interner: Interner | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.proxy = proxy
@@ -176,6 +221,8 @@ class Connection:
         self.peer = peer
         self.connected_at = time.time()
         self._watched: dict[str, WatchedResource] = {}
+        # Shared by the server's connections; a private one for a lone connection.
+        self._interner = interner if interner is not None else Interner()
         # Unknown type URLs already warned about (bounded: a client can send any number).
         self._warned_types: set[str] = set()
         # Earliest PushRequest.start not yet fully ACKed, for the convergence metric.
@@ -302,14 +349,16 @@ class Connection:
     def on_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> Outcome:
         type_url = req.type_url
         w = self._watched.get(type_url)
+        if len(req.resource_names) > MAX_NAMES_PER_TYPE:
+            raise TooManyNames(type_url, len(req.resource_names))
         if not req.response_nonce or w is None:
             requested = tuple(req.resource_names)
-            names = intern_names(frozenset(requested))
+            names = frozenset(requested)
             # First request for this type, or a reconnect carrying another server's nonce.
             if w is None:
                 w = self._watched[type_url] = WatchedResource(type_url)
             w.wildcard = type_url in typeurls.WILDCARD_TYPES and (not names or WILDCARD in names)
-            w.names = frozenset() if w.wildcard else names
+            self._set_names(w, frozenset() if w.wildcard else names)
             w.requested = requested
             w.requested_wire = _names_region(req)
             return Outcome(Kind.INIT, Reply())
@@ -326,9 +375,9 @@ class Connection:
             if requested != w.requested:
                 w.requested = requested
                 if not w.wildcard:
-                    names = intern_names(frozenset(requested))
-                    added, removed = names - w.names, w.names - names
-                    w.names = names
+                    old = w.names
+                    names = self._set_names(w, frozenset(requested))
+                    added, removed = names - old, old - names
         if added:
             # Only the new names: EDS/RDS responses may be partial in SotW.
             return Outcome(kind, Reply(added), added=added, removed=removed)
@@ -339,13 +388,16 @@ class Connection:
     def on_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> Outcome:
         type_url = req.type_url
         w = self._watched.get(type_url)
+        count = max(len(req.resource_names_subscribe), len(req.initial_resource_versions))
+        if count > MAX_NAMES_PER_TYPE:
+            raise TooManyNames(type_url, count)
         sub = frozenset(req.resource_names_subscribe)
         unsub = frozenset(req.resource_names_unsubscribe)
         wildcard_type = type_url in typeurls.WILDCARD_TYPES
         if w is None:
             w = self._watched[type_url] = WatchedResource(type_url)
             w.wildcard = wildcard_type and (not sub or WILDCARD in sub)
-            w.names = intern_names(sub - {WILDCARD})
+            self._set_names(w, sub - {WILDCARD})
             # On reconnect the client tells us what it has: don't resend those versions.
             w.versions = {
                 n: v for n, v in req.initial_resource_versions.items() if w.wildcard or n in w.names
@@ -371,9 +423,12 @@ class Connection:
         removed = (unsub - {WILDCARD}) & w.names
         added = explicit - w.names
         if added or unsub:
+            names = (w.names | explicit) - unsub
+            if len(names) > MAX_NAMES_PER_TYPE:
+                raise TooManyNames(type_url, len(names))
             # Only on a real change: an ACK (no names) keeps the interned set, so caches
             # keyed by it still match by identity.
-            w.names = intern_names((w.names | explicit) - unsub)
+            self._set_names(w, names)
         if not w.wildcard:
             if unsub:
                 # The client dropped what it no longer watches; forget its versions so
@@ -392,6 +447,19 @@ class Connection:
             return Outcome(kind, Reply(explicit), added=added, removed=removed)
         dirty = self._take_dirty(w) if kind in (Kind.ACK, Kind.NACK) else None
         return Outcome(kind, dirty=dirty, added=added, removed=removed)
+
+    def _set_names(self, w: WatchedResource, names: frozenset[str]) -> frozenset[str]:
+        """Replace `w.names`, holding the shared (interned) set for as long as it is used."""
+        names = self._interner.acquire(names)
+        self._interner.release(w.names)
+        w.names = names
+        return names
+
+    def release(self) -> None:
+        """The stream is over: let go of shared state (interned subscriptions)."""
+        for w in self._watched.values():
+            self._interner.release(w.names)
+            w.names = frozenset()
 
     def _ack_or_nack(self, w: WatchedResource, nonce: str, version: str, req: Request) -> Kind:
         w.awaiting_ack = False

@@ -27,7 +27,15 @@ from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import metrics
 from meshpilot.untrusted import truncate_untrusted
 from meshpilot.xds import typeurls, wire
-from meshpilot.xds.connection import Connection, Kind, PendingPush, Reply, WatchedResource
+from meshpilot.xds.connection import (
+    Connection,
+    Interner,
+    Kind,
+    PendingPush,
+    Reply,
+    TooManyNames,
+    WatchedResource,
+)
 from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource, same_versions
 
 log = structlog.get_logger(__name__)
@@ -98,6 +106,9 @@ class DiscoveryServer:
         self._nonces = itertools.count(1)
         self._conn_ids = itertools.count(1)
         self._connections: dict[str, Connection] = {}
+        # Subscriptions shared by identity across this server's streams (bounded, and
+        # emptied as streams end).
+        self._interner = Interner()
         self._max_queued_requests = max_queued_requests
         self._current: PushContextLike | None = None
         self._ready = asyncio.Event()
@@ -141,6 +152,16 @@ class DiscoveryServer:
         for conn in self._connections.values():
             conn.enqueue_push(request, context)
         return len(self._connections)
+
+    def table_sizes(self) -> dict[str, int]:
+        """Entries in the server's shared tables, for tests and debugging: none of them
+        may keep growing with what clients send once those clients are gone."""
+        return {
+            "connections": len(self._connections),
+            "interned_subscriptions": len(self._interner),
+            "encoded": len(self._encoder),
+            "shared_messages": len(self._shared_messages),
+        }
 
     def sync_status(self) -> list[dict[str, Any]]:
         """Per-connection sync state with Istio's /debug/syncz keys."""
@@ -236,12 +257,14 @@ class DiscoveryServer:
             delta=delta,
             peer=peer,
             max_queued_requests=self._max_queued_requests,
+            interner=self._interner,
         )
         self._connections[conn.conn_id] = conn
         version_label = metrics.XDS_CLIENT_VERSIONS.connected(proxy.istio_version)
         log.info("xds connected", conn=conn.conn_id, delta=delta, peer=conn.peer)
         await conn.put_request(first)
         reader = asyncio.create_task(self._read(it, conn), name=f"xds-read-{conn.conn_id}")
+        refused = ""
         try:
             await self._ready.wait()
             writer = _Writer(conn, context)
@@ -250,17 +273,27 @@ class DiscoveryServer:
                     await self._push_connection(writer, event.request, event.context)
                 else:
                     await self._handle_request(writer, event)
+                # Generation is synchronous (up to ~0.2 s for a maximal subscription of
+                # names that do not exist): let every other stream have its turn before
+                # this one does more, so one busy or hostile client cannot starve them.
+                await asyncio.sleep(0)
         except ClientGone as e:
             log.info("xds client gone during a write", conn=conn.conn_id, error=str(e))
             # There is no one to send a status to, and gRPC cannot finish the call
             # normally after a failed write (it would log its own error): end it the
             # way it ends a call the client cancelled.
             raise asyncio.CancelledError from None
+        except TooManyNames as e:
+            log.warning("xds request refused", conn=conn.conn_id, error=str(e))
+            refused = str(e)
         finally:
             reader.cancel()
+            conn.release()
             del self._connections[conn.conn_id]
             metrics.XDS_CLIENT_VERSIONS.disconnected(version_label)
             log.info("xds disconnected", conn=conn.conn_id)
+        if refused:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         if conn.undecodable is not None:
             await self._refuse_undecodable(context, conn.undecodable, conn=conn.conn_id)
 
@@ -473,7 +506,7 @@ class DiscoveryServer:
                 # goes: updated clusters warm until they get their endpoints.
                 return None
         shared = None
-        if not forced and resources:
+        if not forced and resources and gen.shared:
             # A push sends the very same resources to every proxy of a scope: build the
             # whole message once (one nonce) and share it. A nonce stays unique within
             # each stream: a stream that already got this message gets a fresh one.
@@ -494,8 +527,8 @@ class DiscoveryServer:
                 + wire.field(5, nonce.encode())
                 + self._sotw_cp
             )
-            data = (head + self._encoder.block(resources, False)) if resources else head
-            if not forced and resources:
+            data = (head + self._encoder.block(resources, False, gen.shared)) if resources else head
+            if not forced and resources and gen.shared:
                 self._shared_messages[(id(resources), w.type_url)] = (resources, nonce, data)
         w.nonce_sent = nonce
         w.version_sent = ctx.version
@@ -541,9 +574,9 @@ class DiscoveryServer:
         ]
         parts.extend(wire.field(6, n.encode()) for n in removed)
         if len(changed) == len(gen.resources) and changed:
-            parts.append(self._encoder.block(gen.resources, True))
+            parts.append(self._encoder.block(gen.resources, True, gen.shared))
         else:
-            parts.extend([self._encoder.entry(r, True) for r in changed])
+            parts.extend([self._encoder.entry(r, True, gen.shared) for r in changed])
         for r in changed:
             versions[r.name] = r.version
         for n in removed:

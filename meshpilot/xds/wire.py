@@ -73,11 +73,18 @@ class Encoder:
         self.hits = 0
         self.misses = 0
 
-    def entry(self, r: Resource, delta: bool) -> bytes:
+    def entry(self, r: Resource, delta: bool, keep: bool = True) -> bytes:
+        """`r` framed as one entry; kept for reuse only if `keep` (see Generated.shared)."""
         cached = self._entries[delta].get(id(r))
         if cached is not None and cached[0] is r:
             return cached[1]
+        if not keep:
+            return delta_entry(r) if delta else sotw_entry(r)
         return self._add_entry(r, delta)
+
+    def __len__(self) -> int:
+        """Entries and blocks held."""
+        return len(self._entries[0]) + len(self._entries[1]) + len(self._blocks)
 
     def _add_entry(self, r: Resource, delta: bool) -> bytes:
         data = delta_entry(r) if delta else sotw_entry(r)
@@ -90,7 +97,10 @@ class Encoder:
         entries[id(r)] = (r, data)
         return data
 
-    def block(self, resources: Sequence[Resource], delta: bool) -> bytes:
+    def block(self, resources: Sequence[Resource], delta: bool, keep: bool = True) -> bytes:
+        """The entries of `resources`, framed; kept for reuse only if `keep`."""
+        if not keep:
+            return b"".join([self.entry(r, delta, keep=False) for r in resources])
         key = (id(resources), delta)
         cached = self._blocks.pop(key, None)
         if cached is not None and cached[0] is resources:
