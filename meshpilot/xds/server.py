@@ -1,9 +1,13 @@
-"""The ADS server: SotW and Delta streams, ACK/NACK handling, pushes to connections.
+"""The ADS server: SotW and Delta streams, requests and pushes to connections.
 
 One asyncio task per stream owns its Connection: it handles client requests and
-pushes in order, so per-stream state needs no locks. Responses are written as
-pre-encoded bytes: resource bodies are already serialized Anys, and a resource list
-shared by many proxies (same scope) is framed once and reused.
+pushes in order, so per-stream state needs no locks. The protocol state is changed
+only by WatchedResource (watched.py); responses are built by sotw.py and delta.py and
+written as pre-encoded bytes: resource bodies are already serialized Anys, and a
+resource list shared by many proxies (same scope) is framed once and reused.
+
+Unlike Istio, every client-supplied size is bounded here: request bytes (gRPC),
+names per type, node id length, and the text of client strings in logs and statuses.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from typing import Any
 
 import grpc
 import structlog
-from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshpilot.model.proxy import Proxy, ProxyIdError
@@ -36,7 +39,9 @@ from meshpilot.xds.connection import (
     TooManyNames,
     WatchedResource,
 )
-from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource, same_versions
+from meshpilot.xds.delta import DeltaResponses
+from meshpilot.xds.resources import Generated, Generator, PushContextLike
+from meshpilot.xds.sotw import SotwResponses
 
 log = structlog.get_logger(__name__)
 
@@ -113,15 +118,8 @@ class DiscoveryServer:
         self._current: PushContextLike | None = None
         self._ready = asyncio.Event()
         self._encoder = wire.Encoder()
-        # Whole SotW push messages of the current push context, shared across streams.
-        self._shared_messages: dict[tuple[int, str], tuple[Sequence[Resource], str, bytes]] = {}
-        self._shared_version = ""
-        self._sotw_cp = wire.field(
-            6, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
-        )
-        self._delta_cp = wire.field(
-            7, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
-        )
+        self._sotw = SotwResponses(self._encoder, self._next_nonce, self.instance_id)
+        self._delta = DeltaResponses(self._encoder, self._next_nonce, self.instance_id)
         self.servicer = AggregatedDiscoveryService(self)
         if context is not None:
             self._set_current(context)
@@ -160,7 +158,7 @@ class DiscoveryServer:
             "connections": len(self._connections),
             "interned_subscriptions": len(self._interner),
             "encoded": len(self._encoder),
-            "shared_messages": len(self._shared_messages),
+            "shared_messages": len(self._sotw),
         }
 
     def sync_status(self) -> list[dict[str, Any]]:
@@ -407,7 +405,7 @@ class DiscoveryServer:
             if w is None or (not request.full and type_url != typeurls.ENDPOINT):
                 continue
             if w.awaiting_ack:
-                w.dirty = request if w.dirty is None else w.dirty.merge(request)
+                w.defer(request)
                 conn.note_push_started(request.start)
                 continue
             await self._push_type(writer, w, request, ctx)
@@ -463,139 +461,25 @@ class DiscoveryServer:
         forced: bool,
     ) -> bool:
         """Send `gen` for `w` if there is something new (or `forced`). True if sent."""
-        if writer.conn.delta:
-            data = self._delta_response(writer.conn, w, gen, ctx, scope, forced)
+        conn = writer.conn
+        if conn.delta:
+            data = self._delta.build(conn.watched, w, gen, ctx.version, scope, forced)
         else:
-            data = self._sotw_response(w, gen, ctx, scope, forced)
+            data = self._sotw.build(w, gen, ctx.version, scope, forced)
         if data is None:
             return False
-        if w.type_url == typeurls.CLUSTER and not writer.conn.delta:
-            eds = writer.conn.watched.get(typeurls.ENDPOINT)
+        if w.type_url == typeurls.CLUSTER and not conn.delta:
+            eds = conn.watched.get(typeurls.ENDPOINT)
             if eds is not None:
-                eds.always_respond = True
+                eds.set_always_respond(True)
         elif w.type_url == typeurls.ENDPOINT and gen.complete and scope is None:
-            w.always_respond = False
+            w.set_always_respond(False)
         await writer.write(data)
         _PUSHES[w.type_url].inc()
         return True
 
     def _next_nonce(self) -> str:
         return f"{self._nonce_prefix}{next(self._nonces)}"
-
-    def _sotw_response(
-        self,
-        w: WatchedResource,
-        gen: Generated,
-        ctx: PushContextLike,
-        scope: frozenset[str] | None,
-        forced: bool,
-    ) -> bytes | None:
-        resources = gen.resources
-        full = gen.complete and scope is None
-        if not forced:
-            if not resources and not gen.complete:
-                return None
-            if (
-                full
-                and not w.sent_updates
-                and not w.always_respond
-                and same_versions(w.sent_base, resources)
-            ):
-                # Unchanged for this proxy; after a NACK this is what keeps us from
-                # resending the rejected config. EDS right after a CDS change still
-                # goes: updated clusters warm until they get their endpoints.
-                return None
-        shared = None
-        if not forced and resources and gen.shared:
-            # A push sends the very same resources to every proxy of a scope: build the
-            # whole message once (one nonce) and share it. A nonce stays unique within
-            # each stream: a stream that already got this message gets a fresh one.
-            if self._shared_version != ctx.version:
-                self._shared_messages.clear()
-                self._shared_version = ctx.version
-            key = (id(resources), w.type_url)
-            shared = self._shared_messages.get(key)
-            if shared is not None and (shared[0] is not resources or shared[1] == w.nonce_sent):
-                shared = None
-        if shared is not None:
-            nonce, data = shared[1], shared[2]
-        else:
-            nonce = self._next_nonce()
-            head = (
-                wire.field(1, ctx.version.encode())
-                + wire.field(4, w.type_url.encode())
-                + wire.field(5, nonce.encode())
-                + self._sotw_cp
-            )
-            data = (head + self._encoder.block(resources, False, gen.shared)) if resources else head
-            if not forced and resources and gen.shared:
-                self._shared_messages[(id(resources), w.type_url)] = (resources, nonce, data)
-        w.nonce_sent = nonce
-        w.version_sent = ctx.version
-        w.awaiting_ack = True
-        w.record_sent(resources, full)
-        return data
-
-    def _delta_response(
-        self,
-        conn: Connection,
-        w: WatchedResource,
-        gen: Generated,
-        ctx: PushContextLike,
-        scope: frozenset[str] | None,
-        forced: bool,
-    ) -> bytes | None:
-        versions = w.versions
-        wildcard = w.wildcard
-        names = w.names
-        changed = [
-            r
-            for r in gen.resources
-            if versions.get(r.name) != r.version and (wildcard or r.name in names)
-        ]
-        removed: list[str] = []
-        if gen.complete:
-            present = {r.name for r in gen.resources}
-            if scope is None:
-                removed = [n for n in versions if n not in present]
-            else:
-                # Names the client asked for that do not exist: saying so (as removed)
-                # lets Envoy finish warming instead of waiting for them.
-                removed = [n for n in scope if n not in present and (forced or n in versions)]
-            removed.sort()
-        if not changed and not removed and not forced:
-            return None
-        nonce = self._next_nonce()
-        parts = [
-            wire.field(1, ctx.version.encode()),
-            wire.field(4, w.type_url.encode()),
-            wire.field(5, nonce.encode()),
-            self._delta_cp,
-        ]
-        parts.extend(wire.field(6, n.encode()) for n in removed)
-        if len(changed) == len(gen.resources) and changed:
-            parts.append(self._encoder.block(gen.resources, True, gen.shared))
-        else:
-            parts.extend([self._encoder.entry(r, True, gen.shared) for r in changed])
-        for r in changed:
-            versions[r.name] = r.version
-        for n in removed:
-            versions.pop(n, None)
-        if w.type_url == typeurls.CLUSTER and changed:
-            eds = conn.watched.get(typeurls.ENDPOINT)
-            if eds is not None:
-                # An updated cluster warms until it gets its endpoints again, and a
-                # delta client does not re-request them: send them with this push.
-                for r in changed:
-                    eds.versions.pop(r.name, None)
-        w.nonce_sent = nonce
-        w.version_sent = ctx.version
-        w.awaiting_ack = True
-        if gen.complete and scope is None:
-            w.record_sent(gen.resources, True)
-        else:
-            w.record_sent(changed, False)
-        return b"".join(parts)
 
     @staticmethod
     def _observe_convergence(conn: Connection) -> None:

@@ -1,8 +1,9 @@
 """Protobuf wire format for xDS responses, built from pre-serialized resources.
 
-DiscoveryResponse and DeltaDiscoveryResponse are assembled by hand: parsers accept
-fields in any order, so a shared block of encoded resources can follow a per-stream
-header (version, type, nonce) without re-encoding anything.
+DiscoveryResponse and DeltaDiscoveryResponse are assembled by hand around a shared
+block of encoded resources, without re-encoding anything. Fields are written in
+field-number order and empty strings are left out, as protobuf's own serializer does,
+so the bytes are exactly those of SerializeToString() on the equivalent message.
 """
 
 from __future__ import annotations
@@ -33,18 +34,57 @@ def field(number: int, data: bytes) -> bytes:
     return varint((number << 3) | 2) + varint(len(data)) + data
 
 
+def string_field(number: int, value: str) -> bytes:
+    """A proto3 string field: absent when empty."""
+    return field(number, value.encode()) if value else b""
+
+
 def sotw_entry(r: Resource) -> bytes:
     return field(2, r.body.SerializeToString())
 
 
 def delta_entry(r: Resource) -> bytes:
-    # envoy.service.discovery.v3.Resource: name=3, version=1, resource=2.
+    # envoy.service.discovery.v3.Resource: version=1, resource=2, name=3.
     inner = (
-        field(3, r.name.encode())
-        + field(1, r.version.encode())
-        + field(2, r.body.SerializeToString())
+        string_field(1, r.version) + field(2, r.body.SerializeToString()) + string_field(3, r.name)
     )
     return field(2, inner)
+
+
+def sotw_response(
+    version: str, type_url: str, nonce: str, control_plane: bytes, block: bytes
+) -> bytes:
+    """A DiscoveryResponse: version_info=1, resources=2 (`block`, from sotw_entry),
+    type_url=4, nonce=5, control_plane=6 (the serialized ControlPlane message)."""
+    return (
+        string_field(1, version)
+        + block
+        + string_field(4, type_url)
+        + string_field(5, nonce)
+        + field(6, control_plane)
+    )
+
+
+def delta_response(
+    version: str,
+    type_url: str,
+    nonce: str,
+    removed: Sequence[str],
+    control_plane: bytes,
+    block: bytes,
+) -> bytes:
+    """A DeltaDiscoveryResponse: system_version_info=1, resources=2 (`block`, from
+    delta_entry), type_url=4, nonce=5, removed_resources=6, control_plane=7."""
+    return b"".join(
+        (
+            string_field(1, version),
+            block,
+            string_field(4, type_url),
+            string_field(5, nonce),
+            *[field(6, n.encode()) for n in removed],
+            field(7, control_plane),
+        )
+    )
 
 
 class Encoder:
