@@ -29,7 +29,7 @@ from meshpilot.model.proxy import Proxy, ProxyIdError
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import metrics
 from meshpilot.untrusted import truncate_untrusted
-from meshpilot.xds import typeurls, wire
+from meshpilot.xds import transport, typeurls, wire
 from meshpilot.xds.connection import (
     Connection,
     Interner,
@@ -42,37 +42,35 @@ from meshpilot.xds.connection import (
 from meshpilot.xds.delta import DeltaResponses
 from meshpilot.xds.resources import Generated, Generator, PushContextLike
 from meshpilot.xds.sotw import SotwResponses
+from meshpilot.xds.transport import (
+    MAX_REQUEST_BYTES,
+    SERVER_OPTIONS,
+    SERVICE_NAME,
+    ClientGone,
+    Writer,
+    bind,
+)
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "SERVER_OPTIONS",
+    "SERVICE_NAME",
+    "AggregatedDiscoveryService",
+    "ClientGone",
+    "DiscoveryServer",
+    "bind",
+    "create_server",
+    "start",
+]
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 KNOWN_TYPES = frozenset(typeurls.PUSH_ORDER)
 # Envoy's node ids are a few dozen characters; Istio's longest are far below this.
 MAX_NODE_ID_CHARS = 1024
 # Client text quoted in a status message (the status travels back to that client only,
 # but also into our log).
 MAX_ERROR_CHARS = 512
-
-# Envoy's own default is unlimited; a big mesh's CDS easily passes gRPC's 4 MiB.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# Requests are small: the largest is an EDS/RDS subscription repeating every name
-# (MAX_NAMES_PER_TYPE names of Envoy's ~60-character cluster names is well under 1
-# MiB). gRPC refuses a bigger message (RESOURCE_EXHAUSTED) before buffering it, so an
-# unauthenticated client cannot make the server hold hundreds of MB per request.
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # A second server on a busy port must fail, not share it silently.
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-    # Istio's keepalive: find dead proxies within a minute, tolerate idle clients that ping.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_concurrent_streams", 100_000),
-)
 
 
 def _per_type(metric: Any) -> dict[str, Any]:
@@ -192,23 +190,7 @@ class DiscoveryServer:
         `servicer` replaces the default one on this server only: the secure port
         (meshpilot/ca/secure.py) passes one that authenticates the peer first.
         """
-        servicer = servicer or self.servicer
-        handlers = {
-            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                servicer.StreamAggregatedResources,
-                request_deserializer=wire.parse_sotw,
-                response_serializer=_serialize,
-            ),
-            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                servicer.DeltaAggregatedResources,
-                request_deserializer=wire.parse_delta,
-                response_serializer=_serialize,
-            ),
-        }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        transport.register_ads(server, servicer or self.servicer)
 
     # Stream handling.
 
@@ -265,7 +247,7 @@ class DiscoveryServer:
         refused = ""
         try:
             await self._ready.wait()
-            writer = _Writer(conn, context)
+            writer = Writer(conn, context)
             while (event := await conn.next_event()) is not None:
                 if isinstance(event, PendingPush):
                     await self._push_connection(writer, event.request, event.context)
@@ -343,7 +325,7 @@ class DiscoveryServer:
         assert outcome.kind is Kind.ACK and outcome.reply is None and outcome.dirty is None
         self._observe_convergence(conn)
 
-    async def _handle_request(self, writer: _Writer, req: Any) -> None:
+    async def _handle_request(self, writer: Writer, req: Any) -> None:
         conn = writer.conn
         type_url = req.type_url
         if type_url not in KNOWN_TYPES:
@@ -384,7 +366,7 @@ class DiscoveryServer:
             await self._push_type(writer, w, outcome.dirty, ctx)
         self._observe_convergence(conn)
 
-    async def _reply(self, writer: _Writer, w: WatchedResource, reply: Reply) -> None:
+    async def _reply(self, writer: Writer, w: WatchedResource, reply: Reply) -> None:
         ctx = self._current
         assert ctx is not None
         names = reply.scope if reply.scope is not None else w.subscription
@@ -397,7 +379,7 @@ class DiscoveryServer:
         await self._send(writer, w, gen, ctx, reply.scope, forced=True)
 
     async def _push_connection(
-        self, writer: _Writer, request: PushRequest, ctx: PushContextLike
+        self, writer: Writer, request: PushRequest, ctx: PushContextLike
     ) -> None:
         conn = writer.conn
         for type_url in typeurls.PUSH_ORDER:
@@ -412,7 +394,7 @@ class DiscoveryServer:
         self._observe_convergence(conn)
 
     async def _push_type(
-        self, writer: _Writer, w: WatchedResource, request: PushRequest, ctx: PushContextLike
+        self, writer: Writer, w: WatchedResource, request: PushRequest, ctx: PushContextLike
     ) -> None:
         if w.idle:
             return
@@ -452,7 +434,7 @@ class DiscoveryServer:
 
     async def _send(
         self,
-        writer: _Writer,
+        writer: Writer,
         w: WatchedResource,
         gen: Generated,
         ctx: PushContextLike,
@@ -488,31 +470,6 @@ class DiscoveryServer:
             metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - start)
 
 
-class ClientGone(Exception):
-    """A write failed because the client went away (reset, killed, network gone)."""
-
-
-class _Writer:
-    """The write side of one stream, with the connection it belongs to."""
-
-    __slots__ = ("_write", "conn")
-
-    def __init__(self, conn: Connection, context: grpc.aio.ServicerContext) -> None:
-        self.conn = conn
-        self._write = context.write
-
-    async def write(self, data: bytes) -> None:
-        try:
-            await self._write(data)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            # Responses are bytes already (nothing left to serialize), so a failed
-            # write is the transport: the peer is gone. That is an ordinary end of a
-            # stream, not a server error.
-            raise ClientGone(type(e).__name__) from e
-
-
 _SYNCZ_LABELS = {
     typeurls.CLUSTER: "cluster",
     typeurls.LISTENER: "listener",
@@ -520,11 +477,6 @@ _SYNCZ_LABELS = {
     typeurls.ENDPOINT: "endpoint",
     typeurls.SECRET: "secret",
 }
-
-
-def _serialize(message: Any) -> bytes:
-    # Responses are pre-encoded bytes; messages are accepted too for simplicity elsewhere.
-    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -551,22 +503,6 @@ def create_server(
     server = grpc.aio.server(options=(*SERVER_OPTIONS, *options))
     discovery.register(server)
     return server
-
-
-def bind(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
-) -> int:
-    """Add a listening port; returns the bound port and raises OSError if it is taken."""
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as e:
-        raise OSError(f"xDS server cannot listen on {address}: {e}") from e
-    if port == 0:
-        raise OSError(f"xDS server cannot listen on {address}")
-    return port
 
 
 async def start(
