@@ -354,7 +354,7 @@ class DiscoveryServer:
                 conn=conn.conn_id,
                 type=short,
                 nonce=w.nonce_sent,
-                error=w.nack,
+                error=truncate_untrusted(w.nack, MAX_ERROR_CHARS),
             )
         elif outcome.kind is Kind.INIT:
             log.debug("xds subscribe", conn=conn.conn_id, type=short, names=len(w.names))
