@@ -20,7 +20,9 @@ from meshpilot.xds.watched import WatchedResource
 class SotwResponses:
     """Builds DiscoveryResponse bytes and records what each stream was sent."""
 
-    def __init__(self, encoder: wire.Encoder, next_nonce: Callable[[], str], identifier: str):
+    def __init__(
+        self, encoder: wire.Encoder, next_nonce: Callable[[], str], identifier: str
+    ) -> None:
         self._encoder = encoder
         self._next_nonce = next_nonce
         self._control_plane = base_pb2.ControlPlane(identifier=identifier).SerializeToString()

@@ -178,7 +178,7 @@ async def test_a_client_gone_mid_write_is_an_ordinary_disconnect(
     try:
         with caplog.at_level(logging.WARNING):
             c.request(CDS)
-            # The nonce is set just before the write is issued, in the same step.
+            # The nonce is set just before the write starts, in the same step.
             await eventually(
                 lambda: any(
                     (w := conn.watched.get(CDS)) is not None and w.nonce_sent
