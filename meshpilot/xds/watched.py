@@ -199,7 +199,11 @@ class WatchedResource(Handshake):
         self, req: discovery_pb2.DeltaDiscoveryRequest, interner: Interner, *, new: bool
     ) -> Outcome:
         """Apply a Delta request; `new` when this type had no state on the stream yet."""
-        count = max(len(req.resource_names_subscribe), len(req.initial_resource_versions))
+        # Initial versions count only on the first request, which is the only one that
+        # reads them (so a plain ACK, handled off the stream's task, never raises).
+        count = len(req.resource_names_subscribe)
+        if new:
+            count = max(count, len(req.initial_resource_versions))
         if count > MAX_NAMES_PER_TYPE:
             raise TooManyNames(self.type_url, count)
         sub = frozenset(req.resource_names_subscribe)
