@@ -169,7 +169,7 @@ class DiscoveryServer:
                 "conn_id": conn.conn_id,
                 "proxy_type": p.type,
                 "cluster_id": p.cluster_id,
-                "istio_version": p.istio_version,
+                "istio_version": truncate_untrusted(p.istio_version, 64),
                 "delta": conn.delta,
                 "address": conn.peer,
                 "connected_at": conn.connected_at,
