@@ -126,14 +126,6 @@ class RoutesOutKey:
 
 
 @dataclass(frozen=True, slots=True)
-class RouteNameKey:
-    """One route configuration the scope does not produce by itself."""
-
-    scope: RouteScopeKey
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
 class NamespaceKey:
     """A per-namespace fact of the push (e.g. label names sourceLabels look at)."""
 

@@ -21,7 +21,6 @@ from meshpilot.xds.cache import (
     EdsOutKey,
     EdsViewKey,
     NamespaceKey,
-    RouteNameKey,
     RouteScopeKey,
     RoutesOutKey,
     ScopeKey,
@@ -40,7 +39,6 @@ class ConfigGenerator:
         self._whole: XdsCache[WholeKey, tuple[Resource, ...]] = XdsCache()
         self._route_scopes: XdsCache[RouteScopeKey, dict[str, Resource]] = XdsCache()
         self._routes_out: XdsCache[RoutesOutKey, tuple[Resource, ...]] = XdsCache()
-        self._route_names: XdsCache[RouteNameKey, Resource] = XdsCache()
         self._label_names: XdsCache[NamespaceKey, tuple[str, ...]] = XdsCache()
         self._cds_locality_of: XdsCache[ScopeNamespaceKey, bool] = XdsCache()
         self._eds: XdsCache[EdsKey, Resource] = XdsCache()
@@ -56,7 +54,6 @@ class ConfigGenerator:
             "whole": self._whole,
             "route_scopes": self._route_scopes,
             "routes_out": self._routes_out,
-            "route_names": self._route_names,
             "label_names": self._label_names,
             "cds_locality": self._cds_locality_of,
             "eds": self._eds,
@@ -166,19 +163,18 @@ class ConfigGenerator:
             return {rc.name: _resource(rc, typeurls.ROUTE) for rc in built}
 
         by_name = self._route_scopes.get_or_build(push.version, scope_key, make_all)
-        out: list[Resource] = []
-        unknown = 0
-        for name in wanted:
-            res = by_name.get(name)
-            if res is None:
-                # A name the scope does not produce still gets an answer (an empty
-                # config, so Envoy does not wait for it), built for this request only:
-                # caching made-up names would let any client grow the cache.
-                unknown += 1
-                res = _resource(routes.build_route_configs(push, proxy, [name])[0], typeurls.ROUTE)
-            out.append(res)
-        if unknown:
-            return Generated(tuple(out), complete=True, shared=False)
+        missing = [name for name in wanted if name not in by_name]
+        if missing:
+            # Names the scope does not produce still get an answer (an empty config, so
+            # Envoy does not wait for them), built in one call for this request only:
+            # caching made-up names would let any client grow the cache.
+            extra = {
+                rc.name: _resource(rc, typeurls.ROUTE)
+                for rc in routes.build_route_configs(push, proxy, missing)
+            }
+            answer = tuple(by_name.get(name) or extra[name] for name in wanted)
+            return Generated(answer, complete=True, shared=False)
+        out = [by_name[name] for name in wanted]
         result = self._routes_out.get_or_build(push.version, out_key, lambda: tuple(out))
         return Generated(result, complete=True)
 

@@ -253,7 +253,7 @@ class DiscoveryServer:
                     await self._push_connection(writer, event.request, event.context)
                 else:
                     await self._handle_request(writer, event)
-                # Generation is synchronous (up to ~0.2 s for a maximal subscription of
+                # Generation is synchronous (up to ~0.1 s for a maximal subscription of
                 # names that do not exist): let every other stream have its turn before
                 # this one does more, so one busy or hostile client cannot starve them.
                 await asyncio.sleep(0)
