@@ -197,7 +197,7 @@ def parse(
 
 
 async def _serve(settings: Settings) -> int:
-    from meshpilot.serve import MeshServer
+    from meshpilot.serve import MeshServer, tune_gc
 
     try:
         server = MeshServer(settings)
@@ -214,6 +214,7 @@ async def _serve(settings: Settings) -> int:
         print(f"meshpilot serve: {e}", file=sys.stderr)
         await server.stop()
         return 1
+    tune_gc()
     await stop.wait()
     await server.stop()
     return 0

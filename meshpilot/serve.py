@@ -137,7 +137,6 @@ class MeshServer:
         self._count_objects()
         self._count_errors(self.store.error_counts())
         await self.pusher.init()
-        _tune_gc()
         self._grpc = xds_server.create_server(self.discovery)
         self.xds_port = xds_server.bind(self._grpc, self.settings.xds_address)
         await self._grpc.start()
@@ -245,13 +244,14 @@ class MeshServer:
         return {"proxy": proxy_id, "configs": configs}
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Keep the cyclic collector off the push path.
 
     The store, the first push context and the shared serialized config are long-lived
     and hold millions of objects; every full collection walked them all again (tens of
     ms in the middle of an endpoint push at 1000 proxies). Freeze what exists after the
-    initial load and collect the young generation less often.
+    initial load and collect the young generation less often. Process-wide, so only the
+    `meshpilot serve` command calls it (after start()), never a library user or a test.
     """
     gc.collect()
     gc.freeze()

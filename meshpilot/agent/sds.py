@@ -6,7 +6,9 @@ and `file-root:CA` (see filesecrets). Both the SotW (`StreamSecrets`) and the
 delta (`DeltaSecrets`) protocols follow the project's xDS rules: per-stream nonces,
 stale nonces ignored, a NACK is recorded and logged and the same content is never
 resent, at most one un-ACKed response per stream, and an answer is never held back
-because some requested name does not exist.
+because some requested name does not exist. The nonce/ACK/NACK bookkeeping is the
+control plane's own (meshpilot/xds/protocol.py, which imports nothing of the control
+plane but the discovery protos).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import secrets
 import socket
 import stat
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 
 from meshpilot.agent.filesecrets import FileSecrets
+from meshpilot.xds.protocol import Handshake, Kind
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +47,6 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 )
-_MAX_ERROR_CHARS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +116,6 @@ class SecretCache:
 # --- per-stream protocol state (no I/O, unit-testable) ---------------------------------
 
 
-def _error_text(req: Any) -> str:
-    return (req.error_detail.message or f"code {req.error_detail.code}")[:_MAX_ERROR_CHARS]
-
-
 @dataclass(slots=True)
 class SotwStream:
     """One `StreamSecrets` stream: what Envoy asked for, what it got, what it said.
@@ -128,14 +127,24 @@ class SotwStream:
     cache: SecretCache
     stream_id: int = 0
     names: tuple[str, ...] = ()
-    nonce: str = ""
+    # The nonce / ACK / NACK state machine shared with the control plane's ADS.
+    handshake: Handshake = field(default_factory=Handshake)
     # (name, version) pairs of the last response; equal content is never resent.
     sent: tuple[tuple[str, str], ...] | None = None
     sent_names: frozenset[str] | None = None
-    awaiting_ack: bool = False
-    acked_version: str = ""
-    nack: str = ""
     _nonces: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def nonce(self) -> str:
+        return self.handshake.nonce_sent
+
+    @property
+    def nack(self) -> str:
+        return self.handshake.nack
+
+    @property
+    def acked_version(self) -> str:
+        return self.handshake.version_acked
 
     def on_request(
         self, req: discovery_pb2.DiscoveryRequest
@@ -146,24 +155,20 @@ class SotwStream:
                 "sds request for another type ignored", stream=self.stream_id, type_url=req.type_url
             )
             return None
-        if req.response_nonce:
-            if req.response_nonce != self.nonce:
-                log.debug("sds stale nonce", stream=self.stream_id, nonce=req.response_nonce)
-                return None
-            self.awaiting_ack = False
-            if req.HasField("error_detail"):
-                self.nack = _error_text(req)
-                log.warning(
-                    "sds nack: Envoy rejected the secrets",
-                    stream=self.stream_id,
-                    names=list(req.resource_names),
-                    version=req.version_info,
-                    error=self.nack,
-                )
-            else:
-                self.acked_version = req.version_info
-                self.nack = ""
-                log.debug("sds ack", stream=self.stream_id, version=req.version_info)
+        kind = self.handshake.on_request(req, req.version_info)
+        if kind is Kind.STALE:
+            log.debug("sds stale nonce", stream=self.stream_id, nonce=req.response_nonce[:256])
+            return None
+        if kind is Kind.NACK:
+            log.warning(
+                "sds nack: Envoy rejected the secrets",
+                stream=self.stream_id,
+                names=list(req.resource_names),
+                version=req.version_info,
+                error=self.nack,
+            )
+        elif kind is Kind.ACK:
+            log.debug("sds ack", stream=self.stream_id, version=req.version_info)
         self.names = tuple(dict.fromkeys(req.resource_names))
         return self._maybe_respond()
 
@@ -174,7 +179,7 @@ class SotwStream:
         return self._maybe_respond()
 
     def _maybe_respond(self) -> discovery_pb2.DiscoveryResponse | None:
-        if self.awaiting_ack:
+        if self.handshake.awaiting_ack:
             return None  # backpressure: re-evaluated when the ACK or NACK arrives
         entries = [e for n in self.names if (e := self.cache.get(n)) is not None]
         content = tuple(sorted((e.name, e.version) for e in entries))
@@ -185,10 +190,11 @@ class SotwStream:
         missing = [n for n in self.names if self.cache.get(n) is None]
         if missing:
             log.warning("sds unknown secret names", stream=self.stream_id, names=missing)
-        self.nonce = f"{self.cache.start_id}-{self.stream_id}-{next(self._nonces)}"
-        self.sent, self.sent_names, self.awaiting_ack = content, frozenset(self.names), True
+        nonce = f"{self.cache.start_id}-{self.stream_id}-{next(self._nonces)}"
+        self.handshake.sent(nonce, self.cache.version)
+        self.sent, self.sent_names = content, frozenset(self.names)
         resp = discovery_pb2.DiscoveryResponse(
-            version_info=self.cache.version, type_url=SECRET_TYPE_URL, nonce=self.nonce
+            version_info=self.cache.version, type_url=SECRET_TYPE_URL, nonce=nonce
         )
         resp.resources.extend(e.resource for e in entries)
         log.debug(
@@ -210,11 +216,18 @@ class DeltaStream:
     wildcard: bool = False
     # Versions Envoy holds (or last rejected): never resent. "" marks "told it is absent".
     sent: dict[str, str] = field(default_factory=dict)
-    nonce: str = ""
-    awaiting_ack: bool = False
-    nack: str = ""
+    # The nonce / ACK / NACK state machine shared with the control plane's ADS.
+    handshake: Handshake = field(default_factory=Handshake)
     started: bool = False
     _nonces: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def nonce(self) -> str:
+        return self.handshake.nonce_sent
+
+    @property
+    def nack(self) -> str:
+        return self.handshake.nack
 
     def on_request(
         self, req: discovery_pb2.DeltaDiscoveryRequest
@@ -231,22 +244,17 @@ class DeltaStream:
             self.sent.update(req.initial_resource_versions)
             if not req.resource_names_subscribe:
                 self.wildcard = True
-        if req.response_nonce and req.response_nonce == self.nonce:
-            self.awaiting_ack = False
-            if req.HasField("error_detail"):
-                self.nack = _error_text(req)
-                log.warning(
-                    "sds nack: Envoy rejected the secrets",
-                    stream=self.stream_id,
-                    error=self.nack,
-                )
-            else:
-                self.nack = ""
-                log.debug("sds ack", stream=self.stream_id, nonce=req.response_nonce)
-        elif req.response_nonce:
+        kind = self.handshake.on_request(req, self.handshake.version_sent)
+        if kind is Kind.NACK:
+            log.warning(
+                "sds nack: Envoy rejected the secrets", stream=self.stream_id, error=self.nack
+            )
+        elif kind is Kind.ACK:
+            log.debug("sds ack", stream=self.stream_id, nonce=req.response_nonce)
+        elif kind is Kind.STALE:
             # Stale ACK/NACK; the subscription changes it carries still apply below,
             # since delta requests are changes and dropping one would lose it.
-            log.debug("sds stale nonce", stream=self.stream_id, nonce=req.response_nonce)
+            log.debug("sds stale nonce", stream=self.stream_id, nonce=req.response_nonce[:256])
         for name in req.resource_names_subscribe:
             if name == "*":
                 self.wildcard = True
@@ -271,7 +279,7 @@ class DeltaStream:
         return sorted(self.subscribed)
 
     def _maybe_respond(self) -> discovery_pb2.DeltaDiscoveryResponse | None:
-        if self.awaiting_ack or not self.started:
+        if self.handshake.awaiting_ack or not self.started:
             return None
         resources = []
         removed = []
@@ -291,12 +299,12 @@ class DeltaStream:
             return None
         if removed:
             log.warning("sds unknown secret names", stream=self.stream_id, names=removed)
-        self.nonce = f"{self.cache.start_id}-d{self.stream_id}-{next(self._nonces)}"
-        self.awaiting_ack = True
+        nonce = f"{self.cache.start_id}-d{self.stream_id}-{next(self._nonces)}"
+        self.handshake.sent(nonce, self.cache.version)
         resp = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=self.cache.version,
             type_url=SECRET_TYPE_URL,
-            nonce=self.nonce,
+            nonce=nonce,
             removed_resources=removed,
         )
         for entry in resources:
@@ -401,6 +409,18 @@ class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
             log.debug("sds stream closed", stream=stream.stream_id)
 
 
+# The service of each running server, for stop_server: kept beside grpc's server object
+# rather than written onto it (it declares no such attribute).
+_SERVICES: weakref.WeakKeyDictionary[grpc.aio.Server, SecretDiscoveryService] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def service_of(server: grpc.aio.Server) -> SecretDiscoveryService | None:
+    """The SDS service a running server (from start_server) serves, for debugging."""
+    return _SERVICES.get(server)
+
+
 def _clear_stale_socket(path: Path) -> None:
     # A socket file left by a dead agent is replaced; a live one belongs to another
     # agent using this workdir, which is refused.
@@ -437,14 +457,14 @@ async def start_server(
     # The directory is 0700 already; the mode is a second lock on the same door.
     os.chmod(socket_path, 0o600)
     await server.start()
-    server.sds_service = service  # type: ignore[attr-defined]
+    _SERVICES[server] = service
     return server
 
 
 async def stop_server(server: grpc.aio.Server, socket_path: Path, grace: float = 0.5) -> None:
     """Stop serving and remove the socket file."""
     await server.stop(grace)
-    service = getattr(server, "sds_service", None)
+    service = _SERVICES.pop(server, None)
     if service is not None:
         await service.files.close()
     with contextlib.suppress(FileNotFoundError):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from meshpilot.untrusted import version_label
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -14,6 +18,56 @@ XDS_CLIENTS = Gauge(
     ["version"],
     registry=REGISTRY,
 )
+# Distinct ISTIO_VERSION series at once; the rest share "other". Proxies report it
+# themselves, so without a bound one client could mint a series per connection.
+MAX_VERSION_SERIES = 32
+OTHER = "other"
+
+
+class ClientVersions:
+    """`pilot_xds` by proxy version, with bounded label values.
+
+    A version label exists while some proxy reporting it is connected: its series is
+    removed with the last such proxy. Client-supplied values that are not
+    version-shaped count as "unknown"; beyond MAX_VERSION_SERIES live versions, "other".
+    """
+
+    def __init__(self, gauge: Gauge, max_series: int = MAX_VERSION_SERIES) -> None:
+        self._gauge = gauge
+        self._max = max_series
+        self._live: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def connected(self, istio_version: str) -> str:
+        """Count one connection; returns the label to pass to disconnected()."""
+        label = version_label(istio_version)
+        with self._lock:
+            if label not in self._live and len(self._live) >= self._max:
+                label = OTHER
+            self._live[label] = self._live.get(label, 0) + 1
+            self._gauge.labels(label).inc()
+        return label
+
+    def disconnected(self, label: str) -> None:
+        with self._lock:
+            if label not in self._live:
+                return
+            left = self._live[label] - 1
+            if left > 0:
+                self._live[label] = left
+                self._gauge.labels(label).dec()
+            else:
+                self._live.pop(label, None)
+                self._gauge.remove(label)
+
+    @property
+    def labels(self) -> frozenset[str]:
+        """The label values that currently have a series."""
+        with self._lock:
+            return frozenset(self._live)
+
+
+XDS_CLIENT_VERSIONS = ClientVersions(XDS_CLIENTS)
 XDS_PUSHES = Counter(
     "pilot_xds_pushes",
     "Pilot build and send errors for lds, rds, cds and eds.",

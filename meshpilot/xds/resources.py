@@ -37,10 +37,16 @@ class Generated:
     `complete` is true when `resources` is the whole set the proxy should have for this
     type given its subscription (so anything previously sent and not here is removed);
     false when it is only the changed subset (incremental EDS).
+
+    `shared` is true when `resources` is a cached object that other proxies get too, so
+    the server may keep its encoding keyed by identity; false when it was built for this
+    request only (e.g. it answers names that do not exist): keeping anything derived
+    from it would let a client fill the server's memory with made-up names.
     """
 
     resources: Sequence[Resource]
     complete: bool = True
+    shared: bool = True
 
 
 class PushContextLike(Protocol):

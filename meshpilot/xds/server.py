@@ -1,9 +1,13 @@
-"""The ADS server: SotW and Delta streams, ACK/NACK handling, pushes to connections.
+"""The ADS server: SotW and Delta streams, requests and pushes to connections.
 
 One asyncio task per stream owns its Connection: it handles client requests and
-pushes in order, so per-stream state needs no locks. Responses are written as
-pre-encoded bytes: resource bodies are already serialized Anys, and a resource list
-shared by many proxies (same scope) is framed once and reused.
+pushes in order, so per-stream state needs no locks. The protocol state is changed
+only by WatchedResource (watched.py); responses are built by sotw.py and delta.py and
+written as pre-encoded bytes: resource bodies are already serialized Anys, and a
+resource list shared by many proxies (same scope) is framed once and reused.
+
+Unlike Istio, every client-supplied size is bounded here: request bytes (gRPC),
+names per type, node id length, and the text of client strings in logs and statuses.
 """
 
 from __future__ import annotations
@@ -19,36 +23,54 @@ from typing import Any
 
 import grpc
 import structlog
-from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from meshpilot.model.proxy import Proxy, ProxyIdError
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import metrics
-from meshpilot.xds import typeurls, wire
-from meshpilot.xds.connection import Connection, Kind, PendingPush, Reply, WatchedResource
-from meshpilot.xds.resources import Generated, Generator, PushContextLike, Resource, same_versions
+from meshpilot.untrusted import truncate_untrusted
+from meshpilot.xds import transport, typeurls, wire
+from meshpilot.xds.connection import (
+    Connection,
+    Interner,
+    Kind,
+    PendingPush,
+    Reply,
+    TooManyNames,
+    WatchedResource,
+)
+from meshpilot.xds.delta import DeltaResponses
+from meshpilot.xds.resources import Generated, Generator, PushContextLike
+from meshpilot.xds.sotw import SotwResponses
+from meshpilot.xds.transport import (
+    MAX_REQUEST_BYTES,
+    SERVER_OPTIONS,
+    SERVICE_NAME,
+    ClientGone,
+    Writer,
+    bind,
+)
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "SERVER_OPTIONS",
+    "SERVICE_NAME",
+    "AggregatedDiscoveryService",
+    "ClientGone",
+    "DiscoveryServer",
+    "bind",
+    "create_server",
+    "start",
+]
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 KNOWN_TYPES = frozenset(typeurls.PUSH_ORDER)
-
-# Envoy's own default is unlimited; a big mesh's CDS easily passes gRPC's 4 MiB.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # A second server on a busy port must fail, not share it silently.
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Istio's keepalive: find dead proxies within a minute, tolerate idle clients that ping.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_concurrent_streams", 100_000),
-)
+# Envoy's node ids are a few dozen characters; Istio's longest are far below this.
+MAX_NODE_ID_CHARS = 1024
+# Client text quoted in a status message (the status travels back to that client only,
+# but also into our log).
+MAX_ERROR_CHARS = 512
 
 
 def _per_type(metric: Any) -> dict[str, Any]:
@@ -87,19 +109,15 @@ class DiscoveryServer:
         self._nonces = itertools.count(1)
         self._conn_ids = itertools.count(1)
         self._connections: dict[str, Connection] = {}
+        # Subscriptions shared by identity across this server's streams (bounded, and
+        # emptied as streams end).
+        self._interner = Interner()
         self._max_queued_requests = max_queued_requests
         self._current: PushContextLike | None = None
         self._ready = asyncio.Event()
         self._encoder = wire.Encoder()
-        # Whole SotW push messages of the current push context, shared across streams.
-        self._shared_messages: dict[tuple[int, str], tuple[Sequence[Resource], str, bytes]] = {}
-        self._shared_version = ""
-        self._sotw_cp = wire.field(
-            6, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
-        )
-        self._delta_cp = wire.field(
-            7, base_pb2.ControlPlane(identifier=self.instance_id).SerializeToString()
-        )
+        self._sotw = SotwResponses(self._encoder, self._next_nonce, self.instance_id)
+        self._delta = DeltaResponses(self._encoder, self._next_nonce, self.instance_id)
         self.servicer = AggregatedDiscoveryService(self)
         if context is not None:
             self._set_current(context)
@@ -131,6 +149,16 @@ class DiscoveryServer:
             conn.enqueue_push(request, context)
         return len(self._connections)
 
+    def table_sizes(self) -> dict[str, int]:
+        """Entries in the server's shared tables, for tests and debugging: none of them
+        may keep growing with what clients send once those clients are gone."""
+        return {
+            "connections": len(self._connections),
+            "interned_subscriptions": len(self._interner),
+            "encoded": len(self._encoder),
+            "shared_messages": len(self._sotw),
+        }
+
     def sync_status(self) -> list[dict[str, Any]]:
         """Per-connection sync state with Istio's /debug/syncz keys."""
         out = []
@@ -141,7 +169,7 @@ class DiscoveryServer:
                 "conn_id": conn.conn_id,
                 "proxy_type": p.type,
                 "cluster_id": p.cluster_id,
-                "istio_version": p.istio_version,
+                "istio_version": truncate_untrusted(p.istio_version, 64),
                 "delta": conn.delta,
                 "address": conn.peer,
                 "connected_at": conn.connected_at,
@@ -162,23 +190,7 @@ class DiscoveryServer:
         `servicer` replaces the default one on this server only: the secure port
         (meshpilot/ca/secure.py) passes one that authenticates the peer first.
         """
-        servicer = servicer or self.servicer
-        handlers = {
-            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                servicer.StreamAggregatedResources,
-                request_deserializer=wire.SotwRequest.parse,
-                response_serializer=_serialize,
-            ),
-            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                servicer.DeltaAggregatedResources,
-                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-                response_serializer=_serialize,
-            ),
-        }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        transport.register_ads(server, servicer or self.servicer)
 
     # Stream handling.
 
@@ -199,46 +211,94 @@ class DiscoveryServer:
             first = await anext(it)
         except StopAsyncIteration:
             return
+        peer = truncate_untrusted(context.peer() or "")
+        if isinstance(first, wire.Undecodable):
+            await self._refuse_undecodable(context, first, peer=peer)
+            return
         try:
             if not first.HasField("node") or not first.node.id:
                 raise ProxyIdError("the first request on an ADS stream must carry node.id")
+            if len(first.node.id) > MAX_NODE_ID_CHARS:
+                raise ProxyIdError(
+                    f"node.id: {len(first.node.id)} characters, expected at most "
+                    f"{MAX_NODE_ID_CHARS} (TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN)"
+                )
             proxy = Proxy.from_node(first.node)
         except ProxyIdError as e:
-            log.warning("xds rejected stream", peer=context.peer(), error=str(e))
+            error = truncate_untrusted(e, MAX_ERROR_CHARS)
+            log.warning("xds rejected stream", peer=peer, error=error)
             # abort() raises: the stream ends with this status, the server goes on.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
             return
 
         conn = Connection(
-            f"{proxy.id}-{next(self._conn_ids)}",
+            f"{truncate_untrusted(proxy.id)}-{next(self._conn_ids)}",
             proxy,
             delta=delta,
-            peer=context.peer() or "",
+            peer=peer,
             max_queued_requests=self._max_queued_requests,
+            interner=self._interner,
         )
-        version_label = proxy.istio_version or "unknown"
         self._connections[conn.conn_id] = conn
-        metrics.XDS_CLIENTS.labels(version_label).inc()
+        version_label = metrics.XDS_CLIENT_VERSIONS.connected(proxy.istio_version)
         log.info("xds connected", conn=conn.conn_id, delta=delta, peer=conn.peer)
         await conn.put_request(first)
         reader = asyncio.create_task(self._read(it, conn), name=f"xds-read-{conn.conn_id}")
+        refused = ""
         try:
             await self._ready.wait()
-            writer = _Writer(conn, context)
+            writer = Writer(conn, context)
             while (event := await conn.next_event()) is not None:
                 if isinstance(event, PendingPush):
                     await self._push_connection(writer, event.request, event.context)
                 else:
                     await self._handle_request(writer, event)
+                # Generation is synchronous (up to ~0.1 s for a maximal subscription of
+                # names that do not exist): let every other stream have its turn before
+                # this one does more, so one busy or hostile client cannot starve them.
+                await asyncio.sleep(0)
+        except ClientGone as e:
+            log.info("xds client gone during a write", conn=conn.conn_id, error=str(e))
+            # There is no one to send a status to, and gRPC cannot finish the call
+            # normally after a failed write (it would log its own error): end it the
+            # way it ends a call the client cancelled.
+            raise asyncio.CancelledError from None
+        except TooManyNames as e:
+            log.warning("xds request refused", conn=conn.conn_id, error=str(e))
+            refused = str(e)
         finally:
             reader.cancel()
+            conn.release()
             del self._connections[conn.conn_id]
-            metrics.XDS_CLIENTS.labels(version_label).dec()
+            metrics.XDS_CLIENT_VERSIONS.disconnected(version_label)
             log.info("xds disconnected", conn=conn.conn_id)
+        if refused:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
+        if conn.undecodable is not None:
+            await self._refuse_undecodable(context, conn.undecodable, conn=conn.conn_id)
+
+    @staticmethod
+    async def _refuse_undecodable(
+        context: grpc.aio.ServicerContext, bad: wire.Undecodable, **where: str
+    ) -> None:
+        log.warning(
+            "xds request undecodable",
+            **where,
+            message=bad.message,
+            size=bad.size,
+            error=truncate_untrusted(bad.error),
+        )
+        # abort() raises: the stream ends with this status, the server goes on.
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(bad))
 
     async def _read(self, it: AsyncIterator[Any], conn: Connection) -> None:
         try:
             async for req in it:
+                if isinstance(req, wire.Undecodable):
+                    # Requests before it are handled; the connection task then ends
+                    # the stream with INVALID_ARGUMENT.
+                    conn.undecodable = req
+                    break
                 # Most requests are plain ACKs (every push gets one per stream). While
                 # the connection task is idle, handling one here is exactly what that
                 # task would do next, with no write: skip its wakeup.
@@ -255,7 +315,7 @@ class DiscoveryServer:
             raise
         except Exception as e:
             # The RPC failed or was cancelled by the client; the main task ends too.
-            log.debug("xds stream read ended", conn=conn.conn_id, error=repr(e))
+            log.debug("xds stream read ended", conn=conn.conn_id, error=truncate_untrusted(repr(e)))
         finally:
             conn.close_input()
 
@@ -265,28 +325,36 @@ class DiscoveryServer:
         assert outcome.kind is Kind.ACK and outcome.reply is None and outcome.dirty is None
         self._observe_convergence(conn)
 
-    async def _handle_request(self, writer: _Writer, req: Any) -> None:
+    async def _handle_request(self, writer: Writer, req: Any) -> None:
         conn = writer.conn
         type_url = req.type_url
         if type_url not in KNOWN_TYPES:
-            if type_url not in conn.warned_types:
-                conn.warned_types.add(type_url)
-                log.warning("xds unknown type ignored", conn=conn.conn_id, type_url=type_url)
+            if conn.warn_unknown_type(type_url):
+                log.warning(
+                    "xds unknown type ignored",
+                    conn=conn.conn_id,
+                    type_url=truncate_untrusted(type_url),
+                )
             return
         outcome = conn.on_delta_request(req) if conn.delta else conn.on_sotw_request(req)
         w = conn.watched[type_url]
         short = typeurls.short(type_url)
         if outcome.kind is Kind.STALE:
             metrics.XDS_EXPIRED_NONCE.labels(short).inc()
-            log.debug("xds stale nonce", conn=conn.conn_id, type=short, nonce=req.response_nonce)
+            log.debug(
+                "xds stale nonce",
+                conn=conn.conn_id,
+                type=short,
+                nonce=truncate_untrusted(req.response_nonce),
+            )
         elif outcome.kind is Kind.NACK:
             metrics.TOTAL_XDS_REJECTS.labels(short).inc()
             log.warning(
                 "xds nack",
                 conn=conn.conn_id,
                 type=short,
-                nonce=req.response_nonce,
-                error=w.nack,
+                nonce=w.nonce_sent,
+                error=truncate_untrusted(w.nack, MAX_ERROR_CHARS),
             )
         elif outcome.kind is Kind.INIT:
             log.debug("xds subscribe", conn=conn.conn_id, type=short, names=len(w.names))
@@ -298,7 +366,7 @@ class DiscoveryServer:
             await self._push_type(writer, w, outcome.dirty, ctx)
         self._observe_convergence(conn)
 
-    async def _reply(self, writer: _Writer, w: WatchedResource, reply: Reply) -> None:
+    async def _reply(self, writer: Writer, w: WatchedResource, reply: Reply) -> None:
         ctx = self._current
         assert ctx is not None
         names = reply.scope if reply.scope is not None else w.subscription
@@ -311,7 +379,7 @@ class DiscoveryServer:
         await self._send(writer, w, gen, ctx, reply.scope, forced=True)
 
     async def _push_connection(
-        self, writer: _Writer, request: PushRequest, ctx: PushContextLike
+        self, writer: Writer, request: PushRequest, ctx: PushContextLike
     ) -> None:
         conn = writer.conn
         for type_url in typeurls.PUSH_ORDER:
@@ -319,14 +387,14 @@ class DiscoveryServer:
             if w is None or (not request.full and type_url != typeurls.ENDPOINT):
                 continue
             if w.awaiting_ack:
-                w.dirty = request if w.dirty is None else w.dirty.merge(request)
+                w.defer(request)
                 conn.note_push_started(request.start)
                 continue
             await self._push_type(writer, w, request, ctx)
         self._observe_convergence(conn)
 
     async def _push_type(
-        self, writer: _Writer, w: WatchedResource, request: PushRequest, ctx: PushContextLike
+        self, writer: Writer, w: WatchedResource, request: PushRequest, ctx: PushContextLike
     ) -> None:
         if w.idle:
             return
@@ -366,7 +434,7 @@ class DiscoveryServer:
 
     async def _send(
         self,
-        writer: _Writer,
+        writer: Writer,
         w: WatchedResource,
         gen: Generated,
         ctx: PushContextLike,
@@ -375,18 +443,19 @@ class DiscoveryServer:
         forced: bool,
     ) -> bool:
         """Send `gen` for `w` if there is something new (or `forced`). True if sent."""
-        if writer.conn.delta:
-            data = self._delta_response(writer.conn, w, gen, ctx, scope, forced)
+        conn = writer.conn
+        if conn.delta:
+            data = self._delta.build(conn.watched, w, gen, ctx.version, scope, forced)
         else:
-            data = self._sotw_response(w, gen, ctx, scope, forced)
+            data = self._sotw.build(w, gen, ctx.version, scope, forced)
         if data is None:
             return False
-        if w.type_url == typeurls.CLUSTER and not writer.conn.delta:
-            eds = writer.conn.watched.get(typeurls.ENDPOINT)
+        if w.type_url == typeurls.CLUSTER and not conn.delta:
+            eds = conn.watched.get(typeurls.ENDPOINT)
             if eds is not None:
-                eds.always_respond = True
+                eds.set_always_respond(True)
         elif w.type_url == typeurls.ENDPOINT and gen.complete and scope is None:
-            w.always_respond = False
+            w.set_always_respond(False)
         await writer.write(data)
         _PUSHES[w.type_url].inc()
         return True
@@ -394,136 +463,11 @@ class DiscoveryServer:
     def _next_nonce(self) -> str:
         return f"{self._nonce_prefix}{next(self._nonces)}"
 
-    def _sotw_response(
-        self,
-        w: WatchedResource,
-        gen: Generated,
-        ctx: PushContextLike,
-        scope: frozenset[str] | None,
-        forced: bool,
-    ) -> bytes | None:
-        resources = gen.resources
-        full = gen.complete and scope is None
-        if not forced:
-            if not resources and not gen.complete:
-                return None
-            if (
-                full
-                and not w.sent_updates
-                and not w.always_respond
-                and same_versions(w.sent_base, resources)
-            ):
-                # Unchanged for this proxy; after a NACK this is what keeps us from
-                # resending the rejected config. EDS right after a CDS change still
-                # goes: updated clusters warm until they get their endpoints.
-                return None
-        shared = None
-        if not forced and resources:
-            # A push sends the very same resources to every proxy of a scope: build the
-            # whole message once (one nonce) and share it. A nonce stays unique within
-            # each stream: a stream that already got this message gets a fresh one.
-            if self._shared_version != ctx.version:
-                self._shared_messages.clear()
-                self._shared_version = ctx.version
-            key = (id(resources), w.type_url)
-            shared = self._shared_messages.get(key)
-            if shared is not None and (shared[0] is not resources or shared[1] == w.nonce_sent):
-                shared = None
-        if shared is not None:
-            nonce, data = shared[1], shared[2]
-        else:
-            nonce = self._next_nonce()
-            head = (
-                wire.field(1, ctx.version.encode())
-                + wire.field(4, w.type_url.encode())
-                + wire.field(5, nonce.encode())
-                + self._sotw_cp
-            )
-            data = (head + self._encoder.block(resources, False)) if resources else head
-            if not forced and resources:
-                self._shared_messages[(id(resources), w.type_url)] = (resources, nonce, data)
-        w.nonce_sent = nonce
-        w.version_sent = ctx.version
-        w.awaiting_ack = True
-        w.record_sent(resources, full)
-        return data
-
-    def _delta_response(
-        self,
-        conn: Connection,
-        w: WatchedResource,
-        gen: Generated,
-        ctx: PushContextLike,
-        scope: frozenset[str] | None,
-        forced: bool,
-    ) -> bytes | None:
-        versions = w.versions
-        wildcard = w.wildcard
-        names = w.names
-        changed = [
-            r
-            for r in gen.resources
-            if versions.get(r.name) != r.version and (wildcard or r.name in names)
-        ]
-        removed: list[str] = []
-        if gen.complete:
-            present = {r.name for r in gen.resources}
-            if scope is None:
-                removed = [n for n in versions if n not in present]
-            else:
-                # Names the client asked for that do not exist: saying so (as removed)
-                # lets Envoy finish warming instead of waiting for them.
-                removed = [n for n in scope if n not in present and (forced or n in versions)]
-            removed.sort()
-        if not changed and not removed and not forced:
-            return None
-        nonce = self._next_nonce()
-        parts = [
-            wire.field(1, ctx.version.encode()),
-            wire.field(4, w.type_url.encode()),
-            wire.field(5, nonce.encode()),
-            self._delta_cp,
-        ]
-        parts.extend(wire.field(6, n.encode()) for n in removed)
-        if len(changed) == len(gen.resources) and changed:
-            parts.append(self._encoder.block(gen.resources, True))
-        else:
-            parts.extend([self._encoder.entry(r, True) for r in changed])
-        for r in changed:
-            versions[r.name] = r.version
-        for n in removed:
-            versions.pop(n, None)
-        if w.type_url == typeurls.CLUSTER and changed:
-            eds = conn.watched.get(typeurls.ENDPOINT)
-            if eds is not None:
-                # An updated cluster warms until it gets its endpoints again, and a
-                # delta client does not re-request them: send them with this push.
-                for r in changed:
-                    eds.versions.pop(r.name, None)
-        w.nonce_sent = nonce
-        w.version_sent = ctx.version
-        w.awaiting_ack = True
-        if gen.complete and scope is None:
-            w.record_sent(gen.resources, True)
-        else:
-            w.record_sent(changed, False)
-        return b"".join(parts)
-
     @staticmethod
     def _observe_convergence(conn: Connection) -> None:
         start = conn.take_converged()
         if start is not None:
             metrics.PROXY_CONVERGENCE_TIME.observe(time.monotonic() - start)
-
-
-class _Writer:
-    """The write side of one stream, with the connection it belongs to."""
-
-    __slots__ = ("conn", "write")
-
-    def __init__(self, conn: Connection, context: grpc.aio.ServicerContext) -> None:
-        self.conn = conn
-        self.write = context.write
 
 
 _SYNCZ_LABELS = {
@@ -533,11 +477,6 @@ _SYNCZ_LABELS = {
     typeurls.ENDPOINT: "endpoint",
     typeurls.SECRET: "secret",
 }
-
-
-def _serialize(message: Any) -> bytes:
-    # Responses are pre-encoded bytes; messages are accepted too for simplicity elsewhere.
-    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -564,22 +503,6 @@ def create_server(
     server = grpc.aio.server(options=(*SERVER_OPTIONS, *options))
     discovery.register(server)
     return server
-
-
-def bind(
-    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
-) -> int:
-    """Add a listening port; returns the bound port and raises OSError if it is taken."""
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as e:
-        raise OSError(f"xDS server cannot listen on {address}: {e}") from e
-    if port == 0:
-        raise OSError(f"xDS server cannot listen on {address}")
-    return port
 
 
 async def start(

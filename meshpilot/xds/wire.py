@@ -1,8 +1,9 @@
 """Protobuf wire format for xDS responses, built from pre-serialized resources.
 
-DiscoveryResponse and DeltaDiscoveryResponse are assembled by hand: parsers accept
-fields in any order, so a shared block of encoded resources can follow a per-stream
-header (version, type, nonce) without re-encoding anything.
+DiscoveryResponse and DeltaDiscoveryResponse are assembled by hand around a shared
+block of encoded resources, without re-encoding anything. Fields are written in
+field-number order and empty strings are left out, as protobuf's own serializer does,
+so the bytes are exactly those of SerializeToString() on the equivalent message.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from meshpilot.xds.resources import Resource
 
@@ -32,18 +34,57 @@ def field(number: int, data: bytes) -> bytes:
     return varint((number << 3) | 2) + varint(len(data)) + data
 
 
+def string_field(number: int, value: str) -> bytes:
+    """A proto3 string field: absent when empty."""
+    return field(number, value.encode()) if value else b""
+
+
 def sotw_entry(r: Resource) -> bytes:
     return field(2, r.body.SerializeToString())
 
 
 def delta_entry(r: Resource) -> bytes:
-    # envoy.service.discovery.v3.Resource: name=3, version=1, resource=2.
+    # envoy.service.discovery.v3.Resource: version=1, resource=2, name=3.
     inner = (
-        field(3, r.name.encode())
-        + field(1, r.version.encode())
-        + field(2, r.body.SerializeToString())
+        string_field(1, r.version) + field(2, r.body.SerializeToString()) + string_field(3, r.name)
     )
     return field(2, inner)
+
+
+def sotw_response(
+    version: str, type_url: str, nonce: str, control_plane: bytes, block: bytes
+) -> bytes:
+    """A DiscoveryResponse: version_info=1, resources=2 (`block`, from sotw_entry),
+    type_url=4, nonce=5, control_plane=6 (the serialized ControlPlane message)."""
+    return (
+        string_field(1, version)
+        + block
+        + string_field(4, type_url)
+        + string_field(5, nonce)
+        + field(6, control_plane)
+    )
+
+
+def delta_response(
+    version: str,
+    type_url: str,
+    nonce: str,
+    removed: Sequence[str],
+    control_plane: bytes,
+    block: bytes,
+) -> bytes:
+    """A DeltaDiscoveryResponse: system_version_info=1, resources=2 (`block`, from
+    delta_entry), type_url=4, nonce=5, removed_resources=6, control_plane=7."""
+    return b"".join(
+        (
+            string_field(1, version),
+            block,
+            string_field(4, type_url),
+            string_field(5, nonce),
+            *[field(6, n.encode()) for n in removed],
+            field(7, control_plane),
+        )
+    )
 
 
 class Encoder:
@@ -72,11 +113,18 @@ class Encoder:
         self.hits = 0
         self.misses = 0
 
-    def entry(self, r: Resource, delta: bool) -> bytes:
+    def entry(self, r: Resource, delta: bool, keep: bool = True) -> bytes:
+        """`r` framed as one entry; kept for reuse only if `keep` (see Generated.shared)."""
         cached = self._entries[delta].get(id(r))
         if cached is not None and cached[0] is r:
             return cached[1]
+        if not keep:
+            return delta_entry(r) if delta else sotw_entry(r)
         return self._add_entry(r, delta)
+
+    def __len__(self) -> int:
+        """Entries and blocks held."""
+        return len(self._entries[0]) + len(self._entries[1]) + len(self._blocks)
 
     def _add_entry(self, r: Resource, delta: bool) -> bytes:
         data = delta_entry(r) if delta else sotw_entry(r)
@@ -89,7 +137,10 @@ class Encoder:
         entries[id(r)] = (r, data)
         return data
 
-    def block(self, resources: Sequence[Resource], delta: bool) -> bytes:
+    def block(self, resources: Sequence[Resource], delta: bool, keep: bool = True) -> bytes:
+        """The entries of `resources`, framed; kept for reuse only if `keep`."""
+        if not keep:
+            return b"".join([self.entry(r, delta, keep=False) for r in resources])
         key = (id(resources), delta)
         cached = self._blocks.pop(key, None)
         if cached is not None and cached[0] is resources:
@@ -135,3 +186,39 @@ class SotwRequest:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.msg, name)
+
+
+class Undecodable:
+    """A request whose bytes do not parse: what the deserializer returns instead of
+    raising, so the stream handler can answer INVALID_ARGUMENT with one log line (an
+    exception in a deserializer ends the stream as UNKNOWN, with a traceback in the log)."""
+
+    __slots__ = ("error", "message", "size")
+
+    def __init__(self, message: str, size: int, error: str) -> None:
+        self.message = message
+        self.size = size
+        self.error = error
+
+    @staticmethod
+    def HasField(name: str) -> bool:
+        # Code that peeks at a stream's first request before the server (the secure
+        # port's namespace check) sees a request without a node and passes it on.
+        return False
+
+    def __str__(self) -> str:
+        return f"{self.message}: {self.size} bytes that do not decode ({self.error})"
+
+
+def parse_sotw(raw: bytes) -> SotwRequest | Undecodable:
+    try:
+        return SotwRequest.parse(raw)
+    except DecodeError as e:
+        return Undecodable("DiscoveryRequest", len(raw), str(e))
+
+
+def parse_delta(raw: bytes) -> discovery_pb2.DeltaDiscoveryRequest | Undecodable:
+    try:
+        return discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
+    except DecodeError as e:
+        return Undecodable("DeltaDiscoveryRequest", len(raw), str(e))

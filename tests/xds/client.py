@@ -34,6 +34,8 @@ class _Stream:
         self.call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self.sent_node = False
+        # ISTIO_VERSION in the node metadata of the first request.
+        self.istio_version = "1.24.0"
 
     async def _requests(self) -> AsyncIterator[Any]:
         while (req := await self._out.get()) is not None:
@@ -113,7 +115,7 @@ class SotwClient(_Stream):
             version_info=version,
         )
         if with_node or (with_node is None and not self.sent_node):
-            req.node.CopyFrom(node(self.node_id))
+            req.node.CopyFrom(node(self.node_id, self.istio_version))
             self.sent_node = True
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
@@ -157,7 +159,7 @@ class DeltaClient(_Stream):
             initial_resource_versions=dict(initial or {}),
         )
         if not self.sent_node:
-            req.node.CopyFrom(node(self.node_id))
+            req.node.CopyFrom(node(self.node_id, self.istio_version))
             self.sent_node = True
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))

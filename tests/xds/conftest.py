@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+import structlog
+from structlog.testing import CapturingLogger
 
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import metrics
+from meshpilot.xds import connection as xds_connection
 from meshpilot.xds import server as xds_server
 from meshpilot.xds import typeurls
 from meshpilot.xds.server import DiscoveryServer
@@ -116,3 +119,44 @@ async def harness() -> AsyncIterator[Harness]:
             await c.close()
         await h.channel.close()
         await server.stop(0)
+
+
+@dataclass
+class Logs:
+    """Log records of the xDS server: event dicts and the JSON lines they render to."""
+
+    events: list[dict[str, object]] = field(default_factory=list)
+    sink: CapturingLogger = field(default_factory=CapturingLogger)
+
+    @property
+    def lines(self) -> list[str]:
+        return [str(call.args[0]) for call in self.sink.calls]
+
+    def named(self, event: str) -> list[dict[str, object]]:
+        return [e for e in self.events if e["event"] == event]
+
+
+@pytest.fixture
+def xds_logs(monkeypatch: pytest.MonkeyPatch) -> Logs:
+    """The server's loggers replaced by one that renders JSON as `--log-format json` does
+    (module loggers are cached after first use, so reconfiguring structlog is not enough)."""
+    logs = Logs()
+
+    def keep(
+        _: object, method: str, event: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        logs.events.append({**event, "level": method})
+        return event
+
+    logger = structlog.wrap_logger(
+        logs.sink,
+        processors=[
+            keep,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    for module in (xds_server, xds_connection):
+        if hasattr(module, "log"):
+            monkeypatch.setattr(module, "log", logger)
+    return logs

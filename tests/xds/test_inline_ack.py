@@ -17,7 +17,7 @@ from google.rpc import status_pb2
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_request import PushRequest
 from meshpilot.xds import typeurls
-from meshpilot.xds.connection import Connection, Kind, PendingPush
+from meshpilot.xds.connection import Connection, Interner, Kind, PendingPush
 from meshpilot.xds.server import DiscoveryServer
 from meshpilot.xds.wire import SotwRequest
 from tests.xds.client import names_of, node, tags_of
@@ -269,13 +269,14 @@ def test_delta_explicit_resubscribe_forgets_the_version_without_unsubscribe() ->
 
 
 def test_delta_ack_keeps_the_interned_subscription() -> None:
-    conn = Connection("c-1", Proxy.from_node(node()), delta=True)
+    interner = Interner()
+    conn = Connection("c-1", Proxy.from_node(node()), delta=True, interner=interner)
     conn.on_delta_request(_delta(resource_names_subscribe=NAMES))
     w = conn.watched[EDS]
     before = w.names
     w.nonce_sent, w.awaiting_ack = "n1", True
     conn.on_delta_request(_delta(response_nonce="n1"))
     assert w.names is before
-    other = Connection("c-2", Proxy.from_node(node()), delta=True)
+    other = Connection("c-2", Proxy.from_node(node()), delta=True, interner=interner)
     other.on_delta_request(_delta(resource_names_subscribe=list(reversed(NAMES))))
     assert other.watched[EDS].names is before

@@ -3,6 +3,7 @@ ADS client. Endpoint-only changes must move only the ClusterLoadAssignments that
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 
 import grpc
@@ -170,3 +171,15 @@ async def test_service_change_is_a_full_push(server: MeshServer) -> None:
         client.ack(lds2)
         await client.expect_nothing()
         await client.close()
+
+
+async def test_starting_a_server_leaves_the_garbage_collector_alone() -> None:
+    # gc.freeze() is process-wide: only the `serve` command may tune it, not start().
+    srv = MeshServer(Settings(xds_address="127.0.0.1:0", monitoring_address="127.0.0.1:0"))
+    frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
+    await srv.start()
+    try:
+        assert gc.get_freeze_count() == frozen
+        assert gc.get_threshold() == threshold
+    finally:
+        await srv.stop()

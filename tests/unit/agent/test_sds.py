@@ -178,7 +178,7 @@ async def test_sotw_subscribe_ack_rotate_nack(h: Harness) -> None:
 
     await c.nack(pushed, names)
     await c.nothing()  # a rejected config is never resent as is
-    stream = next(iter(h.server.sds_service.streams.values()))  # type: ignore[attr-defined]
+    stream = next(iter(_service(h.server).streams.values()))
     assert "certificate chain" in stream.nack
 
     h.rotate(3)  # new content: sent again
@@ -291,7 +291,7 @@ async def test_delta_subscribe_ack_rotate_nack_and_unknown(h: Harness) -> None:
     await c.ack(again)
     # Unsubscribed names get no pushes, and no removals either.
     await c.send(resource_names_unsubscribe=[WORKLOAD_SECRET])
-    stream = next(iter(h.server.sds_service.streams.values()))  # type: ignore[attr-defined]
+    stream = next(iter(_service(h.server).streams.values()))
     async with asyncio.timeout(3):
         while WORKLOAD_SECRET in stream.subscribed:  # noqa: ASYNC110 - request in flight
             await asyncio.sleep(0.01)
@@ -371,3 +371,9 @@ async def test_file_secret_that_is_not_pem_is_not_served(h: Harness) -> None:
     await c.send(resource_names_subscribe=[name])
     resp = await c.recv()
     assert list(resp.resources) == [] and list(resp.removed_resources) == [name]
+
+
+def _service(server: Any) -> sds.SecretDiscoveryService:
+    service = sds.service_of(server)
+    assert service is not None
+    return service
