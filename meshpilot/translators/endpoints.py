@@ -145,17 +145,6 @@ def _build(
     return cla
 
 
-def key_uses_proxy_labels(key: Hashable) -> bool:
-    """Whether an `eds_cache_key` result depends on the proxy's labels (failoverPriority),
-    not only on its namespace and locality."""
-    return (
-        isinstance(key, tuple)
-        and len(key) > 3
-        and isinstance(key[3], tuple)
-        and (key[3][0] == "priority")
-    )
-
-
 def locality_lb_endpoints(
     endpoints: Iterable[Endpoint],
 ) -> list[endpoint_components_pb2.LocalityLbEndpoints]:
