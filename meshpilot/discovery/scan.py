@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from meshpilot.api.errors import ConfigError
 from meshpilot.api.parse import ParseResult, parse_text
@@ -345,7 +346,7 @@ def load(
     except UnicodeDecodeError as e:
         return failed(f"not valid UTF-8 (byte {e.start}); is this a binary file?", st, digest)
     name = rel[-1] if rel else root.given.name
-    syntax = "json" if name.lower().endswith(".json") else "yaml"
+    syntax: Literal["yaml", "json"] = "json" if name.lower().endswith(".json") else "yaml"
     result = parse_text(text.removeprefix("\ufeff"), origin, syntax=syntax)
     # Errors with no document index mean no document could be read at all.
     whole = any(e.document is None for e in result.errors)

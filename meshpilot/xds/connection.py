@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_request import PushRequest
@@ -56,7 +56,7 @@ class PendingPush:
     context: PushContextLike
 
 
-Event = Request | PendingPush
+Event: TypeAlias = Request | PendingPush
 
 
 class Connection:

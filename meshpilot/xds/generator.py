@@ -103,7 +103,7 @@ class ConfigGenerator:
         self,
         type_url: str,
         proxy: Proxy,
-        push: PushContext,  # type: ignore[override]
+        push: PushContext,
         names: frozenset[str] | None,
         request: PushRequest | None,
     ) -> Generated | None:

@@ -22,10 +22,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+Request: TypeAlias = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
 # NACK messages name the resource and the reason; longer ones are cut (the client
 # controls them, and they reach logs and debug endpoints).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -56,14 +56,21 @@ class PushContextLike(Protocol):
     def version(self) -> str: ...
 
 
-class Generator(Protocol):
-    """Builds resources for a proxy. The server calls it; it never builds config itself."""
+C_contra = TypeVar("C_contra", bound=PushContextLike, contravariant=True)
+
+
+class Generator(Protocol[C_contra]):
+    """Builds resources for a proxy. The server calls it; it never builds config itself.
+
+    Generic in the push context it reads: the server only passes on the contexts that the
+    pusher built, so a generator may ask for the concrete type it was built for.
+    """
 
     def generate(
         self,
         type_url: str,
         proxy: Proxy,
-        push: PushContextLike,
+        push: C_contra,
         names: frozenset[str] | None,
         request: PushRequest | None,
     ) -> Generated | None:

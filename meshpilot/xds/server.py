@@ -95,7 +95,7 @@ class DiscoveryServer:
 
     def __init__(
         self,
-        generator: Generator,
+        generator: Generator[Any],
         context: PushContextLike | None = None,
         *,
         instance_id: str | None = None,
@@ -479,7 +479,8 @@ _SYNCZ_LABELS = {
 }
 
 
-class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+# The generated servicer base is untyped (xds-protos ships no stubs).
+class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """The gRPC servicer; all logic is in DiscoveryServer."""
 
     def __init__(self, discovery: DiscoveryServer) -> None:

@@ -77,7 +77,7 @@ def bind(
         raise OSError(f"xDS server cannot listen on {address}: {e}") from e
     if port == 0:
         raise OSError(f"xDS server cannot listen on {address}")
-    return port
+    return int(port)
 
 
 class ClientGone(Exception):

@@ -333,7 +333,7 @@ def names_region(req: Any) -> bytes | None:
     and error_detail, the names are what lies between field 1 and fields 4 and 5.
     Equal regions mean equal name lists.
     """
-    raw = getattr(req, "raw", None)
+    raw: bytes | None = getattr(req, "raw", None)
     if raw is None or req.HasField("node") or req.HasField("error_detail"):
         return None
     head = wire.field(1, req.version_info.encode()) if req.version_info else b""
