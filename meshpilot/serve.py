@@ -116,7 +116,7 @@ class MeshServer:
         self.xds_port = xds_server.bind(self._grpc, self.settings.xds_address)
         await self._grpc.start()
         if self.settings.ca_dir is not None:
-            from meshpilot.ca.secure import start_secure_port
+            from meshpilot.secure_port import start_secure_port
 
             self.secure = await start_secure_port(self.settings, self.mesh, self.discovery)
             self.secure_port = self.secure.port

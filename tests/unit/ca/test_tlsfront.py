@@ -16,8 +16,6 @@ from cryptography.hazmat.primitives import serialization
 from meshpilot.ca.authority import CertificateAuthority
 from meshpilot.ca.secure import SecurePort
 from meshpilot.ca.tlsfront import PeerTable, TlsFront, TlsPeer, server_context
-from meshpilot.serve import MeshServer
-from meshpilot.settings import Settings
 
 from ._helpers import SLEEP, csr_pem, ec_key, load_chain
 
@@ -150,10 +148,8 @@ async def test_foreign_client_certificate_fails_the_handshake(
 
 
 async def test_server_certificate_is_renewed_at_half_life(tmp_path: Path) -> None:
-    srv = MeshServer(Settings(xds_address="127.0.0.1:0", monitoring_address="127.0.0.1:0"))
-    await srv.start()
     ca = CertificateAuthority.load_or_create(tmp_path / "ca")
-    port = SecurePort(ca, srv.discovery, "127.0.0.1:0", server_cert_ttl=3)
+    port = SecurePort(ca, "127.0.0.1:0", server_cert_ttl=3)
     try:
         await port.start()
 
@@ -177,4 +173,3 @@ async def test_server_certificate_is_renewed_at_half_life(tmp_path: Path) -> Non
         assert load_chain([ca.root_cert_pem])  # the root itself never changes
     finally:
         await port.stop()
-        await srv.stop()
