@@ -102,7 +102,7 @@ def test_ads_config_sotw_and_delta(delta: bool, api_type: str) -> None:
     assert ads["api_type"] == api_type
     assert ads["transport_api_version"] == "V3"
     (grpc_service,) = ads["grpc_services"]
-    assert grpc_service["envoy_grpc"] == {"cluster_name": "xds-grpc"}
+    assert grpc_service["envoy_grpc"]["cluster_name"] == "xds-grpc"
     assert ads["set_node_on_first_message_only"] is True
     for key in ("cds_config", "lds_config"):
         assert dyn[key]["ads"] == {}
@@ -121,7 +121,9 @@ def test_ads_reconnect_backoff_is_half_a_second_up_to_five(delta: bool) -> None:
     # back up to 15 s late.
     msg = parse(reviews(delta=delta))
     (grpc_service,) = msg.dynamic_resources.ads_config.grpc_services
-    backoff = grpc_service.retry_policy.retry_back_off
+    # Where Envoy's xDS mux reads it (the GrpcService's own retry_policy is not used).
+    assert not grpc_service.HasField("retry_policy")
+    backoff = grpc_service.envoy_grpc.retry_policy.retry_back_off
     assert backoff.base_interval.ToMilliseconds() == 500
     assert backoff.max_interval.ToMilliseconds() == 5000
 

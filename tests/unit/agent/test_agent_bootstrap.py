@@ -122,7 +122,7 @@ def test_real_envoy_validates_the_agent_bootstrap(xds_tls: bool) -> None:
         path = Path(tmp) / "bootstrap.json"
         doc = agent_bootstrap(xds_tls=xds_tls, admin_port=0)
         (ads,) = doc["dynamic_resources"]["ads_config"]["grpc_services"]
-        assert ads["retry_policy"]["retry_back_off"] == {
+        assert ads["envoy_grpc"]["retry_policy"]["retry_back_off"] == {
             "base_interval": "0.5s",
             "max_interval": "5s",
         }
