@@ -15,7 +15,14 @@ from cryptography.hazmat.primitives import serialization
 
 from meshpilot.ca.authority import CertificateAuthority
 from meshpilot.ca.secure import SecurePort
-from meshpilot.ca.tlsfront import PeerTable, TlsFront, TlsPeer, server_context
+from meshpilot.ca.tlsfront import (
+    REFUSED_CONNECTIONS,
+    FrontLimits,
+    PeerTable,
+    TlsFront,
+    TlsPeer,
+    server_context,
+)
 
 from ._helpers import SLEEP, csr_pem, ec_key, load_chain
 
@@ -35,7 +42,14 @@ _TABLE = PeerTable()
 
 
 @pytest.fixture
-async def front(tmp_path: Path) -> AsyncIterator[tuple[CertificateAuthority, TlsFront, int]]:
+def limits() -> FrontLimits:
+    return FrontLimits()
+
+
+@pytest.fixture
+async def front(
+    tmp_path: Path, limits: FrontLimits
+) -> AsyncIterator[tuple[CertificateAuthority, TlsFront, int]]:
     ca = CertificateAuthority.load_or_create(tmp_path / "ca")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ident = lambda b: b  # noqa: E731
@@ -49,7 +63,10 @@ async def front(tmp_path: Path) -> AsyncIterator[tuple[CertificateAuthority, Tls
     await server.start()
     chain, key = ca.issue_server_cert([SERVER_NAME], ["127.0.0.1"])
     tls = TlsFront(
-        _TABLE, ("127.0.0.1", upstream), server_context("".join(chain), key, ca.root_cert_pem)
+        _TABLE,
+        ("127.0.0.1", upstream),
+        server_context("".join(chain), key, ca.root_cert_pem),
+        limits,
     )
     port = await tls.start("127.0.0.1", 0)
     try:
@@ -173,3 +190,98 @@ async def test_server_certificate_is_renewed_at_half_life(tmp_path: Path) -> Non
         assert load_chain([ca.root_cert_pem])  # the root itself never changes
     finally:
         await port.stop()
+
+
+# --- connections before their handshake -------------------------------------------------
+
+
+async def _bare(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from `source` that never sends a byte."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, within: float = 2.0) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def _echo_once(ca: CertificateAuthority, port: int, pause: float = 0.0) -> bytes:
+    async with _channel(ca, port, None) as ch:
+        call = ch.stream_stream(
+            "/t.Echo/Echo", request_serializer=None, response_deserializer=None
+        )()
+        await call.write(b"ping")
+        got = await asyncio.wait_for(call.read(), 10)
+        if pause:
+            await asyncio.sleep(pause)
+            await call.write(b"pong")
+            got += await asyncio.wait_for(call.read(), 10)
+        call.cancel()
+    return bytes(got)
+
+
+def _refused(reason: str) -> float:
+    return REFUSED_CONNECTIONS.labels(reason)._value.get()
+
+
+@pytest.mark.parametrize(
+    "limits", [FrontLimits(handshakes_per_ip=3, handshakes_total=5, handshake_timeout=60)]
+)
+async def test_connections_before_the_handshake_are_capped_per_source_and_in_total(
+    front: tuple[CertificateAuthority, TlsFront, int],
+) -> None:
+    ca, tls, port = front
+    per_ip, total = _refused("per_ip_limit"), _refused("total_limit")
+    one = [await _bare(port, "127.0.0.1") for _ in range(5)]
+    closed = [await _closed_by_server(r, 0.3) for r, _ in one]
+    # The first three hold a slot; the other two are reset at once.
+    assert closed == [False, False, False, True, True]
+    assert tls.handshaking == 3 and _refused("per_ip_limit") == per_ip + 2
+    # Bare connections cost a socket: no TLS state before the first byte.
+    assert all(r.sslobj is None for r in tls._relays)
+
+    two = [await _bare(port, "127.0.0.2") for _ in range(3)]
+    assert [await _closed_by_server(r, 0.3) for r, _ in two] == [False, False, True]
+    assert tls.handshaking == 5 and _refused("total_limit") == total + 1
+
+    # A real TLS client while every slot is taken: refused too.
+    with pytest.raises((grpc.aio.AioRpcError, TimeoutError)):
+        await asyncio.wait_for(_echo_once(ca, port), 3)
+
+    # Closing connections gives their slots back, and a real client gets through.
+    for _, w in one[:3]:
+        w.close()
+    for _ in range(100):
+        if tls.handshaking == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert tls.handshaking == 2
+    assert await _echo_once(ca, port) == b"ping"
+    for _, w in [*one, *two]:
+        w.close()
+
+
+@pytest.mark.parametrize(
+    "limits", [FrontLimits(handshakes_per_ip=2, handshakes_total=10, handshake_timeout=0.3)]
+)
+async def test_an_unfinished_handshake_is_closed_and_its_slot_released(
+    front: tuple[CertificateAuthority, TlsFront, int],
+) -> None:
+    ca, tls, port = front
+    before = _refused("handshake_timeout")
+    silent_reader, silent = await _bare(port, "127.0.0.1")
+    # Half a TLS record header, then nothing.
+    partial_reader, partial = await _bare(port, "127.0.0.1")
+    partial.write(b"\x16\x03\x01")
+    assert await _closed_by_server(silent_reader, 5)
+    assert await _closed_by_server(partial_reader, 5)
+    assert tls.handshaking == 0
+    assert _refused("handshake_timeout") == before + 2
+    # Handshakes that finish are not cut by the timer, nor are their calls.
+    assert await _echo_once(ca, port, pause=0.6) == b"pingpong"
+    silent.close()
+    partial.close()
