@@ -26,6 +26,7 @@ import structlog
 from cryptography import x509
 
 from meshpilot.ca.auth import (
+    AuthenticationError,
     Authenticator,
     CallCredentials,
     ClientCertAuthenticator,
@@ -101,12 +102,22 @@ class SecurePort:
         self.server_cert: x509.Certificate | None = None
 
     def credentials(self, context: grpc.aio.ServicerContext) -> CallCredentials:
-        """Metadata plus the TLS peer's verified certificate for one call."""
+        """Metadata plus the TLS peer's verified certificate for one call.
+
+        The internal server listens on loopback in plaintext for the front's relays
+        only: a call that did not come through the front (another local process
+        connecting to the internal port directly) is refused, token or not.
+        """
         peer = self.peers.for_context(context)
+        if peer is None:
+            raise AuthenticationError(
+                f"call from {context.peer() or 'an unknown peer'} did not come through "
+                "the secure port's TLS front"
+            )
         return CallCredentials(
             CallCredentials.metadata_from(context.invocation_metadata() or ()),
-            peer.cert if peer else None,
-            peer.remote if peer else (context.peer() or ""),
+            peer.cert,
+            peer.remote,
         )
 
     async def start(self) -> int:

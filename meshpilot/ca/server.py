@@ -190,13 +190,17 @@ class CertificateService:
                 "malformed_request",
                 "request is not an IstioCertificateRequest",
             )
-        call = self._credentials(context)
+        call: CallCredentials | None = None
         try:
+            call = self._credentials(context)
             caller = authenticate(self.authenticators, call)
         except AuthenticationError as e:
             metrics.CA_AUTHN_FAILURES.inc()
             log.warning(
-                "csr refused", peer=call.peer or peer, reason="unauthenticated", error=str(e)
+                "csr refused",
+                peer=(call.peer if call else "") or peer,
+                reason="unauthenticated",
+                error=str(e),
             )
             raise _Refused(
                 grpc.StatusCode.UNAUTHENTICATED,

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import grpc
 import structlog
@@ -104,7 +105,13 @@ class PeerTable:
         return self._peers.get(grpc_peer)
 
     def for_context(self, context: grpc.aio.ServicerContext) -> TlsPeer | None:
-        return self._peers.get(context.peer() or "")
+        return self._peers.get(normalise_peer(context.peer() or ""))
+
+
+def normalise_peer(grpc_peer: str) -> str:
+    """`context.peer()` in the form of grpc_peer_string: grpc percent-encodes the
+    brackets of IPv6 addresses (`ipv6:%5B::1%5D:5000`)."""
+    return unquote(grpc_peer)
 
 
 def grpc_peer_string(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:

@@ -21,6 +21,8 @@ from meshpilot.ca.tlsfront import (
     PeerTable,
     TlsFront,
     TlsPeer,
+    grpc_peer_string,
+    normalise_peer,
     server_context,
 )
 
@@ -39,6 +41,11 @@ async def _echo(
 
 
 _TABLE = PeerTable()
+
+
+@pytest.fixture
+def ca_only(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority.load_or_create(tmp_path / "ca")
 
 
 @pytest.fixture
@@ -285,3 +292,58 @@ async def test_an_unfinished_handshake_is_closed_and_its_slot_released(
     assert await _echo_once(ca, port, pause=0.6) == b"pingpong"
     silent.close()
     partial.close()
+
+
+# --- what the PeerTable relies on -------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_grpc_reports_the_relay_socket_as_the_front_names_it(
+    ca_only: CertificateAuthority, host: str
+) -> None:
+    # The PeerTable is keyed by grpc_peer_string(relay socket) and looked up with
+    # context.peer(): a real grpc.aio server, reached over IPv4 and IPv6 loopback
+    # through the front, must report exactly that string.
+    reported: list[str] = []
+    found: list[TlsPeer | None] = []
+
+    async def echo(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        reported.append(context.peer())
+        found.append(table.for_context(context))
+        async for chunk in requests:
+            yield chunk
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.stream_stream_rpc_method_handler(
+        echo, request_deserializer=None, response_serializer=None
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.Echo", {"Echo": handler}),)
+    )
+    bound = server.add_insecure_port(f"[{host}]:0" if ":" in host else f"{host}:0")
+    await server.start()
+    chain, key = ca_only.issue_server_cert([SERVER_NAME], ["127.0.0.1"])
+    table = PeerTable()
+    tls = TlsFront(table, (host, bound), server_context("".join(chain), key, ca_only.root_cert_pem))
+    port = await tls.start("127.0.0.1", 0)
+    try:
+        async with _channel(ca_only, port, None) as ch:
+            call = ch.stream_stream(
+                "/t.Echo/Echo", request_serializer=None, response_deserializer=None
+            )()
+            await call.write(b"hi")
+            assert await asyncio.wait_for(call.read(), 10) == b"hi"
+            (relay,) = tls._relays
+            assert relay.upstream is not None and relay.upstream.transport is not None
+            sockname = relay.upstream.transport.get_extra_info("sockname")
+            family = "ipv6" if ":" in host else "ipv4"
+            # grpc percent-encodes IPv6 brackets: `ipv6:%5B::1%5D:PORT`.
+            assert [normalise_peer(p) for p in reported] == [grpc_peer_string(sockname)]
+            assert reported[0].startswith(f"{family}:")
+            assert found[0] is not None and found[0].cert is None
+            call.cancel()
+    finally:
+        await tls.stop()
+        await server.stop(0)
