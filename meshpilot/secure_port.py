@@ -29,6 +29,15 @@ from meshpilot.xds import server as xds_server
 
 log = structlog.get_logger(__name__)
 
+# Istio's receive limit for xDS requests (ISTIO_GPRC_MAXRECVMSGSIZE, 4 MiB) rather than
+# the plaintext port's: this port faces the network. CSRs have their own 64 KiB limit,
+# applied by the TLS front.
+SECURE_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+SECURE_SERVER_OPTIONS = (
+    *(o for o in xds_server.SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
+    ("grpc.max_receive_message_length", SECURE_MAX_RECEIVE_BYTES),
+)
+
 
 class SecureADS(xds_server.AggregatedDiscoveryService):
     """ADS for the secure port: the peer must present a workload certificate."""
@@ -154,7 +163,7 @@ async def start_secure_port(
         ca,
         settings.secure_xds_address,
         register=register_ads(discovery, ca.trust_domain),
-        server_options=xds_server.SERVER_OPTIONS,
+        server_options=SECURE_SERVER_OPTIONS,
     )
     await port.start()
     return port

@@ -33,7 +33,7 @@ from meshpilot.ca.auth import (
     TokenAuthenticator,
 )
 from meshpilot.ca.authority import CertificateAuthority
-from meshpilot.ca.server import CertificateService
+from meshpilot.ca.server import MAX_REQUEST_BYTES, METHOD_PATH, CertificateService
 from meshpilot.ca.tlsfront import PeerTable, TlsFront, server_context
 from meshpilot.ca.tokens import TokenSigner
 from meshpilot.settings import split_address
@@ -48,8 +48,12 @@ SERVER_DNS_NAMES = (
     "localhost",
 )
 
-# Options of the internal gRPC server when the caller passes none.
-DEFAULT_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
+# Options of the internal gRPC server when the caller passes none: the CA alone, so
+# gRPC itself refuses a request above the CA's limit from its length prefix.
+DEFAULT_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+)
 
 # Registers more services on the internal server; gets the table that maps a call
 # to its TLS peer, so those services can authenticate it.
@@ -131,7 +135,12 @@ class SecurePort:
             raise OSError("secure port: the internal gRPC server cannot listen on 127.0.0.1")
         await self._grpc.start()
         self._front = TlsFront(
-            self.peers, ("127.0.0.1", self.internal_port), self._new_context(host)
+            self.peers,
+            ("127.0.0.1", self.internal_port),
+            self._new_context(host),
+            # The CA's limit, from each message's length prefix, whatever the internal
+            # server's own limit (larger when it also serves ADS).
+            request_limits={METHOD_PATH: MAX_REQUEST_BYTES},
         )
         try:
             self.port = await self._front.start(host, port)

@@ -2,8 +2,11 @@
 
 Every refusal has one gRPC status and is counted:
 
-- RESOURCE_EXHAUSTED: request above 64 KiB (checked on the raw bytes, before parsing:
-  the secure server's own limit must stay large for ADS requests on the same port).
+- RESOURCE_EXHAUSTED: request above 64 KiB. Refused before it is received: by the
+  secure port's TLS front from the message's length prefix (h2guard.py; the internal
+  server's own gRPC limit must stay larger for ADS requests on the same port), or by
+  gRPC's receive limit where the CA has a server of its own; the raw size is checked
+  again here, before parsing.
 - UNAUTHENTICATED: no, malformed, expired or foreign token; unusable client cert.
 - PERMISSION_DENIED: a SAN other than the caller's own SPIFFE ID (foreign identity,
   extra DNS/IP/email/URI SANs).
@@ -42,6 +45,7 @@ from meshpilot.ca.authority import (
     IdentityMismatch,
     TtlError,
 )
+from meshpilot.ca.h2guard import oversized_marker
 from meshpilot.monitoring import metrics
 from meshpilot.protos import istio_ca_pb2
 
@@ -49,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
+METHOD_PATH = f"/{SERVICE_NAME}/{METHOD}"
 MAX_REQUEST_BYTES = 64 * 1024
 # Time from a call's headers to its request message; a CSR is ~1 KiB, so a client
 # that has not sent it by then is stuck or hostile.
@@ -74,6 +79,10 @@ def _deserialize(data: bytes) -> istio_ca_pb2.IstioCertificateRequest | _Oversiz
     # (an exception here would surface as an uncounted INTERNAL).
     if len(data) > MAX_REQUEST_BYTES:
         return _Oversized(len(data))
+    # What the TLS front relays in place of a message above the limit (h2guard).
+    declared = oversized_marker(data)
+    if declared is not None:
+        return _Oversized(declared)
     try:
         return istio_ca_pb2.IstioCertificateRequest.FromString(data)
     except DecodeError:

@@ -29,21 +29,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import unquote
 
-import grpc
 import structlog
 from cryptography import x509
 from prometheus_client import Counter
 
+from meshpilot.ca.h2guard import H2ProtocolError, RequestGuard, ResponseFilter
+from meshpilot.ca.tlspeers import (
+    PeerTable,
+    TlsPeer,
+    grpc_peer_string,
+    normalise_peer,
+    server_context,
+)
 from meshpilot.monitoring.metrics import REGISTRY
+
+__all__ = [
+    "FrontLimits",
+    "PeerTable",
+    "TlsFront",
+    "TlsPeer",
+    "grpc_peer_string",
+    "normalise_peer",
+    "server_context",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +72,9 @@ LOG_EVERY = 10.0
 _HIGH_WATER = 256 * 1024
 # Plaintext read from the TLS layer per call: one TLS record at most.
 _READ_CHUNK = 16 * 1024
+# After a refused message the connection has lost HTTP/2 flow-control credit (the
+# dropped bytes are never acknowledged upstream): closed once the refusal is out.
+REFUSED_MESSAGE_GRACE = 2.0
 
 REFUSED_CONNECTIONS = Counter(
     "meshpilot_secure_port_refused_connections",
@@ -78,81 +94,6 @@ class FrontLimits:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
-@dataclass(frozen=True, slots=True)
-class TlsPeer:
-    """One client of the secure port, as seen by the TLS front."""
-
-    remote: str
-    cert: x509.Certificate | None
-
-
-class PeerTable:
-    """Relay connections by the gRPC peer string of their upstream side."""
-
-    def __init__(self) -> None:
-        self._peers: dict[str, TlsPeer] = {}
-
-    def __len__(self) -> int:
-        return len(self._peers)
-
-    def add(self, grpc_peer: str, peer: TlsPeer) -> None:
-        self._peers[grpc_peer] = peer
-
-    def remove(self, grpc_peer: str) -> None:
-        self._peers.pop(grpc_peer, None)
-
-    def get(self, grpc_peer: str) -> TlsPeer | None:
-        return self._peers.get(grpc_peer)
-
-    def for_context(self, context: grpc.aio.ServicerContext) -> TlsPeer | None:
-        return self._peers.get(normalise_peer(context.peer() or ""))
-
-
-def normalise_peer(grpc_peer: str) -> str:
-    """`context.peer()` in the form of grpc_peer_string: grpc percent-encodes the
-    brackets of IPv6 addresses (`ipv6:%5B::1%5D:5000`)."""
-    return unquote(grpc_peer)
-
-
-def grpc_peer_string(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    """How grpc's `context.peer()` names the client at this socket address."""
-    host, port = sockname[0], sockname[1]
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-
-
-def server_context(chain_pem: str, key_pem: str, root_pem: str) -> ssl.SSLContext:
-    """A TLS server context: our chain, client certificates optional but verified."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # gRPC clients refuse a server that does not negotiate h2 by ALPN.
-    ctx.set_alpn_protocols(["h2"])
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.load_verify_locations(cadata=root_pem)
-    with _secret_file(chain_pem + key_pem) as path:
-        ctx.load_cert_chain(path)
-    return ctx
-
-
-@contextlib.contextmanager
-def _secret_file(text: str) -> Iterator[str]:
-    """A path for `load_cert_chain`, which only reads files: an anonymous memory file
-    where Linux has one, so the serving key never touches a disk."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("meshpilot-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-            yield f"/proc/self/fd/{fd}"
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="meshpilot-tls-") as d:
-        path = Path(d) / "cert.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        yield str(path)
-
-
 class TlsFront:
     """Terminates TLS on the public address and relays to the internal gRPC server."""
 
@@ -162,11 +103,15 @@ class TlsFront:
         upstream: tuple[str, int],
         context: ssl.SSLContext,
         limits: FrontLimits | None = None,
+        *,
+        request_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.peers = peers
         self.upstream = upstream
         self._context = context
         self.limits = limits or FrontLimits()
+        # gRPC method path -> largest request message relayed (see h2guard).
+        self.request_limits = dict(request_limits or {})
         self._server: asyncio.Server | None = None
         self._relays: set[_Relay] = set()
         self.handshake_failures = 0
@@ -174,6 +119,8 @@ class TlsFront:
         self._handshaking: dict[str, int] = {}
         self.handshaking = 0
         self.refused = 0
+        # Plaintext bytes relayed to the internal server, all connections.
+        self.relayed_bytes = 0
         self._refused_unlogged = 0
         self._refusal_logged_at = float("-inf")
 
@@ -294,6 +241,8 @@ class _Relay(asyncio.Protocol):
         self.handshaking = False  # holds one of the front's handshake slots
         self.handshake_done = False
         self._timer: asyncio.TimerHandle | None = None
+        self.guard: RequestGuard | None = None
+        self.response_filter: ResponseFilter | None = None
 
     # Client side: TCP, then TLS over memory BIOs.
 
@@ -379,6 +328,9 @@ class _Relay(asyncio.Protocol):
                 )
                 self.close()
                 return
+        if self.front.request_limits:
+            self.guard = RequestGuard(self.front.request_limits)
+            self.response_filter = ResponseFilter()
         self.task = asyncio.get_running_loop().create_task(
             self._connect(TlsPeer(self.remote, cert))
         )
@@ -434,6 +386,20 @@ class _Relay(asyncio.Protocol):
             self.client.resume_reading()
 
     def _from_client(self, data: bytes) -> None:
+        if self.guard is not None:
+            refused = self.guard.refused
+            try:
+                data = self.guard.feed(data)
+            except H2ProtocolError as e:
+                log.warning("secure port client closed", peer=self.remote, error=str(e))
+                self.close()
+                return
+            if self.guard.refused != refused:
+                log.warning("secure port request above its limit refused", peer=self.remote)
+                asyncio.get_running_loop().call_later(REFUSED_MESSAGE_GRACE, self.close)
+            if not data:
+                return
+        self.front.relayed_bytes += len(data)
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.write(data)
@@ -465,6 +431,8 @@ class _Relay(asyncio.Protocol):
     def to_client(self, data: bytes) -> None:
         if self.closed or self.sslobj is None:
             return
+        if self.response_filter is not None:
+            data = self.response_filter.feed(data)
         view = memoryview(data)
         try:
             while view:

@@ -74,3 +74,29 @@ async def test_a_plaintext_client_on_the_internal_port_gets_no_service(
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call.read()
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_1mb_request_is_refused_from_its_prefix_without_being_relayed(
+    serve: MeshServer,
+) -> None:
+    secure = serve.secure
+    assert secure is not None and secure._front is not None
+    meta = _token(serve)
+    creds = grpc.ssl_channel_credentials(secure.ca.root_cert_pem.encode())
+    opts = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    big = istio_ca_pb2.IstioCertificateRequest(csr="x" * (1 << 20))
+    before = secure._front.relayed_bytes
+    async with grpc.aio.secure_channel(f"127.0.0.1:{secure.port}", creds, opts) as ch:
+        stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateCertificate(big, metadata=meta, timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "above the 65536 byte limit" in (e.value.details() or "")
+    assert f"request of {big.ByteSize()} bytes" in (e.value.details() or "")
+    # Headers, settings and the marker reached the internal server; the megabyte did not.
+    assert secure._front.relayed_bytes - before < 16 * 1024
+    # The CA keeps serving, on a new connection.
+    async with grpc.aio.secure_channel(f"127.0.0.1:{secure.port}", creds, opts) as ch:
+        stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(ch)
+        resp = await stub.CreateCertificate(_request(), metadata=meta, timeout=10)
+        assert resp.cert_chain
