@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshpilot.ca.authority import CertificateAuthority
+from meshpilot.ca.h2guard import ResponseFilter, frame, oversized_marker
 from meshpilot.ca.secure import SecurePort
 from meshpilot.ca.tlsfront import (
     REFUSED_CONNECTIONS,
@@ -347,3 +348,85 @@ async def test_grpc_reports_the_relay_socket_as_the_front_names_it(
     finally:
         await tls.stop()
         await server.stop(0)
+
+
+# --- per-method request limits ----------------------------------------------------------
+
+
+@pytest.fixture
+async def guarded(
+    ca_only: CertificateAuthority,
+) -> AsyncIterator[tuple[TlsFront, int]]:
+    ident = lambda b: b  # noqa: E731
+    handler = grpc.stream_stream_rpc_method_handler(
+        _echo, request_deserializer=ident, response_serializer=ident
+    )
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.Echo", {"Echo": handler, "Limited": handler}),)
+    )
+    upstream = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    chain, key = ca_only.issue_server_cert([SERVER_NAME], ["127.0.0.1"])
+    tls = TlsFront(
+        _TABLE,
+        ("127.0.0.1", upstream),
+        server_context("".join(chain), key, ca_only.root_cert_pem),
+        request_limits={"/t.Echo/Limited": 64 * 1024},
+    )
+    port = await tls.start("127.0.0.1", 0)
+    try:
+        yield tls, port
+    finally:
+        await tls.stop()
+        await server.stop(0)
+
+
+async def _exchange(
+    ca: CertificateAuthority, port: int, path: str, msgs: list[bytes]
+) -> list[bytes]:
+    async with _channel(ca, port, None) as ch:
+        call = ch.stream_stream(path, request_serializer=None, response_deserializer=None)()
+
+        async def send() -> None:
+            for m in msgs:
+                await call.write(m)
+            await call.done_writing()
+
+        sender = asyncio.create_task(send())
+        got = [bytes(m) async for m in call]
+        await sender
+    return got
+
+
+async def test_limited_methods_get_a_marker_instead_of_an_oversized_message(
+    ca_only: CertificateAuthority, guarded: tuple[TlsFront, int]
+) -> None:
+    tls, port = guarded
+    small = b"s" * 1000
+    assert await _exchange(ca_only, port, "/t.Echo/Limited", [small]) == [small]
+    before = tls.relayed_bytes
+    big = b"b" * (1 << 20)
+    # The server sees the front's marker, naming the declared size, never the megabyte.
+    got = await _exchange(ca_only, port, "/t.Echo/Limited", [big])
+    assert [oversized_marker(m) for m in got] == [1 << 20]
+    assert tls.relayed_bytes - before < 16 * 1024
+
+
+async def test_unlimited_methods_relay_large_streams_faithfully_through_the_guard(
+    ca_only: CertificateAuthority, guarded: tuple[TlsFront, int]
+) -> None:
+    _, port = guarded
+    chunks = [bytes([i % 251]) * (1 << 20) + hashlib.sha256(bytes([i])).digest() for i in range(8)]
+    assert await _exchange(ca_only, port, "/t.Echo/Echo", chunks) == chunks
+
+
+def test_response_filter_caps_the_advertised_frame_size_across_any_split() -> None:
+    settings = frame(0x4, 0, 0, bytes.fromhex("000400400000000500400000000600004000"))
+    data = frame(0x0, 0, 1, b"x" * 70) + settings + frame(0x4, 0x1, 0, b"")
+    for step in (1, 2, 7, 9, 50, len(data)):
+        f = ResponseFilter()
+        out = b"".join(f.feed(data[i : i + step]) for i in range(0, len(data), step))
+        assert len(out) == len(data)
+        capped = settings.replace(bytes.fromhex("000500400000"), bytes.fromhex("000500004000"))
+        assert out == data.replace(settings, capped)
