@@ -13,9 +13,10 @@ from cryptography import x509
 
 from meshpilot.ca.auth import TokenAuthenticator
 from meshpilot.ca.authority import CertificateAuthority
+from meshpilot.ca.secure import DEFAULT_SERVER_OPTIONS
 from meshpilot.ca.server import CertificateService
 from meshpilot.ca.tokens import TokenSigner
-from meshpilot.protos import istio_ca_pb2
+from meshpilot.protos import istio_ca_pb2, istio_ca_pb2_grpc
 
 from ._helpers import SLEEP, csr_pem
 
@@ -30,7 +31,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[int, TokenSigner]]:
     service = CertificateService(
         ca, [TokenAuthenticator(signer, ca.trust_domain)], call_timeout=TIMEOUT
     )
-    srv = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    srv = grpc.aio.server(options=DEFAULT_SERVER_OPTIONS)
     service.register(srv)
     port = srv.add_insecure_port("127.0.0.1:0")
     await srv.start()
@@ -91,3 +92,18 @@ async def test_a_call_closed_without_a_request_is_invalid(
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call(nothing(), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_ca_server_of_its_own_refuses_1mb_from_the_prefix(
+    server: tuple[int, TokenSigner],
+) -> None:
+    # The CA without ADS: gRPC's own receive limit is the CA's, checked on the
+    # message's length prefix before the message is received.
+    port, _ = server
+    big = istio_ca_pb2.IstioCertificateRequest(csr="x" * (1 << 20))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateCertificate(big, timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "65536" in (e.value.details() or "")
