@@ -1,4 +1,4 @@
-"""A small secure mesh for the security end-to-end tests (issue 4): the real CA and secure
+"""A small secure mesh for the security end-to-end tests: the real CA and secure
 port, a server workload and client workloads, each a real `meshpilot agent` + Envoy.
 
     mesh = await start_secure_mesh(processes, tmp_path, short_dir, clients={"client": "client"})

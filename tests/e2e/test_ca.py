@@ -1,4 +1,4 @@
-"""Issue 4, CA acceptance points 5 and 6, and the secure port (15012) end to end.
+"""The CA with a plug-in root, hostile CSRs, and the secure port (15012) end to end.
 
 `meshpilot serve --ca-dir` runs as a real process; clients speak gRPC over real TLS
 with real X.509 material: Istio's plug-in sample CA, tokens minted by the
@@ -137,7 +137,7 @@ async def plugin_serve(processes: ProcessTracker, tmp_path: Path) -> AsyncIterat
     yield await start_serve(processes, copy_plugin_dir(tmp_path / "plugin-ca"))
 
 
-# --- acceptance 5: plug-in CA -------------------------------------------------------------
+# --- plug-in CA -------------------------------------------------------------------------
 
 
 async def test_plugin_ca_chains_verify_through_ca_cert(plugin_serve: Serve, tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ async def test_secure_port_serves_a_certificate_from_the_ca(plugin_serve: Serve)
     assert ipaddress.ip_address(serve.ip) in san.get_values_for_type(x509.IPAddress)
 
 
-# --- acceptance 6: hostile CSRs -------------------------------------------------------
+# --- hostile CSRs -------------------------------------------------------------------
 
 
 async def test_hostile_csrs_are_refused_counted_and_the_ca_keeps_serving(
