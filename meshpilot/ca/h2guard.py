@@ -215,6 +215,12 @@ class ResponseFilter:
         if self._skip >= len(data):
             self._skip -= len(data)
             return data
+        if not self._head and self._settings is None:
+            # Common case, without a copy: only whole frame headers, none of SETTINGS.
+            skip = self._clean_skip(data)
+            if skip is not None:
+                self._skip = skip
+                return data
         out = bytearray()
         i, n = 0, len(data)
         while i < n:
@@ -246,6 +252,16 @@ class ResponseFilter:
                     self._skip = length
                 self._head.clear()
         return bytes(out)
+
+    def _clean_skip(self, data: bytes) -> int | None:
+        """The payload bytes left after `data` if it holds no SETTINGS frame and ends
+        inside a payload or on a frame boundary; None otherwise."""
+        i, n = self._skip, len(data)
+        while i < n:
+            if n - i < 9 or (data[i + 3] == _SETTINGS and not data[i + 4] & 0x1):
+                return None
+            i += 9 + int.from_bytes(data[i : i + 3], "big")
+        return i - n
 
 
 def _cap_frame_size(settings: bytes) -> bytes:

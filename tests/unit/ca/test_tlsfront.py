@@ -252,6 +252,20 @@ async def test_connections_before_the_handshake_are_capped_per_source_and_in_tot
     # Bare connections cost a socket: no TLS state before the first byte.
     assert all(r.sslobj is None for r in tls._relays)
 
+    # Meanwhile a real TLS client from another address completes its handshake.
+    ctx = ssl.create_default_context(cadata=ca.root_cert_pem)
+    ctx.set_alpn_protocols(["h2"])
+    _, w = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname=SERVER_NAME, local_addr=("127.0.0.4", 0)
+    )
+    assert w.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+    w.close()
+    for _ in range(100):
+        if tls.handshaking == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert tls.handshaking == 3  # its slot was released at the end of the handshake
+
     two = [await _bare(port, "127.0.0.2") for _ in range(3)]
     assert [await _closed_by_server(r, 0.3) for r, _ in two] == [False, False, True]
     assert tls.handshaking == 5 and _refused("total_limit") == total + 1
