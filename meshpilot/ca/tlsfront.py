@@ -10,19 +10,20 @@ with a token before they own a certificate, while ADS and renewals present one.
 So this module terminates TLS with Python's `ssl` (CERT_OPTIONAL: a presented
 certificate is verified against the CA roots, a bad one fails the handshake) and
 relays the decrypted HTTP/2 bytes to a plaintext gRPC server on 127.0.0.1. Each
-relay connection has its own local port; `PeerTable` maps that port (what gRPC
-reports as `context.peer()`) to the verified client certificate and the real
-remote address. A direct connection to the internal port maps to nothing, so it
-is treated as a client without a certificate.
+relay connection has its own local port; `PeerTable` (tlspeers.py) maps that port
+(what gRPC reports as `context.peer()`) to the verified client certificate and the
+real remote address. A direct connection to the internal port maps to nothing, and
+the secure port refuses its calls. With `request_limits` the relay also reads the
+client's HTTP/2 to refuse oversized requests of chosen methods (h2guard.py).
 
 Connections before their handshake are what an attacker gets for free, so they are
-cheap and bounded: TLS runs on `ssl.SSLObject` over memory BIOs in this module
-(asyncio's own TLS transport preallocates a 256 KiB buffer for every connection, 1.3 GB
-for 4,000 idle sockets), the SSLObject is only created at the first byte, at most
-`FrontLimits.handshakes_per_ip` / `handshakes_total` connections may be in their
-handshake at once (excess ones are reset at once, counted in
-`meshpilot_secure_port_refused_connections` and logged at most every LOG_EVERY
-seconds) and a handshake must finish within `handshake_timeout`.
+cheap and bounded. TLS runs on `ssl.SSLObject` over memory BIOs in this module:
+asyncio's own TLS transport preallocates a 256 KiB buffer for every connection
+(4,000 idle sockets cost 1.2 GiB; here 22 MiB). The SSLObject is only created at
+the first byte; at most `FrontLimits.handshakes_per_ip` / `handshakes_total`
+connections may be in their handshake at once (excess ones are reset at once,
+counted in `meshpilot_secure_port_refused_connections` and logged at most every
+LOG_EVERY seconds); a handshake must finish within `handshake_timeout`.
 """
 
 from __future__ import annotations
