@@ -14,6 +14,7 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
+from meshpilot.addresses import split_address
 from meshpilot.analysis.reporter import FindingsReporter
 from meshpilot.api.kinds import KINDS
 from meshpilot.api.mesh import MeshConfig, load_mesh_config
@@ -24,7 +25,7 @@ from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
 from meshpilot.monitoring import http as monitoring_http
 from meshpilot.monitoring import metrics
-from meshpilot.settings import Settings, split_address
+from meshpilot.settings import Settings
 from meshpilot.xds import server as xds_server
 from meshpilot.xds import typeurls
 from meshpilot.xds.generator import ConfigGenerator
@@ -141,7 +142,7 @@ class MeshServer:
         self.xds_port = xds_server.bind(self._grpc, self.settings.xds_address)
         await self._grpc.start()
         if self.settings.ca_dir is not None:
-            from meshpilot.ca.secure import start_secure_port
+            from meshpilot.secure_port import start_secure_port
 
             self.secure = await start_secure_port(self.settings, self.mesh, self.discovery)
             self.secure_port = self.secure.port

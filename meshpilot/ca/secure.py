@@ -1,12 +1,13 @@
-"""The secure port (Istio's 15012): the CA service and ADS over TLS on one address.
+"""The secure port (Istio's 15012): the CA service, and what else is registered, over TLS.
 
     client --TLS--> TlsFront (public address) --h2c--> grpc.aio server (127.0.0.1:random)
-                                                        CertificateService + ADS
+                                                        CertificateService + registered services
 
 The TLS server certificate is issued by the CA (DNS SANs as istiod's) and renewed
-at half its lifetime. ADS streams here need a valid workload client certificate
-whose namespace is the proxy's own (as istiod checks); CreateCertificate accepts a
-bearer token or such a certificate.
+at half its lifetime. CreateCertificate accepts a bearer token or a workload
+certificate. istiod also serves ADS on this port; here the CA knows nothing of xDS:
+meshpilot/secure_port.py registers ADS through the `register` hook, so that this
+package stays below the model and xDS floors.
 """
 
 from __future__ import annotations
@@ -16,32 +17,26 @@ import contextlib
 import ipaddress
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import structlog
 from cryptography import x509
 
-from meshpilot.api.mesh import MeshConfig
+from meshpilot.addresses import split_address
 from meshpilot.ca.auth import (
     AuthenticationError,
     Authenticator,
     CallCredentials,
     ClientCertAuthenticator,
     TokenAuthenticator,
-    workload_identity,
 )
 from meshpilot.ca.authority import CertificateAuthority
-from meshpilot.ca.identity import SpiffeId
-from meshpilot.ca.server import CertificateService
+from meshpilot.ca.server import MAX_REQUEST_BYTES, METHOD_PATH, CertificateService
 from meshpilot.ca.tlsfront import PeerTable, TlsFront, server_context
 from meshpilot.ca.tokens import TokenSigner
-from meshpilot.model.proxy import Proxy, ProxyIdError
-from meshpilot.monitoring import metrics
-from meshpilot.settings import Settings, split_address
-from meshpilot.xds import server as xds_server
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +47,17 @@ SERVER_DNS_NAMES = (
     "istiod",
     "localhost",
 )
+
+# Options of the internal gRPC server when the caller passes none: the CA alone, so
+# gRPC itself refuses a request above the CA's limit from its length prefix.
+DEFAULT_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+)
+
+# Registers more services on the internal server; gets the table that maps a call
+# to its TLS peer, so those services can authenticate it.
+Registrar = Callable[[grpc.aio.Server, PeerTable], None]
 
 
 def server_names(bind_host: str) -> tuple[list[str], list[str]]:
@@ -69,120 +75,23 @@ def server_names(bind_host: str) -> tuple[list[str], list[str]]:
     return dns, list(dict.fromkeys(ips))
 
 
-class SecureADS(xds_server.AggregatedDiscoveryService):
-    """ADS for the secure port: the peer must present a workload certificate."""
-
-    def __init__(
-        self, discovery: xds_server.DiscoveryServer, peers: PeerTable, trust_domain: str
-    ) -> None:
-        super().__init__(discovery)
-        self._ds = discovery
-        self._peers = peers
-        self._trust_domain = trust_domain
-
-    async def StreamAggregatedResources(
-        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> None:
-        await self._serve(request_iterator, context, delta=False)
-
-    async def DeltaAggregatedResources(
-        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> None:
-        await self._serve(request_iterator, context, delta=True)
-
-    async def _serve(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, *, delta: bool
-    ) -> None:
-        ident, remote = await self._authenticate(context)
-        # The stream's peer is the TLS client, not the relay's loopback socket: that is
-        # what /debug/syncz and the connection logs should show.
-        ctx = cast(grpc.aio.ServicerContext, _RemotePeer(context, remote))
-        await self._ds.serve_stream(_same_namespace(requests, ident, context), ctx, delta=delta)
-
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[SpiffeId, str]:
-        peer = self._peers.for_context(context)
-        if peer is None or peer.cert is None:
-            metrics.XDS_SECURE_REFUSED.labels("no_client_cert").inc()
-            log.warning(
-                "xds refused on secure port",
-                peer=peer.remote if peer else context.peer(),
-                reason="no client certificate",
-            )
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "ADS on the secure port needs a workload client certificate issued by this CA",
-            )
-        assert peer is not None and peer.cert is not None
-        try:
-            return workload_identity(peer.cert, self._trust_domain), peer.remote
-        except AuthenticationError as e:
-            metrics.XDS_SECURE_REFUSED.labels("bad_client_cert").inc()
-            log.warning("xds refused on secure port", peer=peer.remote, reason=str(e))
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"client certificate: {e}")
-            raise AssertionError("unreachable") from None
-
-
-class _RemotePeer:
-    """A servicer context whose peer() is the TLS client's address."""
-
-    __slots__ = ("_context", "_remote")
-
-    def __init__(self, context: grpc.aio.ServicerContext, remote: str) -> None:
-        self._context = context
-        self._remote = remote
-
-    def peer(self) -> str:
-        return self._remote
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-
-async def _same_namespace(
-    requests: AsyncIterator[Any], ident: SpiffeId, context: grpc.aio.ServicerContext
-) -> AsyncIterator[Any]:
-    """Pass the stream through once its first request's node is in `ident`'s namespace.
-
-    A certificate for namespace A must not fetch namespace B's configuration (Istio's
-    checkConnectionIdentity). A malformed node is left to the ADS server to refuse.
-    """
-    it = aiter(requests)
-    try:
-        first = await anext(it)
-    except StopAsyncIteration:
-        return
-    if first.HasField("node") and first.node.id:
-        try:
-            namespace = Proxy.from_node(first.node).namespace
-        except ProxyIdError:
-            namespace = None
-        if namespace is not None and namespace != ident.namespace:
-            metrics.XDS_SECURE_REFUSED.labels("namespace_mismatch").inc()
-            log.warning("xds refused on secure port", identity=str(ident), node_namespace=namespace)
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"identity {ident} may not fetch configuration for namespace {namespace!r}",
-            )
-    yield first
-    async for req in it:
-        yield req
-
-
 class SecurePort:
     """Owns the TLS front, the internal gRPC server and the serving certificate."""
 
     def __init__(
         self,
         ca: CertificateAuthority,
-        discovery: xds_server.DiscoveryServer,
         address: str,
         *,
+        register: Registrar | None = None,
+        server_options: Sequence[tuple[str, Any]] = DEFAULT_SERVER_OPTIONS,
         authenticators: Sequence[Authenticator] | None = None,
         server_cert_ttl: float | None = None,
     ) -> None:
         self.ca = ca
-        self.discovery = discovery
         self.address = address
+        self._register = register
+        self._server_options = tuple(server_options)
         self.peers = PeerTable()
         if authenticators is None:
             authenticators = default_authenticators(ca)
@@ -197,25 +106,41 @@ class SecurePort:
         self.server_cert: x509.Certificate | None = None
 
     def credentials(self, context: grpc.aio.ServicerContext) -> CallCredentials:
-        """Metadata plus the TLS peer's verified certificate for one call."""
+        """Metadata plus the TLS peer's verified certificate for one call.
+
+        The internal server listens on loopback in plaintext for the front's relays
+        only: a call that did not come through the front (another local process
+        connecting to the internal port directly) is refused, token or not.
+        """
         peer = self.peers.for_context(context)
+        if peer is None:
+            raise AuthenticationError(
+                f"call from {context.peer() or 'an unknown peer'} did not come through "
+                "the secure port's TLS front"
+            )
         return CallCredentials(
             CallCredentials.metadata_from(context.invocation_metadata() or ()),
-            peer.cert if peer else None,
-            peer.remote if peer else (context.peer() or ""),
+            peer.cert,
+            peer.remote,
         )
 
     async def start(self) -> int:
         host, port = split_address(self.address)
-        self._grpc = grpc.aio.server(options=xds_server.SERVER_OPTIONS)
+        self._grpc = grpc.aio.server(options=self._server_options)
         self.service.register(self._grpc)
-        self.discovery.register(
-            self._grpc, SecureADS(self.discovery, self.peers, self.ca.trust_domain)
-        )
-        self.internal_port = xds_server.bind(self._grpc, "127.0.0.1:0")
+        if self._register is not None:
+            self._register(self._grpc, self.peers)
+        self.internal_port = self._grpc.add_insecure_port("127.0.0.1:0")
+        if self.internal_port == 0:
+            raise OSError("secure port: the internal gRPC server cannot listen on 127.0.0.1")
         await self._grpc.start()
         self._front = TlsFront(
-            self.peers, ("127.0.0.1", self.internal_port), self._new_context(host)
+            self.peers,
+            ("127.0.0.1", self.internal_port),
+            self._new_context(host),
+            # The CA's limit, from each message's length prefix, whatever the internal
+            # server's own limit (larger when it also serves ADS).
+            request_limits={METHOD_PATH: MAX_REQUEST_BYTES},
         )
         try:
             self.port = await self._front.start(host, port)
@@ -278,20 +203,3 @@ def default_authenticators(ca: CertificateAuthority) -> list[Authenticator]:
             auths.append(TokenAuthenticator(signer, ca.trust_domain))
     auths.append(ClientCertAuthenticator(ca.trust_domain))
     return auths
-
-
-async def start_secure_port(
-    settings: Settings, mesh: MeshConfig, discovery: xds_server.DiscoveryServer
-) -> SecurePort:
-    """Load or create the CA of `--ca-dir` and start the secure port (serve.py's hook)."""
-    assert settings.ca_dir is not None
-    ca = await asyncio.to_thread(
-        CertificateAuthority.load_or_create,
-        settings.ca_dir,
-        settings.trust_domain or mesh.trust_domain,
-        default_ttl=settings.workload_cert_ttl,
-        max_ttl=settings.max_workload_cert_ttl,
-    )
-    port = SecurePort(ca, discovery, settings.secure_xds_address)
-    await port.start()
-    return port

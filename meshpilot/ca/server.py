@@ -2,14 +2,24 @@
 
 Every refusal has one gRPC status and is counted:
 
-- RESOURCE_EXHAUSTED: request above 64 KiB (checked on the raw bytes, before parsing:
-  the secure server's own limit must stay large for ADS requests on the same port).
+- RESOURCE_EXHAUSTED: request above 64 KiB. Refused before it is received: by the
+  secure port's TLS front from the message's length prefix (h2guard.py; the internal
+  server's own gRPC limit must stay larger for ADS requests on the same port), or by
+  gRPC's receive limit where the CA has a server of its own; the raw size is checked
+  again here, before parsing.
 - UNAUTHENTICATED: no, malformed, expired or foreign token; unusable client cert.
 - PERMISSION_DENIED: a SAN other than the caller's own SPIFFE ID (foreign identity,
   extra DNS/IP/email/URI SANs).
 - INVALID_ARGUMENT: unparsable request or PEM, bad CSR signature, CA:TRUE, weak or
   unsupported key, negative validity or above the maximum.
 - INTERNAL: the CA itself failed (e.g. its certificate expired).
+- DEADLINE_EXCEEDED: no request message within CALL_TIMEOUT of the call's headers.
+
+The method is served as stream-unary, which is the same on the wire as a unary
+call, so that the handler runs as soon as the headers arrive: a unary handler
+would only run once the message is complete, and a client sending headers and
+nothing else would hold its call open forever (istiod's gRPC server has a
+per-call deadline for the same reason).
 
 Signing runs inline on the event loop: measured ~0.25 ms for ECDSA P-256 and
 ~0.85 ms with an RSA-2048 CA key, and `cryptography` keeps the GIL while signing
@@ -20,7 +30,8 @@ Logs name the peer, the identity and the reason; never tokens, keys or CSRs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import structlog
@@ -34,6 +45,7 @@ from meshpilot.ca.authority import (
     IdentityMismatch,
     TtlError,
 )
+from meshpilot.ca.h2guard import oversized_marker
 from meshpilot.monitoring import metrics
 from meshpilot.protos import istio_ca_pb2
 
@@ -41,7 +53,11 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "istio.v1.auth.IstioCertificateService"
 METHOD = "CreateCertificate"
+METHOD_PATH = f"/{SERVICE_NAME}/{METHOD}"
 MAX_REQUEST_BYTES = 64 * 1024
+# Time from a call's headers to its request message; a CSR is ~1 KiB, so a client
+# that has not sent it by then is stuck or hostile.
+CALL_TIMEOUT = 10.0
 
 PeerCertSource = Callable[[grpc.aio.ServicerContext], CallCredentials]
 
@@ -63,6 +79,10 @@ def _deserialize(data: bytes) -> istio_ca_pb2.IstioCertificateRequest | _Oversiz
     # (an exception here would surface as an uncounted INTERNAL).
     if len(data) > MAX_REQUEST_BYTES:
         return _Oversized(len(data))
+    # What the TLS front relays in place of a message above the limit (h2guard).
+    declared = oversized_marker(data)
+    if declared is not None:
+        return _Oversized(declared)
     try:
         return istio_ca_pb2.IstioCertificateRequest.FromString(data)
     except DecodeError:
@@ -90,16 +110,19 @@ class CertificateService:
         ca: CertificateAuthority,
         authenticators: Sequence[Authenticator],
         credentials: PeerCertSource | None = None,
+        *,
+        call_timeout: float = CALL_TIMEOUT,
     ) -> None:
         self.ca = ca
         self.authenticators = tuple(authenticators)
         self._credentials = credentials or metadata_only
+        self.call_timeout = call_timeout
         record_ca_expiry(ca)
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
-            METHOD: grpc.unary_unary_rpc_method_handler(
-                self.CreateCertificate,
+            METHOD: grpc.stream_unary_rpc_method_handler(
+                self._serve_call,
                 request_deserializer=_deserialize,
                 response_serializer=istio_ca_pb2.IstioCertificateResponse.SerializeToString,
             )
@@ -108,6 +131,36 @@ class CertificateService:
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    async def _serve_call(
+        self,
+        requests: AsyncIterator[istio_ca_pb2.IstioCertificateRequest | _Oversized | _Malformed],
+        context: grpc.aio.ServicerContext,
+    ) -> istio_ca_pb2.IstioCertificateResponse:
+        """The first request message within `call_timeout`, then CreateCertificate."""
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                request = await anext(aiter(requests), None)
+        except TimeoutError:
+            await self._refuse(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "no_request",
+                f"no request message within {self.call_timeout:g}s of the call",
+            )
+        if request is None:
+            await self._refuse(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "no_request", "call without a request"
+            )
+        assert request is not None
+        return await self.CreateCertificate(request, context)
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str
+    ) -> None:
+        metrics.CA_CSR_REFUSED.labels(code.name, reason).inc()
+        log.warning("csr refused", peer=context.peer() or "", reason=reason)
+        await context.abort(code, message)
 
     async def CreateCertificate(
         self,
@@ -146,13 +199,17 @@ class CertificateService:
                 "malformed_request",
                 "request is not an IstioCertificateRequest",
             )
-        call = self._credentials(context)
+        call: CallCredentials | None = None
         try:
+            call = self._credentials(context)
             caller = authenticate(self.authenticators, call)
         except AuthenticationError as e:
             metrics.CA_AUTHN_FAILURES.inc()
             log.warning(
-                "csr refused", peer=call.peer or peer, reason="unauthenticated", error=str(e)
+                "csr refused",
+                peer=(call.peer if call else "") or peer,
+                reason="unauthenticated",
+                error=str(e),
             )
             raise _Refused(
                 grpc.StatusCode.UNAUTHENTICATED,

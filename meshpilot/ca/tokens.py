@@ -2,6 +2,8 @@
 
 A token is a compact JWS (JWT) signed with HMAC-SHA256 under a random 32-byte secret
 kept in the CA directory (`token-signing.key`, mode 0600, created on first use).
+Encoding, signing and signature checks are PyJWT's, with the algorithm pinned to
+HS256 (never the token's choice) and every claim required.
 
 Why HMAC rather than ES256 with the CA key: only the CA itself ever verifies these
 tokens, so a public verification key buys nothing; the CA key stays dedicated to
@@ -15,20 +17,23 @@ so the TokenReview authenticator can produce the same caller), aud `istio-ca`
 (Istio's default CA audience), iat, nbf, exp, jti. Tokens are bearer credentials
 reusable until they expire; there is no revocation list (rotate the secret file to
 revoke them all).
+
+Time policy: iat and nbf may be up to LEEWAY seconds in the future (clock skew
+between the minting host and the CA); exp gets no leeway, so a token is never
+accepted after the moment it names. PyJWT applies one leeway to all three and
+reads the clock itself, so the times are checked here after its decode.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import hmac
-import json
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jwt
 
 from meshpilot.ca.files import ensure_private_dir, write_atomic
 from meshpilot.ca.identity import IdentityError, check_namespace, check_service_account
@@ -37,11 +42,23 @@ SECRET_FILE = "token-signing.key"
 ISSUER = "meshpilot-ca"
 AUDIENCE = "istio-ca"
 SUBJECT_PREFIX = "system:serviceaccount:"
+ALGORITHM = "HS256"
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti")
 MAX_TOKEN_BYTES = 4096
 MAX_TTL = 366 * 86400.0
-# Tolerated clock difference between the minting host and the CA.
+# Tolerated clock difference between the minting host and the CA (iat and nbf only).
 LEEWAY = 60
 _SECRET_BYTES = 32
+_DECODE_OPTIONS: Any = {
+    "require": list(REQUIRED_CLAIMS),
+    "verify_signature": True,
+    "verify_aud": True,
+    "verify_iss": True,
+    # Times are checked in verify() (see the module docstring).
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+}
 
 
 class TokenError(Exception):
@@ -57,30 +74,6 @@ class TokenClaims:
     token_id: str
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    # Strict: no padding, URL-safe alphabet only (b64decode would skip junk).
-    if not text or "=" in text or len(text) % 4 == 1:
-        raise TokenError("malformed token")
-    try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise TokenError("malformed token") from e
-
-
-def _json_segment(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(_unb64(text))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenError("malformed token") from e
-    if not isinstance(value, dict):
-        raise TokenError("malformed token")
-    return value
-
-
 class TokenSigner:
     """Mints and verifies tokens under one secret."""
 
@@ -91,11 +84,6 @@ class TokenSigner:
         # The key id lets a foreign token (another CA directory) be told apart from a
         # tampered one in logs, without revealing anything about the secret.
         self.key_id = hashlib.sha256(b"meshpilot-token-kid:" + secret).hexdigest()[:16]
-        self._header = _b64(
-            json.dumps(
-                {"alg": "HS256", "typ": "JWT", "kid": self.key_id}, separators=(",", ":")
-            ).encode()
-        )
 
     @classmethod
     def from_ca_dir(cls, ca_dir: Path, *, create: bool = True) -> TokenSigner:
@@ -130,34 +118,49 @@ class TokenSigner:
             "exp": iat + int(ttl),
             "jti": secrets.token_hex(16),
         }
-        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        signing_input = f"{self._header}.{payload}"
-        return f"{signing_input}.{_b64(self._mac(signing_input))}"
+        return self.sign(claims)
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """`claims` as a token under this secret (create() builds the claims)."""
+        return jwt.encode(
+            claims, self._secret, algorithm=ALGORITHM, headers={"typ": "JWT", "kid": self.key_id}
+        )
 
     def verify(self, token: str, *, now: float | None = None) -> TokenClaims:
         """Check signature, issuer, audience and times; raises TokenError."""
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or not token.isascii():
             raise TokenError("malformed token")
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise TokenError("malformed token")
-        header = _json_segment(parts[0])
-        if header.get("alg") != "HS256" or header.get("typ", "JWT") != "JWT":
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as e:
+            raise TokenError("malformed token") from e
+        if header.get("alg") != ALGORITHM or header.get("typ", "JWT") != "JWT":
             # Never let the token pick its algorithm ("none", RS256 with our secret...).
             raise TokenError("unsupported token algorithm")
-        signature = _unb64(parts[2])
-        expected = self._mac(f"{parts[0]}.{parts[1]}")
-        if not hmac.compare_digest(signature, expected):
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[ALGORITHM],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options=_DECODE_OPTIONS,
+            )
+        except jwt.InvalidSignatureError:
             if header.get("kid") != self.key_id:
-                raise TokenError("token was not issued by this CA")
-            raise TokenError("bad token signature")
-        claims = _json_segment(parts[1])
-        if claims.get("iss") != ISSUER:
-            raise TokenError("wrong token issuer")
-        aud = claims.get("aud")
-        if not (aud == AUDIENCE or (isinstance(aud, list) and AUDIENCE in aud)):
-            raise TokenError("wrong token audience")
-        iat, exp, nbf = claims.get("iat"), claims.get("exp"), claims.get("nbf", claims.get("iat"))
+                raise TokenError("token was not issued by this CA") from None
+            raise TokenError("bad token signature") from None
+        except jwt.InvalidIssuerError:
+            raise TokenError("wrong token issuer") from None
+        except jwt.InvalidAudienceError:
+            raise TokenError("wrong token audience") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise TokenError(f"token has no {e.claim!r} claim") from None
+        except jwt.InvalidAlgorithmError:
+            raise TokenError("unsupported token algorithm") from None
+        except jwt.InvalidTokenError:
+            raise TokenError("malformed token") from None
+        iat, exp, nbf = claims.get("iat"), claims.get("exp"), claims.get("nbf")
         if not all(type(v) is int for v in (iat, exp, nbf)):
             raise TokenError("malformed token times")
         assert isinstance(iat, int) and isinstance(exp, int) and isinstance(nbf, int)
@@ -179,6 +182,3 @@ class TokenSigner:
             raise TokenError("token subject is not a service account")
         jti = claims.get("jti")
         return TokenClaims(ns, sa, iat, exp, jti if isinstance(jti, str) else "")
-
-    def _mac(self, signing_input: str) -> bytes:
-        return hmac.new(self._secret, signing_input.encode("ascii"), hashlib.sha256).digest()

@@ -28,6 +28,7 @@ from tests.e2e.harness import (
     ProcessTracker,
     free_port,
     http_get,
+    http_request,
     port_open,
     unique_loopback_ip,
     wait_for,
@@ -124,6 +125,18 @@ class AgentEnvoyAdmin:
                 if uris:
                     return {"serial": cert["serial_number"], "uris": uris, "ca": entry["ca_cert"]}
         raise AssertionError(f"no workload certificate in /certs yet: {certs}")
+
+    async def log_levels(self) -> dict[str, str]:
+        """Envoy's active log level per logger (POST /logging without a change lists
+        them; Envoy refuses GET on state-changing admin paths)."""
+        resp = await http_request("POST", await self.url() + "/logging", timeout=2)
+        assert resp.status == 200, f"/logging: {resp.status} {resp.text[:300]}"
+        levels = {}
+        for line in resp.text.splitlines()[1:]:
+            name, sep, level = line.strip().partition(": ")
+            if sep:
+                levels[name] = level
+        return levels
 
     async def stat(self, name: str) -> int:
         """A counter or gauge by exact name; 0 while Envoy has not created it."""

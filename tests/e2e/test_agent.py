@@ -157,9 +157,18 @@ async def test_envoy_exit_ends_the_agent_with_its_status(
     cp = await start_secure_control_plane(processes, tmp_path)
     # The slim entry point (no control-plane imports): same flags, smaller process.
     agent = await start_agent(
-        processes, cp, short_dir / "w", name="client-1", service_account="client", entry=AGENT_SLIM
+        processes,
+        cp,
+        short_dir / "w",
+        name="client-1",
+        service_account="client",
+        entry=AGENT_SLIM,
+        envoy_args=("--concurrency", "1"),
     )
     await wait_for(agent.admin.workload_cert, 20, message="Envoy to load the default secret")
+    # No level given: Envoy runs at Istio's default, warning.
+    levels = await agent.admin.log_levels()
+    assert levels and set(levels.values()) == {"warning"}, levels
     envoy_pid = agent.envoy_pid()
     print(f"\nagent: RSS {rss_kib(agent.process.pid) / 1024:.1f} MiB (`python -m meshpilot.agent`)")
     os.kill(envoy_pid, signal.SIGKILL)
@@ -172,9 +181,17 @@ async def test_envoy_does_not_outlive_a_killed_agent(
 ) -> None:
     cp = await start_secure_control_plane(processes, tmp_path)
     agent = await start_agent(
-        processes, cp, short_dir / "w", name="client-1", service_account="client"
+        processes,
+        cp,
+        short_dir / "w",
+        name="client-1",
+        service_account="client",
+        agent_args=("--proxy-log-level", "error"),
+        envoy_args=("--concurrency", "1"),
     )
     await wait_for(agent.admin.workload_cert, 20, message="Envoy to load the default secret")
+    levels = await agent.admin.log_levels()
+    assert levels and set(levels.values()) == {"error"}, levels
     envoy_pid = agent.envoy_pid()
     # No chance to drain: the kernel's parent-death signal must take Envoy down.
     os.kill(agent.process.pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""The CA end to end: plug-in CA files, hostile CSRs, and the secure port (15012) end to end.
+"""The CA with a plug-in root, hostile CSRs, and the secure port (15012) end to end.
 
 `meshpilot serve --ca-dir` runs as a real process; clients speak gRPC over real TLS
 with real X.509 material: Istio's plug-in sample CA, tokens minted by the

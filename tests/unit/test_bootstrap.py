@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +101,8 @@ def test_ads_config_sotw_and_delta(delta: bool, api_type: str) -> None:
     ads = dyn["ads_config"]
     assert ads["api_type"] == api_type
     assert ads["transport_api_version"] == "V3"
-    assert ads["grpc_services"] == [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]
+    (grpc_service,) = ads["grpc_services"]
+    assert grpc_service["envoy_grpc"]["cluster_name"] == "xds-grpc"
     assert ads["set_node_on_first_message_only"] is True
     for key in ("cds_config", "lds_config"):
         assert dyn[key]["ads"] == {}
@@ -109,6 +113,34 @@ def test_ads_config_sotw_and_delta(delta: bool, api_type: str) -> None:
     )
     assert msg.dynamic_resources.cds_config.HasField("ads")
     assert msg.dynamic_resources.lds_config.initial_fetch_timeout.seconds == 0
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_ads_reconnect_backoff_is_half_a_second_up_to_five(delta: bool) -> None:
+    # Envoy's own default grows to 30 s: after a control-plane restart proxies came
+    # back up to 15 s late.
+    msg = parse(reviews(delta=delta))
+    (grpc_service,) = msg.dynamic_resources.ads_config.grpc_services
+    # Where Envoy's xDS mux reads it (the GrpcService's own retry_policy is not used).
+    assert not grpc_service.HasField("retry_policy")
+    backoff = grpc_service.envoy_grpc.retry_policy.retry_back_off
+    assert backoff.base_interval.ToMilliseconds() == 500
+    assert backoff.max_interval.ToMilliseconds() == 5000
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_real_envoy_validates_the_bootstrap(delta: bool) -> None:
+    envoy = Path(sys.executable).parent / "envoy"
+    if not envoy.is_file():
+        pytest.fail(f"no Envoy binary at {envoy}; these tests never skip", pytrace=False)
+    with tempfile.TemporaryDirectory(prefix="mp-validate-") as tmp:
+        path = Path(tmp) / "bootstrap.json"
+        path.write_text(json.dumps(reviews(delta=delta, admin_port=0, stats_port=15090)))
+        argv = [str(envoy), "--mode", "validate", "-c", str(path), "--disable-hot-restart"]
+        done = subprocess.run(
+            [*argv, "--log-level", "warn"], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_xds_cluster_static_for_ip_with_http2_and_raised_limits() -> None:

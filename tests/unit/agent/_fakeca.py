@@ -46,6 +46,7 @@ class FakeCA:
     issued: list[Issued] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     metadata_seen: list[dict[str, Any]] = field(default_factory=list)
+    requests: int = 0  # every CreateCertificate call, answered or not
 
     def __post_init__(self) -> None:
         now = dt.datetime.now(dt.UTC)
@@ -110,6 +111,7 @@ class FakeCA:
     async def CreateCertificate(
         self, request: istio_ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
     ) -> istio_ca_pb2.IstioCertificateResponse:
+        self.requests += 1
         if self.fail_next > 0:
             self.fail_next -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "fake CA told to fail")

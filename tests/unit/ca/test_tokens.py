@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jwt
 import pytest
 
 from meshpilot.ca.auth import (
@@ -92,11 +93,8 @@ def test_tampered_payload_is_refused(signer: TokenSigner) -> None:
 def test_wrong_claims_are_refused_even_when_signed(
     signer: TokenSigner, change: dict[str, object]
 ) -> None:
-    header, payload, _ = _segments(signer.create("default", "sleep", 60))
-    body = {**_decode(payload), **change}
-    forged_input = f"{header}.{_encode(body)}"
-    mac = base64.urlsafe_b64encode(signer._mac(forged_input)).rstrip(b"=").decode()
-    token = f"{forged_input}.{mac}"
+    _, payload, _ = _segments(signer.create("default", "sleep", 60))
+    token = signer.sign({**_decode(payload), **change})
     with pytest.raises(TokenError):
         signer.verify(token)
 
@@ -180,3 +178,29 @@ def test_cli_token_create_as_a_process(tmp_path: Path) -> None:
         timeout=60,
     )
     assert TokenSigner.from_ca_dir(tmp_path, create=False).verify(done.stdout.strip())
+
+
+@pytest.mark.parametrize("claim", ["nbf", "jti", "iat", "exp", "sub", "iss", "aud"])
+def test_every_claim_is_required(signer: TokenSigner, claim: str) -> None:
+    _, payload, _ = _segments(signer.create("default", "sleep", 60))
+    body = _decode(payload)
+    del body[claim]
+    with pytest.raises(TokenError, match=f"no '{claim}' claim"):
+        signer.verify(signer.sign(body))
+
+
+# PyJWT warns that 32 bytes is short for SHA-512: this token is the forgery under test.
+@pytest.mark.filterwarnings("ignore:The HMAC key")
+def test_other_hmac_algorithms_are_refused_even_under_our_secret(signer: TokenSigner) -> None:
+    _, payload, _ = _segments(signer.create("default", "sleep", 60))
+    token = jwt.encode(_decode(payload), signer._secret, algorithm="HS512")
+    with pytest.raises(TokenError, match="algorithm"):
+        signer.verify(token)
+
+
+def test_tokens_are_standard_jwts(signer: TokenSigner) -> None:
+    # Any JWT library reads them: PyJWT with the secret checks signature and claims.
+    token = signer.create("default", "sleep", 3600)
+    body = jwt.decode(token, signer._secret, algorithms=["HS256"], audience="istio-ca")
+    assert body["sub"] == "system:serviceaccount:default:sleep"
+    assert jwt.get_unverified_header(token)["kid"] == signer.key_id

@@ -1,0 +1,95 @@
+"""Who a secure-port call comes from, and the TLS server context of the port.
+
+The TLS front relays each client connection to the internal gRPC server over its own
+loopback socket; `PeerTable` maps that socket, as gRPC names it in
+`context.peer()`, to the TLS client's verified certificate and real address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+import grpc
+from cryptography import x509
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPeer:
+    """One client of the secure port, as seen by the TLS front."""
+
+    remote: str
+    cert: x509.Certificate | None
+
+
+class PeerTable:
+    """Relay connections by the gRPC peer string of their upstream side."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, TlsPeer] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def add(self, grpc_peer: str, peer: TlsPeer) -> None:
+        self._peers[grpc_peer] = peer
+
+    def remove(self, grpc_peer: str) -> None:
+        self._peers.pop(grpc_peer, None)
+
+    def get(self, grpc_peer: str) -> TlsPeer | None:
+        return self._peers.get(grpc_peer)
+
+    def for_context(self, context: grpc.aio.ServicerContext) -> TlsPeer | None:
+        return self._peers.get(normalise_peer(context.peer() or ""))
+
+
+def normalise_peer(grpc_peer: str) -> str:
+    """`context.peer()` in the form of grpc_peer_string: grpc percent-encodes the
+    brackets of IPv6 addresses (`ipv6:%5B::1%5D:5000`)."""
+    return unquote(grpc_peer)
+
+
+def grpc_peer_string(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """How grpc's `context.peer()` names the client at this socket address."""
+    host, port = sockname[0], sockname[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+def server_context(chain_pem: str, key_pem: str, root_pem: str) -> ssl.SSLContext:
+    """A TLS server context: our chain, client certificates optional but verified."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # gRPC clients refuse a server that does not negotiate h2 by ALPN.
+    ctx.set_alpn_protocols(["h2"])
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cadata=root_pem)
+    with _secret_file(chain_pem + key_pem) as path:
+        ctx.load_cert_chain(path)
+    return ctx
+
+
+@contextlib.contextmanager
+def _secret_file(text: str) -> Iterator[str]:
+    """A path for `load_cert_chain`, which only reads files: an anonymous memory file
+    where Linux has one, so the serving key never touches a disk."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("meshpilot-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="meshpilot-tls-") as d:
+        path = Path(d) / "cert.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        yield str(path)
