@@ -25,6 +25,7 @@ from meshpilot.ca.tlsfront import PeerTable
 from meshpilot.model.proxy import Proxy, ProxyIdError
 from meshpilot.monitoring import metrics
 from meshpilot.settings import Settings
+from meshpilot.untrusted import truncate_untrusted
 from meshpilot.xds import server as xds_server
 
 log = structlog.get_logger(__name__)
@@ -128,10 +129,15 @@ async def _same_namespace(
             namespace = None
         if namespace is not None and namespace != ident.namespace:
             metrics.XDS_SECURE_REFUSED.labels("namespace_mismatch").inc()
-            log.warning("xds refused on secure port", identity=str(ident), node_namespace=namespace)
+            log.warning(
+                "xds refused on secure port",
+                identity=str(ident),
+                node_namespace=truncate_untrusted(namespace),
+            )
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"identity {ident} may not fetch configuration for namespace {namespace!r}",
+                f"identity {ident} may not fetch configuration for namespace "
+                f"{truncate_untrusted(namespace)!r}",
             )
     yield first
     async for req in it:

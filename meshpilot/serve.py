@@ -65,7 +65,7 @@ class MeshServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.xds_port = 0
         self.monitoring_port = 0
-        self.secure: Any = None  # meshpilot.ca.secure.SecurePort when --ca-dir is set
+        self.secure: Any = None  # meshpilot.secure_port's SecurePort when --ca-dir is set
         self.secure_port = 0
         self.analysis = FindingsReporter()
         self.analysis_task: asyncio.Task[None] | None = None

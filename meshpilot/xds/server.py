@@ -188,7 +188,7 @@ class DiscoveryServer:
         """Add the ADS service to a gRPC server.
 
         `servicer` replaces the default one on this server only: the secure port
-        (meshpilot/ca/secure.py) passes one that authenticates the peer first.
+        (meshpilot/secure_port.py) passes one that authenticates the peer first.
         """
         transport.register_ads(server, servicer or self.servicer)
 
