@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(PY) -m meshpilot.demo
+	$(PY) -m meshpilot.demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q
@@ -32,7 +32,7 @@ bench: install
 	$(PY) -m bench.scope_gen
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache demo-logs
 
 # Regenerate the Istio CA API modules after editing meshpilot/protos/*.proto.
 protos: install
