@@ -279,8 +279,7 @@ async def run(args: argparse.Namespace) -> int:
             print("10 more requests, reviews answered by:")
             for k, n in sorted(seen.items()):
                 print(f"  {n:3d} x {k}")
-            proxy_id = "sidecar~127.0.1.1~productpage-v1.default~default.svc.cluster.local"
-            dump = f"{monitoring}/debug/config_dump?proxyID={proxy_id}"
+            dump = f"{monitoring}/debug/config_dump?proxyID=productpage-v1.default"
             print(f"\nconfig of one sidecar: curl -s '{dump}'")
             print(f"sync state:            curl -s {monitoring}/debug/syncz")
             print(
