@@ -307,8 +307,11 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         print("stopping...")
-        # Shielded: a second Ctrl-C while stopping must not leave Envoys behind.
-        await asyncio.shield(procs.stop())
+        # A second Ctrl-C while stopping must not leave Envoys or the directory behind:
+        # stopping takes at most a few seconds (SIGTERM, then SIGKILL after 5 s).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: None)
+        await procs.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

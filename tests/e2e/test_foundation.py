@@ -249,16 +249,20 @@ async def test_make_run_demo_shows_traffic_through_the_mesh(
     processes: ProcessTracker, tmp_path: Path
 ) -> None:
     """`make run`'s program, in its non-interactive mode, on free control-plane ports."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = await processes.spawn(
         _demo_argv("--check", "--xds-port", str(free_port()),
                    "--monitoring-port", str(free_port()), log_dir=tmp_path / "logs"),
-        ready_line=None, name="demo",
+        ready_line=None, name="demo", env={**os.environ, "TMPDIR": str(tmp)},
     )  # fmt: skip
     await wait_for(lambda: not proc.running, 60, message="the demo to finish")
     out = proc.log_text()
     assert proc.returncode == 0, out
     assert "all 4 sidecars synced" in out
     assert "-> reviews v" in out and "-> ratings v1" in out
+    assert "proxyID=productpage-v1.default" in out
+    assert list(tmp.iterdir()) == [], "the demo left its temporary directory behind"
 
 
 def _demo_argv(*extra: str, log_dir: Path) -> list[str]:
