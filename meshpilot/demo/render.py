@@ -30,15 +30,18 @@ class RenderError(ValueError):
 
 def render(text: str, env: Mapping[str, str], origin: str) -> str:
     """`text` with every `${NAME}` replaced; `$$` is a literal `$`."""
-    template = string.Template(text)
-    for lineno, line in enumerate(text.splitlines(), 1):
-        for name in string.Template(line).get_identifiers():
+    out = []
+    # Line by line (a placeholder never spans lines), so that errors name the line.
+    for lineno, line in enumerate(text.splitlines(keepends=True), 1):
+        template = string.Template(line)
+        for name in template.get_identifiers():
             if name not in env:
                 raise RenderError(f"{origin} line {lineno}: ${{{name}}} is not set")
-    try:
-        return template.substitute(env)
-    except ValueError as e:  # a `$` not followed by a name or `{name}`
-        raise RenderError(f"{origin}: {e}; write $$ for a literal $") from e
+        try:
+            out.append(template.substitute(env))
+        except ValueError as e:  # a `$` not followed by a name or `{name}`
+            raise RenderError(f"{origin} line {lineno}: a lone $; write $$ for a literal $") from e
+    return "".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,6 +90,9 @@ def test_render_names_the_template_line_and_missing_variable(tmp_path: Path) -> 
     assert not out.exists()
     ok = render.render(template.read_text(), {"REVIEWS_V9_IP": "10.0.0.9"}, "t")
     assert "address: 10.0.0.9" in ok
+    with pytest.raises(render.RenderError, match=r"t line 2: .*write \$\$ for a literal"):
+        render.render("a: 1\nb: costs 5 $ each\n", {}, "t")
+    assert render.render("b: costs $$5\n", {}, "t") == "b: costs $5\n"
 
 
 def _commands(lines: list[str]) -> list[str]:
