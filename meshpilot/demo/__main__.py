@@ -3,6 +3,10 @@
 Starts `meshpilot serve` on examples/demo-mesh, one app and one real Envoy per
 WorkloadEntry there, waits until every Envoy has ACKed its config, sends requests
 through the mesh and prints what answered. Ctrl-C stops every process it started.
+
+Child logs go to a directory that outlives the demo (`--log-dir`, printed at start
+and with any failure); the bootstraps go to a temporary directory that is removed
+on every exit, whether normal, by Ctrl-C/SIGTERM or by failure.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import collections
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,6 +31,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "examples" / "demo-mesh"
+LOG_DIR = ROOT / "demo-logs"
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,33 @@ class Processes:
             except TimeoutError:
                 line = b""
             if line.decode().strip() != wait_line:
-                raise RuntimeError(f"{name} did not start; see {self.logdir / (name + '.log')}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await proc.wait()
+                raise RuntimeError(f"{name} did not start: {self.error_of(name)}")
+
+    def log_path(self, name: str) -> Path:
+        return self.logdir / f"{name}.log"
+
+    def error_of(self, name: str) -> str:
+        """What a failed child said, with a hint when it is a port clash, and its log."""
+        path = self.log_path(name)
+        try:
+            lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines()]
+        except OSError:
+            lines = []
+        lines = [ln for ln in lines if ln]
+        # meshpilot's CLI ends with one "meshpilot <command>: reason" line; Envoy and
+        # Python tracebacks put the reason last.
+        said = next((ln for ln in reversed(lines) if ln.startswith("meshpilot ")), "")
+        said = said or (lines[-1] if lines else "(no output)")
+        out = f"{said}\n  log: {path}"
+        if busy := _busy_port(said):
+            out += (
+                f"\n  port {busy} is in use (another `make run`?); pick other ports,"
+                " e.g. make run ARGS='--xds-port 16010 --monitoring-port 16014'"
+            )
+        return out
 
     async def stop(self) -> None:
         for _, proc in reversed(self.children):
@@ -113,10 +146,24 @@ async def _wait(
             if await check():
                 return
         if dead := procs.dead():
-            raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}")
+            said = "\n".join(f"{n}: {procs.error_of(n)}" for n in dead)
+            raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}:\n{said}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {limit:.0f}s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+def _busy_port(message: str) -> str:
+    """The host:port an "address already in use" message is about, or ""."""
+    if "in use" not in message.lower() and "failed to bind" not in message.lower():
+        return ""
+    # aiohttp: "... bind on address ('127.0.0.1', 15014): address already in use";
+    # gRPC: "... cannot listen on 127.0.0.1:15010: Failed to bind ...".
+    if m := re.search(r"\('([^']+)',\s*(\d+)\)", message):
+        return f"{m.group(1)}:{m.group(2)}"
+    if m := re.search(r"(\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\]|localhost):(\d+)", message):
+        return f"{m.group(1)}:{m.group(2)}"
+    return ""
 
 
 def _synced(entry: dict) -> bool:
@@ -129,10 +176,27 @@ def _synced(entry: dict) -> bool:
 async def run(args: argparse.Namespace) -> int:
     python = sys.executable
     envoy = str(Path(python).with_name("envoy"))
-    logdir = Path(tempfile.mkdtemp(prefix="meshpilot-demo-"))
+    logdir = Path(args.log_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="meshpilot-demo-"))
     procs = Processes(logdir)
     xds = f"127.0.0.1:{args.xds_port}"
     monitoring = f"http://127.0.0.1:{args.monitoring_port}"
+    # SIGINT and SIGTERM cancel the demo wherever it is, so that `finally` always stops
+    # the children and removes the temporary directory. After setup they just stop it.
+    task = asyncio.current_task()
+    assert task is not None
+    stop = asyncio.Event()
+    waiting = False
+
+    def on_signal() -> None:
+        if waiting:
+            stop.set()
+        else:
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     try:
         print(f"logs: {logdir}")
         print(f"control plane: meshpilot serve --config-dir {CONFIG_DIR.relative_to(ROOT)}")
@@ -156,7 +220,7 @@ async def run(args: argparse.Namespace) -> int:
                     "--version", w.version, "--upstream", f"http://{w.egress}:{SERVICE_PORT}",
                     wait_line="ready",
                 )  # fmt: skip
-                boot = logdir / f"{w.name}.bootstrap.json"
+                boot = workdir / f"{w.name}.bootstrap.json"
                 await procs.start(
                     f"bootstrap-{w.name}",
                     python, "-m", "meshpilot", "bootstrap", "--name", w.name,
@@ -167,7 +231,9 @@ async def run(args: argparse.Namespace) -> int:
                 )  # fmt: skip
                 await procs.children[-1][1].wait()
                 if procs.children[-1][1].returncode != 0:
-                    raise RuntimeError(f"meshpilot bootstrap failed; see {logdir}")
+                    raise RuntimeError(
+                        f"meshpilot bootstrap failed: {procs.error_of(f'bootstrap-{w.name}')}"
+                    )
                 await procs.start(
                     f"envoy-{w.name}",
                     envoy, "-c", str(boot), "--disable-hot-restart",
@@ -213,8 +279,7 @@ async def run(args: argparse.Namespace) -> int:
             print("10 more requests, reviews answered by:")
             for k, n in sorted(seen.items()):
                 print(f"  {n:3d} x {k}")
-            proxy_id = "sidecar~127.0.1.1~productpage-v1.default~default.svc.cluster.local"
-            dump = f"{monitoring}/debug/config_dump?proxyID={proxy_id}"
+            dump = f"{monitoring}/debug/config_dump?proxyID=productpage-v1.default"
             print(f"\nconfig of one sidecar: curl -s '{dump}'")
             print(f"sync state:            curl -s {monitoring}/debug/syncz")
             print(
@@ -223,37 +288,81 @@ async def run(args: argparse.Namespace) -> int:
         if args.check:
             return 0
         print("\nPress Ctrl-C to stop.")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        waiting = True
         while not stop.is_set():
             if dead := procs.dead():
                 print(f"{', '.join(dead)} exited; stopping", file=sys.stderr)
+                for name in dead:
+                    print(f"{name}: {procs.error_of(name)}", file=sys.stderr)
                 return 1
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1):
                     await stop.wait()
         return 0
-    except (RuntimeError, KeyError, ValueError) as e:
+    except asyncio.CancelledError:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
         print(f"demo failed: {e}\nlogs: {logdir}", file=sys.stderr)
         return 1
     finally:
         print("stopping...")
+        # A second Ctrl-C while stopping must not leave Envoys or the directory behind:
+        # stopping takes at most a few seconds (SIGTERM, then SIGKILL after 5 s).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: None)
         await procs.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m meshpilot.demo",
+        description=(
+            "The control plane on examples/demo-mesh, four demo apps and their Envoy "
+            "sidecars on 127.0.1.1-4 (apps :8080, sidecars :9080, egress 127.0.2.x:9080). "
+            "`make run ARGS='...'` passes these flags."
+        ),
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 0 after the demo requests instead of waiting"
+    )
+    parser.add_argument(
+        "--xds-port", type=int, default=15010, help="control plane xDS port on 127.0.0.1"
+    )
+    parser.add_argument(
+        "--monitoring-port",
+        type=int,
+        default=15014,
+        help="control plane /ready, /metrics and /debug/* port on 127.0.0.1",
+    )
+    parser.add_argument(
+        "--admin-base-port",
+        type=int,
+        default=15100,
+        help="Envoy admin port of the first sidecar; the others take the next ports",
+    )
+    parser.add_argument(
+        "--log-dir",
+        default=str(LOG_DIR),
+        help="where each process's log goes; kept after exit, cleared at start",
+    )
+    args = parser.parse_args(argv)
+    logdir = Path(args.log_dir)
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        for old in logdir.glob("*.log"):
+            old.unlink()
+    except OSError as e:
+        print(f"--log-dir {logdir}: {e.strerror}", file=sys.stderr)
+        return 1
     envoy = Path(sys.executable).with_name("envoy")
     if not envoy.exists():
         print(f"envoy not found at {envoy}: run `make install`", file=sys.stderr)
         return 1
-    parser = argparse.ArgumentParser(prog="python -m meshpilot.demo")
-    parser.add_argument("--check", action="store_true", help="exit after the demo requests")
-    parser.add_argument("--xds-port", type=int, default=15010)
-    parser.add_argument("--monitoring-port", type=int, default=15014)
-    parser.add_argument("--admin-base-port", type=int, default=15100)
-    return asyncio.run(run(parser.parse_args()))
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,27 @@
-"""Monitoring and debug HTTP (Istio's 15014): /ready, /metrics, /debug/*."""
+"""Monitoring and debug HTTP (Istio's 15014): /ready, /metrics, /debug/*.
+
+As in istiod: `/debug/config_dump?proxyID=` takes the pod as `POD.NAMESPACE` (what
+istioctl passes; a bare `POD` means namespace `default`) or the full node id
+`TYPE~IP~POD.NAMESPACE~DOMAIN`. The dump itself uses Envoy's admin field names
+(snake_case), so it reads like Envoy's own `/config_dump`. Times are RFC 3339 in
+UTC. `/metrics` has no `*_created` series: istiod's `/metrics` has none
+and they double the scrape for no information a dashboard uses.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any, Protocol
 
+import prometheus_client
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshpilot.monitoring.metrics import REGISTRY
+
+# Process-wide, read when samples are collected: one call covers every metric.
+prometheus_client.disable_created_metrics()
 
 
 class Debuggable(Protocol):
@@ -25,9 +38,39 @@ class Debuggable(Protocol):
     def proxy_ids(self) -> list[str]: ...
 
 
+def rfc3339(when: float | datetime.datetime | None) -> str | None:
+    """A Unix time (or aware datetime) as RFC 3339 in UTC, e.g. 2026-12-04T17:03:00Z.
+
+    0 and None mean "never" and stay None (JSON null), not 1970.
+    """
+    if when is None or when == 0:
+        return None
+    if not isinstance(when, datetime.datetime):
+        when = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime.datetime):
+        return rfc3339(value)
+    return str(value)
+
+
+def resolve_proxy_id(requested: str, known: list[str]) -> str | None:
+    """The connected proxy's node id for `requested`: a node id, `POD.NS` or `POD`."""
+    if requested in known:
+        return requested
+    if "~" in requested:
+        return None
+    pod_ns = requested if "." in requested else f"{requested}.default"
+    # Node ids are TYPE~IP~POD.NS~DOMAIN; the last connected one wins, as for the id.
+    found = [k for k in known if k.count("~") == 3 and k.split("~")[2] == pod_ns]
+    return found[-1] if found else None
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(
-        text=json.dumps(data, indent=2, sort_keys=False, default=str) + "\n",
+        text=json.dumps(data, indent=2, sort_keys=False, default=_default) + "\n",
         status=status,
         content_type="application/json",
     )
@@ -56,10 +99,16 @@ def build_app(target: Debuggable) -> web.Application:
                 {"error": "query parameter proxyID is required", "proxies": target.proxy_ids()},
                 400,
             )
-        dump = target.config_dump(proxy_id)
+        known = target.proxy_ids()
+        node_id = resolve_proxy_id(proxy_id, known)
+        dump = target.config_dump(node_id) if node_id is not None else None
         if dump is None:
             return _json(
-                {"error": f"proxy {proxy_id!r} is not connected", "proxies": target.proxy_ids()},
+                {
+                    "error": f"proxy {proxy_id!r} is not connected"
+                    " (proxyID takes POD.NAMESPACE or a node id)",
+                    "proxies": known,
+                },
                 404,
             )
         return _json(dump)
@@ -72,7 +121,7 @@ def build_app(target: Debuggable) -> web.Application:
                     "/metrics",
                     "/debug/syncz",
                     "/debug/configz",
-                    "/debug/config_dump?proxyID=ID",
+                    "/debug/config_dump?proxyID=POD.NAMESPACE",
                 ]
             }
         )

@@ -1,8 +1,11 @@
-"""The foundation end to end: real Envoys fed by meshpilot over SotW and Delta ADS."""
+"""End to end: real Envoys fed by meshpilot over SotW and Delta ADS, and the `make run` demo."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -242,16 +245,73 @@ async def test_ready_metrics_configz_and_config_dump(processes: ProcessTracker, 
         assert syncz[key], key
 
 
-async def test_make_run_demo_shows_traffic_through_the_mesh(processes: ProcessTracker) -> None:
+async def test_make_run_demo_shows_traffic_through_the_mesh(
+    processes: ProcessTracker, tmp_path: Path
+) -> None:
     """`make run`'s program, in its non-interactive mode, on free control-plane ports."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = await processes.spawn(
-        [sys.executable, "-m", "meshpilot.demo", "--check",
-         "--xds-port", str(free_port()), "--monitoring-port", str(free_port()),
-         "--admin-base-port", str(free_port())],
-        ready_line=None, name="demo",
+        _demo_argv("--check", "--xds-port", str(free_port()),
+                   "--monitoring-port", str(free_port()), log_dir=tmp_path / "logs"),
+        ready_line=None, name="demo", env={**os.environ, "TMPDIR": str(tmp)},
     )  # fmt: skip
     await wait_for(lambda: not proc.running, 60, message="the demo to finish")
     out = proc.log_text()
     assert proc.returncode == 0, out
     assert "all 4 sidecars synced" in out
     assert "-> reviews v" in out and "-> ratings v1" in out
+    assert "proxyID=productpage-v1.default" in out
+    assert list(tmp.iterdir()) == [], "the demo left its temporary directory behind"
+
+
+def _demo_argv(*extra: str, log_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "meshpilot.demo", "--log-dir", str(log_dir),
+            "--admin-base-port", str(free_port()), *extra]  # fmt: skip
+
+
+async def test_make_run_demo_names_the_busy_port_and_log_and_removes_its_temp_dir(
+    processes: ProcessTracker, tmp_path: Path
+) -> None:
+    """A port held by someone else: the demo says which one and where the log is."""
+    tmp, logs = tmp_path / "tmp", tmp_path / "logs"
+    tmp.mkdir()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = await processes.spawn(
+            _demo_argv("--check", "--xds-port", str(free_port()),
+                       "--monitoring-port", str(port), log_dir=logs),
+            ready_line=None, name="demo", env={**os.environ, "TMPDIR": str(tmp)},
+        )  # fmt: skip
+        await wait_for(lambda: not proc.running, 30, message="the demo to fail")
+    out = proc.log_text()
+    assert proc.returncode != 0, out
+    assert f"127.0.0.1:{port}" in out
+    assert "in use" in out
+    assert str(logs / "meshpilot.log") in out
+    assert (logs / "meshpilot.log").is_file()
+    assert list(tmp.iterdir()) == [], "the demo left its temporary directory behind"
+
+
+async def test_make_run_demo_ctrl_c_stops_children_and_removes_its_temp_dir(
+    processes: ProcessTracker, tmp_path: Path
+) -> None:
+    tmp, logs = tmp_path / "tmp", tmp_path / "logs"
+    tmp.mkdir()
+    proc = await processes.spawn(
+        _demo_argv("--xds-port", str(free_port()), "--monitoring-port", str(free_port()),
+                   log_dir=logs),
+        ready_line=None, name="demo", env={**os.environ, "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    # Interrupt mid-setup, once the control plane runs and the temp dir exists.
+    await wait_for(lambda: (logs / "meshpilot.log").exists() and any(tmp.iterdir()), 30)
+    serve_log = logs / "meshpilot.log"
+    await wait_for(lambda: "meshpilot serving" in serve_log.read_text(), 20)
+    os.kill(proc.pid, signal.SIGINT)
+    await wait_for(lambda: not proc.running, 20, message="the demo to stop on SIGINT")
+    out = proc.log_text()
+    assert proc.returncode == 130, out
+    assert "stopping..." in out
+    assert list(tmp.iterdir()) == [], "the demo left its temporary directory behind"

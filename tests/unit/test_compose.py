@@ -1,217 +1,66 @@
 """docker-compose.yml, Dockerfile and examples/compose-mesh agree with each other.
 
-There is no Docker engine where the tests run (and no `docker compose` plugin to run
-`docker compose config`), so this checks statically what would otherwise only fail
-at `docker compose up`: the compose structure, that every referenced file and service
-exists, the static addresses, and that the mesh config, the sidecars' bootstrap
-commands and the apps' command lines describe the same mesh.
+Checked statically (no Docker engine here): the compose structure, that every
+referenced file and service exists, the static addresses, and that the mesh config,
+the sidecars' bootstrap commands and the apps' command lines describe the same mesh.
+Every test runs twice: with the variables' defaults, and with every variable set to
+another subnet (compose_files.CUSTOM_ENV).
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import functools
 import ipaddress
 import json
 import re
-import shlex
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
-from meshpilot import cli
 from meshpilot.agent import bootstrap
-from meshpilot.api.mesh import MeshConfig
-from meshpilot.api.parse import parse_text
-from meshpilot.config import Config
-from meshpilot.discovery.store import ConfigStore
 from meshpilot.model.proxy import Proxy
-from meshpilot.model.push_context import PushContext
-
-ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
-DOCKERIGNORE = ROOT / ".dockerignore"
-MESH_DIR = ROOT / "examples" / "compose-mesh"
-DOMAIN = "svc.cluster.local"
-SERVICE_PORT = 9080
-
-# What the compose mesh is: the workloads (compose service names of the app
-# containers, and WorkloadEntry names) behind each Service.
-EXPECTED_WORKLOADS = {
-    "productpage": ["productpage-v1"],
-    "reviews": ["reviews-v1", "reviews-v2"],
-    "ratings": ["ratings-v1"],
-}
-
-TOP_LEVEL_KEYS = {"name", "services", "networks", "volumes", "configs", "secrets", "include"}
-# Compose-spec service attributes (the commonly used part; a typo fails the test).
-SERVICE_KEYS = {
-    "build", "cap_add", "cap_drop", "command", "configs", "container_name", "cpus",
-    "depends_on", "deploy", "devices", "dns", "entrypoint", "env_file", "environment",
-    "expose", "extra_hosts", "healthcheck", "hostname", "image", "init", "labels",
-    "logging", "mem_limit", "network_mode", "networks", "pid", "platform", "ports",
-    "profiles", "pull_policy", "read_only", "restart", "secrets", "security_opt",
-    "stop_grace_period", "stop_signal", "sysctls", "tmpfs", "tty", "ulimits", "user",
-    "volumes", "working_dir",
-}  # fmt: skip
-HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "disable"}
-DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
-
-
-# --- loading -------------------------------------------------------------------------
+from tests.unit.compose_files import (
+    CUSTOM_ENV,
+    DEPENDS_CONDITIONS,
+    DOCKERFILE,
+    DOCKERIGNORE,
+    DOMAIN,
+    ENV,
+    EXPECTED_WORKLOADS,
+    HEALTHCHECK_KEYS,
+    MESH_DIR,
+    ROOT,
+    SERVICE_KEYS,
+    SERVICE_PORT,
+    TOP_LEVEL_KEYS,
+    app_flags,
+    as_list,
+    bind_mounts,
+    compose,
+    control_plane,
+    depends_on,
+    dockerfile_instructions,
+    mounted_config_dir,
+    of_kind,
+    push_context,
+    services,
+    sidecar_steps,
+    sidecars,
+    static_ips,
+    use_env,
+)
 
 
-@functools.cache
-def compose() -> dict[str, Any]:
-    doc = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert isinstance(doc, dict), "docker-compose.yml must be a mapping"
-    return doc
-
-
-def services() -> dict[str, dict[str, Any]]:
-    return compose()["services"]
-
-
-@functools.cache
-def mesh_configs() -> tuple[Config, ...]:
-    configs: list[Config] = []
-    for path in sorted(MESH_DIR.glob("*.yaml")):
-        result = parse_text(path.read_text(), str(path))
-        assert result.errors == [], [str(e) for e in result.errors]
-        configs += result.configs
-    return tuple(configs)
-
-
-@functools.cache
-def push_context() -> PushContext:
-    store = ConfigStore()
-    store.set_origin(str(MESH_DIR), mesh_configs())
-    return PushContext.build(store.snapshot(), MeshConfig())
-
-
-def of_kind(kind: str) -> dict[str, Config]:
-    return {c.name: c for c in mesh_configs() if c.kind == kind}
-
-
-def cli_parser() -> argparse.ArgumentParser:
-    """The real `meshpilot serve` and `meshpilot bootstrap` argument parsers."""
-    parser = argparse.ArgumentParser(prog="meshpilot")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli._serve_parser(sub)
-    bootstrap.register(sub)
-    return parser
-
-
-def as_list(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return []
-    return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
-
-
-def depends_on(svc: dict[str, Any]) -> dict[str, str]:
-    deps = svc.get("depends_on") or {}
-    if isinstance(deps, list):
-        return dict.fromkeys(deps, "service_started")
-    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
-
-
-def static_ips() -> dict[str, str]:
-    """Compose service -> its `ipv4_address` (services without one are left out)."""
-    ips = {}
-    for name, svc in services().items():
-        nets = svc.get("networks") or {}
-        for spec in nets.values() if isinstance(nets, dict) else ():
-            if spec and "ipv4_address" in spec:
-                ips[name] = str(spec["ipv4_address"])
-    return ips
-
-
-def sidecars() -> dict[str, str]:
-    """Sidecar service -> the app service whose network namespace it joins."""
-    out = {}
-    for name, svc in services().items():
-        mode = str(svc.get("network_mode", ""))
-        if mode.startswith("service:"):
-            out[name] = mode.removeprefix("service:")
-    return out
-
-
-def control_plane() -> tuple[str, argparse.Namespace]:
-    """The service running `meshpilot serve`, and its parsed arguments."""
-    found = [
-        (name, svc)
-        for name, svc in services().items()
-        if "entrypoint" not in svc and as_list(svc.get("command"))[:1] == ["serve"]
-    ]
-    assert len(found) == 1, "exactly one service must run `meshpilot serve`"
-    name, svc = found[0]
-    return name, cli_parser().parse_args(as_list(svc["command"]))
-
-
-def sidecar_steps(name: str) -> tuple[argparse.Namespace, list[str]]:
-    """A sidecar's shell command split into `meshpilot bootstrap` args and the envoy argv."""
-    svc = services()[name]
-    entrypoint = as_list(svc.get("entrypoint"))
-    assert entrypoint[:1] == ["/bin/sh"] and entrypoint[-1].endswith("c"), (
-        f"{name}: the entrypoint must be `/bin/sh -c` (got {entrypoint})"
-    )
-    command = svc.get("command")
-    assert isinstance(command, list) and len(command) == 1, f"{name}: one shell script"
-    steps: list[list[str]] = [[]]
-    for token in shlex.split(command[0]):
-        if token == "&&":
-            steps.append([])
-        else:
-            steps[-1].append(token)
-    assert len(steps) == 2, f"{name}: expected `meshpilot bootstrap ... && exec envoy ...`"
-    boot, envoy = steps
-    assert boot[:2] == ["meshpilot", "bootstrap"], f"{name}: first step is {boot[:2]}"
-    assert envoy[:2] == ["exec", "envoy"], f"{name}: Envoy must replace the shell (exec)"
-    return cli_parser().parse_args(boot[1:]), envoy[1:]
-
-
-def app_flags(name: str) -> dict[str, str]:
-    svc = services()[name]
-    assert as_list(svc.get("entrypoint")) == ["python", "-m", "meshpilot.demo.apps"], name
-    argv = as_list(svc.get("command"))
-    assert argv[:1] == ["http"], f"{name}: the app must be the HTTP demo backend"
-    flags = argv[1:]
-    assert len(flags) % 2 == 0 and all(f.startswith("--") for f in flags[::2]), argv
-    return dict(zip(flags[::2], flags[1::2], strict=True))
-
-
-def bind_mounts(svc: dict[str, Any]) -> Iterator[tuple[str, str, bool]]:
-    """(host source, container target, read-only) of each bind mount."""
-    for vol in svc.get("volumes") or []:
-        if isinstance(vol, dict):
-            if vol.get("type") == "bind":
-                yield vol["source"], vol["target"], bool(vol.get("read_only"))
-            continue
-        source, _, rest = str(vol).partition(":")
-        target, _, mode = rest.partition(":")
-        if source.startswith((".", "/", "~")):  # otherwise a named volume
-            yield source, target, "ro" in mode.split(",")
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+@pytest.fixture(autouse=True, params=["defaults", "custom-subnet"])
+def compose_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The variables `docker compose` would see: none, or all of CUSTOM_ENV."""
+    use_env(CUSTOM_ENV if request.param == "custom-subnet" else {})
+    yield ENV
 
 
 # --- compose structure ---------------------------------------------------------------
@@ -333,14 +182,16 @@ def test_static_ips_are_unique_and_inside_the_declared_subnet() -> None:
 
 
 def test_control_plane_serves_the_mounted_config_dir_on_all_interfaces() -> None:
-    name, args = control_plane()
+    name, args, (template, output) = control_plane()
     mounts = {target: (source, ro) for source, target, ro in bind_mounts(services()[name])}
-    assert len(args.config_dir) == 1
-    config_dir = str(args.config_dir[0])
-    assert config_dir in mounts, f"--config-dir {config_dir} is not a mount: {mounts}"
-    source, read_only = mounts[config_dir]
-    assert (ROOT / source).resolve() == MESH_DIR
-    assert read_only, "the control plane must not be able to change its input"
+    mounted = mounted_config_dir(name)
+    assert mounts[mounted][1], "the control plane must not be able to change its input"
+    # The mesh config, and the directory the WorkloadEntries are rendered into.
+    assert [str(d) for d in args.config_dir] == [mounted, str(Path(output).parent)]
+    assert output.startswith("/tmp/"), "the image's user can write only there"
+    assert Path(template).parent == Path(mounted)
+    assert (MESH_DIR / Path(template).name).is_file(), template
+    assert Path(template).suffix not in (".yaml", ".yml", ".json"), "serve must skip it"
     for address in (args.xds_address, args.monitoring_address):
         host, port = bootstrap.parse_host_port(address)
         assert host == "0.0.0.0" and port, address  # other containers connect to it
@@ -349,7 +200,7 @@ def test_control_plane_serves_the_mounted_config_dir_on_all_interfaces() -> None
 
 
 def test_control_plane_healthcheck_asks_ready_on_the_monitoring_port() -> None:
-    name, args = control_plane()
+    name, args, _ = control_plane()
     check = services()[name]["healthcheck"]
     test = as_list(check["test"])
     assert test[0] in ("CMD", "CMD-SHELL") and "curl" not in test, test
@@ -377,7 +228,7 @@ def test_every_workload_entry_has_an_app_container_at_its_address() -> None:
 
 def test_sidecar_bootstrap_commands_match_their_workload() -> None:
     ips = static_ips()
-    cp_name, cp_args = control_plane()
+    cp_name, cp_args, _ = control_plane()
     xds_port = bootstrap.parse_host_port(cp_args.xds_address)[1]
     entries = of_kind("WorkloadEntry")
     for name, app in sidecars().items():
