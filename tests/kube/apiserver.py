@@ -164,14 +164,15 @@ class ApiServer:
             return
         app = web.Application(client_max_size=MAX_BODY + 64 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
         await runner.setup()
         site = web.TCPSite(
             runner,
             "127.0.0.1",
             self.port,
             ssl_context=self.cert.ssl_context(),
-            shutdown_timeout=0.5,
         )
         await site.start()
         self._runner = runner

@@ -300,6 +300,10 @@ class Rest:
                 raise bad_request("a merge patch must be a JSON object")
             patched = patch_mod.merge_patch(current, patch)
         else:
+            if not isinstance(patch, list):
+                raise bad_request(
+                    "json: cannot unmarshal object into Go value of type jsonpatch.Patch"
+                )
             try:
                 patched = patch_mod.json_patch(current, patch)
             except patch_mod.PatchError as exc:
