@@ -90,6 +90,7 @@ class Store:
         self._events: deque[Event] = deque()
         self.watchers: set[Watcher] = set()
         self._rv_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._watch_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # -- reads --
 
@@ -202,6 +203,20 @@ class Store:
         for event in replay:
             watcher.push(event)
         self.watchers.add(watcher)
+        for count, waiter in self._watch_waiters:
+            if len(self.watchers) >= count and not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_for_watchers(self, count: int, timeout: float) -> None:  # noqa: ASYNC109
+        """Until `count` watches are open (TimeoutError after `timeout` seconds)."""
+        if len(self.watchers) >= count:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watch_waiters.append((count, waiter))
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._watch_waiters = [(c, w) for c, w in self._watch_waiters if w is not waiter]
 
     def remove_watcher(self, watcher: Watcher) -> None:
         self.watchers.discard(watcher)
