@@ -15,8 +15,9 @@ What it implements, following the Kubernetes API conventions and kube-apiserver'
   versions are served is configurable (`served_versions`); one stored object is visible through
   every served version of its group, with apiVersion rendered per request.
 - One etcd-like revision counter; per-object uid, resourceVersion, creationTimestamp, labels,
-  annotations, and generation on custom resources (bumped on any non-metadata change, as the
-  CRD strategy does; built-in kinds here carry none, as on a real server).
+  annotations, and generation where the real strategy keeps one (custom resources: bumped on
+  any non-metadata change; EndpointSlices: also on label changes; other built-in kinds here
+  carry none, as on a real server).
 - list: namespaced and across namespaces, labelSelector (=, ==, !=, in, notin, exists, !exists,
   gt, lt), fieldSelector (metadata.name, metadata.namespace, plus the few fields each built-in
   kind supports; others are 400), limit/continue served from a consistent snapshot (410 once

@@ -431,7 +431,7 @@ def prepare_create(
         meta.pop(server_owned, None)
     meta["uid"] = str(uuid.uuid4())
     meta["creationTimestamp"] = now_rfc3339()
-    if rt.custom:
+    if rt.tracks_generation:
         meta["generation"] = 1
     if rt.status_subresource:
         if rt.custom:
@@ -474,7 +474,11 @@ def prepare_update(
         else:
             new.pop("status", None)
     _kind_rules(rt, new, old, ips)
-    if rt.custom and _non_metadata(new) != _non_metadata(old):
+    changed = _non_metadata(new) != _non_metadata(old)
+    if rt.resource == "endpointslices":
+        # The EndpointSlice strategy counts label changes too.
+        changed = changed or meta.get("labels") != old_meta.get("labels")
+    if rt.tracks_generation and changed:
         meta["generation"] = int(old_meta.get("generation", 1)) + 1
     return new
 

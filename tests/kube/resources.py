@@ -39,6 +39,8 @@ class ResourceType:
     create_on_update: bool = False
     # The real server returns the deleted object for these, a Status for the rest.
     returns_deleted_object: bool = False
+    # metadata.generation starts at 1 and counts spec changes (CRDs, EndpointSlices).
+    tracks_generation: bool = False
     extra_fields: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -82,6 +84,7 @@ def builtin_types() -> list[ResourceType]:
             short_names=("svc",),
             status_subresource=True,
             create_on_update=True,
+            returns_deleted_object=True,
         ),
         ResourceType(
             "",
@@ -126,8 +129,16 @@ def builtin_types() -> list[ResourceType]:
             "ServiceAccount",
             short_names=("sa",),
             create_on_update=True,
+            returns_deleted_object=True,
         ),
-        ResourceType("discovery.k8s.io", v1, "endpointslices", "endpointslice", "EndpointSlice"),
+        ResourceType(
+            "discovery.k8s.io",
+            v1,
+            "endpointslices",
+            "endpointslice",
+            "EndpointSlice",
+            tracks_generation=True,
+        ),
         ResourceType(
             "coordination.k8s.io",
             v1,
@@ -189,7 +200,7 @@ def istio_types(served: Mapping[str, Sequence[str]] | None = None) -> list[Resou
                     status_subresource=True,
                     custom=True,
                     unconditional_update=False,
-                    returns_deleted_object=True,
+                    tracks_generation=True,
                 )
             )
     return out

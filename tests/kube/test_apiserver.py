@@ -198,6 +198,9 @@ async def test_services_pods_secrets_get_server_side_defaults(
     with pytest.raises(ApiException) as caught:
         await core.replace_namespaced_service("reviews", "default", svc)
     assert caught.value.status == 422
+    # A Service delete answers with the Service, a ConfigMap delete with a Status.
+    deleted = await core.delete_namespaced_service("reviews", "default")
+    assert deleted.kind == "Service" and deleted.metadata.name == "reviews"
 
     pod = await core.create_namespaced_pod(
         "default",
@@ -257,6 +260,10 @@ async def test_endpointslices(api_client: client.ApiClient) -> None:
     }
     created = await disc.create_namespaced_endpoint_slice("default", body)
     assert created.endpoints[0].addresses == ["10.1.0.5"]
+    assert created.metadata.generation == 1
+    created.metadata.labels["extra"] = "x"
+    relabelled = await disc.replace_namespaced_endpoint_slice("reviews-abc", "default", created)
+    assert relabelled.metadata.generation == 2
     listed = await disc.list_endpoint_slice_for_all_namespaces(
         label_selector="kubernetes.io/service-name=reviews"
     )
@@ -303,7 +310,10 @@ async def test_istio_custom_resources_in_every_served_version(
         assert got["metadata"]["uid"] == created["metadata"]["uid"]
         listed = await crd.list_namespaced_custom_object(group, version, "default", plural)
         assert [i["apiVersion"] for i in listed["items"]] == [f"{group}/{version}"]
-    await crd.delete_namespaced_custom_object(group, versions[0], "default", plural, "one")
+    deleted = await crd.delete_namespaced_custom_object(
+        group, versions[0], "default", plural, "one"
+    )
+    assert deleted["kind"] == "Status" and deleted["status"] == "Success"
     with pytest.raises(ApiException) as caught:
         await crd.get_namespaced_custom_object(group, versions[0], "default", plural, "one")
     assert status_of(caught.value)["message"] == f'{plural}.{group} "one" not found'

@@ -296,10 +296,23 @@ async def test_stop_refuses_connections_and_start_keeps_state(
     apiserver: ApiServer, api_client: client.ApiClient
 ) -> None:
     core = client.CoreV1Api(api_client)
-    await core.create_namespaced_config_map("default", cm("kept"))
+    kept = await core.create_namespaced_config_map("default", cm("kept"))
     port = apiserver.port
+    watching = asyncio.create_task(
+        collect(
+            core.list_namespaced_config_map,
+            "default",
+            count=1,
+            resource_version=kept.metadata.resource_version,
+            timeout_seconds=30,
+        )
+    )
+    await _wait_for_watchers(apiserver, 1)
     await apiserver.stop()
-    with pytest.raises(aiohttp.ClientConnectionError):
+    # An open watch loses its connection.
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(watching, 5)
+    with pytest.raises(aiohttp.ClientConnectorError):  # connection refused
         await core.list_namespaced_config_map("default")
     # State may be changed while the server is down, as another writer would.
     apiserver.create("", "v1", "configmaps", {"metadata": {"name": "new", "namespace": "default"}})
