@@ -309,17 +309,30 @@ class ApiServer:
             ] += 1
         if self.delay:
             await asyncio.sleep(self.delay)
-        auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or (
-            auth[7:] not in self.tokens and auth[7:] not in self.rest.sa_tokens
-        ):
+        if not self._authenticated(request.headers.get("Authorization", "")):
             raise StatusError(401, "Unauthorized", "Unauthorized")
         failure = self._injected_failure()
         if failure is not None:
             raise failure
         if target is None:
+            if request.method != "GET":
+                raise StatusError(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                )
             return self._discovery(parts)
         return await self._resource(request, *target)
+
+    def _authenticated(self, header: str) -> bool:
+        if not header.startswith("Bearer "):
+            return False
+        token = header[len("Bearer ") :]
+        if token in self.tokens:
+            return True
+        # A ServiceAccount token is good for the API when bound to one of its audiences.
+        entry = self.rest.sa_tokens.get(token)
+        return entry is not None and any(a in self.rest.api_audiences for a in entry.audiences)
 
     def _route(
         self, method: str, parts: list[str], query: Mapping[str, str]

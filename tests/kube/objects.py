@@ -166,7 +166,7 @@ def _validate_qualified_key(key: str) -> bool:
 
 
 def validate_metadata(rt: ResourceType, obj: Obj) -> list[tuple[str, str, str]]:
-    meta = obj.get("metadata")
+    meta: Obj = obj["metadata"]
     errors: list[tuple[str, str, str]] = []
     name = meta.get("name", "")
     if not isinstance(name, str) or not name:

@@ -20,7 +20,7 @@ SEC = "security.istio.io"
 
 
 def status_of(exc: ApiException) -> dict[str, Any]:
-    body = json.loads(exc.body)
+    body: dict[str, Any] = json.loads(exc.body or b"")
     assert body["kind"] == "Status" and body["apiVersion"] == "v1"
     assert body["status"] == "Failure" and body["code"] == exc.status
     return body
@@ -77,7 +77,7 @@ async def test_load_kube_config_sets_up_the_default_client(
 
 async def test_requests_without_a_valid_token_get_401(apiserver: ApiServer, tmp_path: Path) -> None:
     kc = apiserver.kubeconfig()
-    kc["users"] = [{"name": "emulator", "user": {"token": "wrong"}}]  # type: ignore[index]
+    kc["users"] = [{"name": "emulator", "user": {"token": "wrong"}}]
     api = await config.new_client_from_config_dict(kc)
     try:
         with pytest.raises(ApiException) as caught:
@@ -423,6 +423,25 @@ async def test_token_review(apiserver: ApiServer, api_client: client.ApiClient) 
     with pytest.raises(ApiException) as caught:
         await auth.create_token_review({"spec": {}})
     assert caught.value.status == 400
+
+
+async def test_service_account_tokens_authenticate_to_the_api_for_its_audience(
+    apiserver: ApiServer,
+) -> None:
+    for audiences, expected in (((), 200), (["istio-ca"], 401)):
+        kc = apiserver.kubeconfig()
+        token = apiserver.add_service_account_token("istio-system", "istiod", audiences)
+        kc["users"] = [{"name": "emulator", "user": {"token": token}}]
+        api = await config.new_client_from_config_dict(kc)
+        try:
+            try:
+                await client.CoreV1Api(api).list_namespace()
+                status = 200
+            except ApiException as exc:
+                status = exc.status
+        finally:
+            await api.close()
+        assert status == expected, audiences
 
 
 async def test_pagination_is_a_consistent_snapshot(
