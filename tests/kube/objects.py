@@ -129,6 +129,20 @@ def invalid(rt: ResourceType, name: str, causes: list[tuple[str, str, str]]) -> 
     )
 
 
+def invalid_list_options(field_name: str, message: str) -> StatusError:
+    """ListOptions validation fails as 422 Invalid, like metainternalversion's validation."""
+    return StatusError(
+        422,
+        "Invalid",
+        f'ListOptions.meta.k8s.io "" is invalid: {field_name}: {message}',
+        {
+            "group": "meta.k8s.io",
+            "kind": "ListOptions",
+            "causes": [{"reason": "FieldValueForbidden", "message": message, "field": field_name}],
+        },
+    )
+
+
 def bad_request(message: str) -> StatusError:
     return StatusError(400, "BadRequest", message)
 

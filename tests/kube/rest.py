@@ -154,10 +154,13 @@ class Rest:
         match = query.get("resourceVersionMatch", "")
         token = query.get("continue", "")
         if match not in ("", "Exact", "NotOlderThan"):
-            raise bad_request(f'resourceVersionMatch: Unsupported value: "{match}"')
+            raise objects.invalid_list_options(
+                "resourceVersionMatch", f'Unsupported value: "{match}"'
+            )
         if match and not rv_param:
-            raise bad_request(
-                "resourceVersionMatch is forbidden unless resourceVersion is provided"
+            raise objects.invalid_list_options(
+                "resourceVersionMatch",
+                "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided",
             )
         start = ""
         if token:
@@ -167,8 +170,9 @@ class Rest:
         elif match == "Exact":
             at = parse_rv(rv_param)
             if at == 0:
-                raise bad_request(
-                    'resourceVersionMatch "Exact" is forbidden for resourceVersion "0"'
+                raise objects.invalid_list_options(
+                    "resourceVersionMatch",
+                    'Forbidden: resourceVersionMatch "exact" is forbidden for resourceVersion "0"',
                 )
             await self._wait_rv(at)
         else:

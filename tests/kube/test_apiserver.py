@@ -510,6 +510,10 @@ async def test_list_resource_version_semantics(
             resource_version_match="Exact",
         )
     assert caught.value.status == 410
+    with pytest.raises(ApiException) as caught:
+        await core.list_namespaced_config_map("default", resource_version_match="NotOlderThan")
+    assert caught.value.status == 422
+    assert status_of(caught.value)["details"]["kind"] == "ListOptions"
 
 
 async def test_label_selectors(api_client: client.ApiClient) -> None:

@@ -204,6 +204,17 @@ async def test_send_initial_events_ends_with_an_annotated_bookmark(
     assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]
     annotations = events[1]["raw_object"]["metadata"]["annotations"]
     assert annotations == {"k8s.io/initial-events-end": "true"}
+    # The real server's ListOptions validation: both companions are required.
+    with pytest.raises(ApiException) as caught:
+        await collect(
+            core.list_namespaced_config_map,
+            "default",
+            count=1,
+            send_initial_events=True,
+            resource_version_match="NotOlderThan",
+            timeout_seconds=10,
+        )
+    assert caught.value.status == 422
 
 
 async def test_watch_from_before_compaction_gets_410(

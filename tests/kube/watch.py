@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tests.kube.objects import bad_request, status_body
+from tests.kube.objects import invalid_list_options, status_body
 from tests.kube.resources import ResourceType
 from tests.kube.rest import parse_rv, render, selection
 from tests.kube.store import Event, Expired, Watcher
@@ -45,10 +45,24 @@ async def serve_watch(
     timeout = parse_int(query, "timeoutSeconds")
     rv_param = query.get("resourceVersion", "")
     start_rv = parse_rv(rv_param) if rv_param else 0
-    if initial and query.get("resourceVersionMatch") != "NotOlderThan":
-        raise bad_request("sendInitialEvents requires resourceVersionMatch=NotOlderThan")
-    if initial and not bookmarks:
-        raise bad_request("sendInitialEvents requires allowWatchBookmarks=true")
+    match = query.get("resourceVersionMatch", "")
+    if "sendInitialEvents" in query:
+        if match != "NotOlderThan":
+            raise invalid_list_options(
+                "resourceVersionMatch",
+                "Forbidden: sendInitialEvents requires setting resourceVersionMatch=NotOlderThan",
+            )
+        if not bookmarks:
+            raise invalid_list_options(
+                "allowWatchBookmarks",
+                "Required value: sendInitialEvents requires setting allowWatchBookmarks=true",
+            )
+    elif match:
+        raise invalid_list_options(
+            "resourceVersionMatch",
+            "Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents "
+            "is provided",
+        )
     store = server.store
 
     def accept(event: Event) -> Event | None:
