@@ -42,7 +42,9 @@ What it implements, following the Kubernetes API conventions and kube-apiserver'
   unknown resources 404; request bodies other than JSON/YAML 415; bodies over 3 MiB 413.
 - Fault injection for chaos tests, in process: `cut_watches()`, `compact()`, `stop()` /
   `start()` on the same port with the same state, `delay`, `fail_next()`, `fail_fraction()`,
-  and `requests`, a count of requests by (verb, resource).
+  and `requests`, a count of requests by (verb, resource). The same over HTTP when run as
+  `python -m tests.kube.apiserver --kubeconfig PATH [--port N] [--control-port N]`
+  (tests/kube/control.py); it prints one JSON line with its URLs when ready.
 
 What it deliberately does not do: authorization (RBAC), admission webhooks, server-side apply
 and strategic merge patch (both 415, so a client that works here uses patch types every
@@ -59,6 +61,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -548,18 +551,37 @@ class ApiServer:
 
 
 async def _main() -> None:
+    from tests.kube.control import start_control
+
     parser = argparse.ArgumentParser(description="Run the Kubernetes API server emulator.")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0, help="API port on 127.0.0.1 (0: free)")
     parser.add_argument("--kubeconfig", type=Path, required=True, help="where to write it")
+    parser.add_argument(
+        "--control-port", type=int, default=None, help="fault-injection endpoint (0: free)"
+    )
+    parser.add_argument("--bookmark-interval", type=float, default=60.0)
     args = parser.parse_args()
-    server = ApiServer()
+    server = ApiServer(bookmark_interval=args.bookmark_interval)
     server.port = args.port
     await server.start()
+    control = None
+    if args.control_port is not None:
+        control, control_port = await start_control(server, args.control_port)
     server.write_kubeconfig(args.kubeconfig)
-    print(f"serving on {server.url}; kubeconfig in {args.kubeconfig}", flush=True)
+    # One line a parent process can wait for.
+    ready = {"server": server.url, "kubeconfig": str(args.kubeconfig)}
+    if control is not None:
+        ready["control"] = f"http://127.0.0.1:{control_port}"
+    print(json.dumps(ready), flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     try:
-        await asyncio.Event().wait()
+        await stopping.wait()
     finally:
+        if control is not None:
+            await control.cleanup()
         await server.stop()
 
 

@@ -5,17 +5,21 @@ kubernetes_asyncio client and its `watch.Watch().stream(...)`.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.kube.apiserver import ApiServer
 
 MERGE = "application/merge-patch+json"
+REPO = Path(__file__).resolve().parents[2]
 Events = list[tuple[str, str]]
 
 
@@ -365,3 +369,49 @@ async def test_slow_responses(apiserver: ApiServer, api_client: client.ApiClient
         await core.list_namespaced_config_map("default", _request_timeout=0.1)
     apiserver.delay = 0.0
     await core.list_namespaced_config_map("default", _request_timeout=5)
+
+
+async def test_control_endpoint_injects_faults_in_another_process(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.kube.apiserver",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--control-port",
+        "0",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        control = ready["control"]
+        assert control.startswith("http://127.0.0.1:")
+        api = await config.new_client_from_config(config_file=str(kubeconfig))
+        try:
+            core = client.CoreV1Api(api)
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{control}/fail-next?count=1&code=503") as resp:
+                    assert resp.status == 200
+                with pytest.raises(ApiException) as caught:
+                    await core.list_namespace()
+                assert caught.value.status == 503
+                await core.list_namespace()
+                async with http.get(f"{control}/requests") as resp:
+                    assert (await resp.json())["list namespaces"] == 2
+                async with http.post(f"{control}/delay?seconds=abc") as resp:
+                    assert resp.status == 400
+                async with http.post(f"{control}/stop") as resp:
+                    assert (await resp.json()) == {"running": False}
+                with pytest.raises(aiohttp.ClientConnectorError):
+                    await core.list_namespace()
+                async with http.post(f"{control}/start") as resp:
+                    assert (await resp.json())["running"] is True
+                assert len((await core.list_namespace()).items) == 5
+        finally:
+            await api.close()
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
