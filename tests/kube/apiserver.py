@@ -305,11 +305,15 @@ class ApiServer:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
-        target = self._route(request.method, parts, request.query)
+        # Authentication comes first: an anonymous caller learns nothing about what exists.
+        routed: StatusError | None = None
+        try:
+            target = self._route(request.method, parts, request.query)
+        except StatusError as exc:
+            target, routed = None, exc
         if target is not None:
-            self.requests[
-                (target[0], target[1].resource + (f"/{target[5]}" if target[5] else ""))
-            ] += 1
+            verb, rt, sub = target[0], target[1], target[5]
+            self.requests[(verb, f"{rt.resource}/{sub}" if sub else rt.resource)] += 1
         if self.delay:
             await asyncio.sleep(self.delay)
         if not self._authenticated(request.headers.get("Authorization", "")):
@@ -317,6 +321,8 @@ class ApiServer:
         failure = self._injected_failure()
         if failure is not None:
             raise failure
+        if routed is not None:
+            raise routed
         if target is None:
             if request.method != "GET":
                 raise StatusError(

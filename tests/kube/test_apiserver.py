@@ -86,6 +86,14 @@ async def test_requests_without_a_valid_token_get_401(apiserver: ApiServer, tmp_
         await api.close()
     assert caught.value.status == 401
     assert status_of(caught.value)["reason"] == "Unauthorized"
+    # Unknown paths too: nothing is revealed before authentication.
+    api = await config.new_client_from_config_dict(kc)
+    try:
+        with pytest.raises(ApiException) as caught:
+            await client.CustomObjectsApi(api).list_cluster_custom_object("x.io", "v1", "things")
+    finally:
+        await api.close()
+    assert caught.value.status == 401
 
 
 async def test_configmap_create_get_list_update_patch_delete(api_client: client.ApiClient) -> None:
