@@ -10,8 +10,10 @@ What it implements, following the Kubernetes API conventions and kube-apiserver'
   /status subresources), /version, /healthz.
 - Resources: core v1 namespaces, services, pods, nodes, configmaps, secrets, serviceaccounts;
   discovery.k8s.io/v1 endpointslices; coordination.k8s.io/v1 leases;
-  authentication.k8s.io/v1 tokenreviews (create only); Istio's networking.istio.io
-  (v1, v1beta1, v1alpha3) and security.istio.io (v1, v1beta1) custom resources. Which Istio
+  authentication.k8s.io/v1 tokenreviews (create only); apiextensions.k8s.io/v1
+  customresourcedefinitions (read-only: the CRDs of the served Istio kinds); Istio's
+  networking.istio.io (v1, v1beta1, v1alpha3) and security.istio.io (v1, v1beta1) custom
+  resources. Which Istio
   versions are served is configurable (`served_versions`); one stored object is visible through
   every served version of its group, with apiVersion rendered per request.
 - One etcd-like revision counter; per-object uid, resourceVersion, creationTimestamp, labels,
@@ -72,7 +74,13 @@ from aiohttp import web
 
 from tests.kube import tls
 from tests.kube.objects import Obj, StatusError, bad_request, status_body
-from tests.kube.resources import Registry, ResourceType, builtin_types, istio_types
+from tests.kube.resources import (
+    Registry,
+    ResourceType,
+    builtin_types,
+    crd_for,
+    istio_types,
+)
 from tests.kube.rest import JSON_PATCH, MERGE_PATCH, PATCH_TYPES, Rest, render
 from tests.kube.store import Store
 from tests.kube.watch import serve_watch
@@ -81,6 +89,7 @@ MAX_BODY = 3 * 1024 * 1024
 NOT_FOUND = "the server could not find the requested resource"
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 _BODY_TYPES = ("application/json", "application/yaml")
 _FAULT_REASONS = {500: "InternalError", 503: "ServiceUnavailable", 429: "TooManyRequests"}
 _TRUE = {"1", "t", "T", "true", "TRUE", "True"}
@@ -151,6 +160,11 @@ class ApiServer:
         self._rng = random.Random(0)
         for name in namespaces:
             self.create("", "v1", "namespaces", {"metadata": {"name": name}})
+        for rt in self.registry.types:
+            if rt.custom:
+                crd, status = crd_for(rt)
+                created = self.create(CRDS[0], "v1", CRDS[1], crd)
+                self.set_status(CRDS[0], "v1", CRDS[1], "", created["metadata"]["name"], status)
 
     # -- lifecycle --
 

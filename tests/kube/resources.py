@@ -148,6 +148,19 @@ def builtin_types() -> list[ResourceType]:
             unconditional_update=False,
             create_on_update=True,
         ),
+        # Read-only here: the CRDs behind the Istio kinds, so a client can check which
+        # versions a cluster serves the way it would against a real one.
+        ResourceType(
+            "apiextensions.k8s.io",
+            v1,
+            "customresourcedefinitions",
+            "customresourcedefinition",
+            "CustomResourceDefinition",
+            namespaced=False,
+            verbs=("get", "list", "watch"),
+            short_names=("crd", "crds"),
+            status_subresource=True,
+        ),
         ResourceType(
             "authentication.k8s.io",
             v1,
@@ -231,3 +244,47 @@ class Registry:
 
     def in_group_version(self, group: str, version: str) -> list[ResourceType]:
         return [t for t in self.types if t.group == group and version in t.versions]
+
+
+def crd_for(rt: ResourceType) -> tuple[dict[str, object], dict[str, object]]:
+    """The CustomResourceDefinition (object, status) that serves `rt`."""
+    group_label = rt.group.replace(".", "-")
+    names: dict[str, object] = {
+        "kind": rt.kind,
+        "listKind": f"{rt.kind}List",
+        "plural": rt.resource,
+        "singular": rt.singular,
+        "categories": ["istio-io", group_label],
+    }
+    if rt.short_names:
+        names["shortNames"] = list(rt.short_names)
+    versions = [
+        {
+            "name": version,
+            "served": True,
+            "storage": i == 0,
+            "schema": {
+                "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+            },
+            "subresources": {"status": {}},
+        }
+        for i, version in enumerate(rt.versions)
+    ]
+    obj: dict[str, object] = {
+        "metadata": {"name": f"{rt.resource}.{rt.group}", "labels": {"app": "istio-pilot"}},
+        "spec": {
+            "group": rt.group,
+            "names": names,
+            "scope": "Namespaced" if rt.namespaced else "Cluster",
+            "versions": versions,
+        },
+    }
+    status: dict[str, object] = {
+        "acceptedNames": names,
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts"},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted"},
+        ],
+        "storedVersions": [rt.versions[0]],
+    }
+    return obj, status

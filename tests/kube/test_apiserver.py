@@ -58,6 +58,14 @@ async def test_discovery_lists_groups_versions_and_resources(
     assert [r.kind for r in slices.resources] == ["EndpointSlice"]
     review = await client.AuthenticationV1Api(api_client).get_api_resources()
     assert review.resources[0].verbs == ["create"]
+    crds = await client.ApiextensionsV1Api(api_client).list_custom_resource_definition()
+    assert len(crds.items) == 9
+    assert {c.spec.names.kind for c in crds.items} >= {"VirtualService", "PeerAuthentication"}
+    with pytest.raises(ApiException) as caught:
+        await client.ApiextensionsV1Api(api_client).delete_custom_resource_definition(
+            f"virtualservices.{NET}"
+        )
+    assert caught.value.status == 405
 
 
 async def test_load_kube_config_sets_up_the_default_client(
@@ -405,6 +413,13 @@ async def test_served_versions_are_configurable(tmp_path: Path) -> None:
             )
             listed = await crd.list_cluster_custom_object(NET, "v1beta1", "virtualservices")
             assert [i["metadata"]["name"] for i in listed["items"]] == ["r"]
+            crds = await client.ApiextensionsV1Api(api).read_custom_resource_definition(
+                f"virtualservices.{NET}"
+            )
+            assert [(v.name, v.served) for v in crds.spec.versions] == [("v1beta1", True)]
+            assert crds.status.stored_versions == ["v1beta1"]
+            established = {c.type: c.status for c in crds.status.conditions}
+            assert established["Established"] == "True"
         finally:
             await api.close()
 
