@@ -73,6 +73,7 @@ import yaml
 from aiohttp import web
 
 from tests.kube import tls
+from tests.kube.discovery import NOT_FOUND, discovery_document
 from tests.kube.objects import Obj, StatusError, bad_request, status_body
 from tests.kube.resources import (
     Registry,
@@ -81,40 +82,24 @@ from tests.kube.resources import (
     crd_for,
     istio_types,
 )
-from tests.kube.rest import JSON_PATCH, MERGE_PATCH, PATCH_TYPES, Rest, render
+from tests.kube.rest import (
+    JSON_PATCH,
+    MERGE_PATCH,
+    PATCH_TYPES,
+    Rest,
+    parse_bool,
+    parse_int,
+    render,
+)
 from tests.kube.store import Store
 from tests.kube.watch import serve_watch
 
 MAX_BODY = 3 * 1024 * 1024
-NOT_FOUND = "the server could not find the requested resource"
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 _BODY_TYPES = ("application/json", "application/yaml")
 _FAULT_REASONS = {500: "InternalError", 503: "ServiceUnavailable", 429: "TooManyRequests"}
-_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
-_FALSE = {"", "0", "f", "F", "false", "FALSE", "False"}
-
-
-def parse_bool(query: Mapping[str, str], name: str) -> bool:
-    value = query.get(name, "")
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise bad_request(f'{name}: Invalid value: "{value}": strconv.ParseBool: invalid syntax')
-
-
-def parse_int(query: Mapping[str, str], name: str) -> int:
-    value = query.get(name, "")
-    if not value:
-        return 0
-    try:
-        return int(value)
-    except ValueError:
-        raise bad_request(
-            f'{name}: Invalid value: "{value}": strconv.ParseInt: invalid syntax'
-        ) from None
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -490,84 +475,10 @@ class ApiServer:
                 )
         raise AssertionError(verb)
 
-    # -- discovery --
-
     def _discovery(self, parts: list[str]) -> web.Response:
-        groups = self.registry.groups()
-        match parts:
-            case ["api"]:
-                return json_response(
-                    {
-                        "kind": "APIVersions",
-                        "versions": ["v1"],
-                        "serverAddressByClientCIDRs": [
-                            {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.port}"}
-                        ],
-                    }
-                )
-            case ["api", "v1"]:
-                return json_response(self._resource_list("", "v1"))
-            case ["apis"]:
-                return json_response(
-                    {
-                        "kind": "APIGroupList",
-                        "apiVersion": "v1",
-                        "groups": [self._group(g, v) for g, v in groups.items()],
-                    }
-                )
-            case ["apis", group] if group in groups:
-                return json_response(
-                    {"kind": "APIGroup", "apiVersion": "v1", **self._group(group, groups[group])}
-                )
-            case ["apis", group, version] if version in groups.get(group, ()):
-                return json_response(self._resource_list(group, version))
-            case ["version"]:
-                return json_response(
-                    {
-                        "major": "1",
-                        "minor": "31",
-                        "gitVersion": "v1.31.0-meshpilot-emulator",
-                        "platform": "linux/amd64",
-                    }
-                )
-            case ["healthz"] | ["livez"] | ["readyz"]:
-                return web.Response(text="ok")
-        raise StatusError(404, "NotFound", NOT_FOUND, {})
-
-    @staticmethod
-    def _group(group: str, versions: list[str]) -> Obj:
-        entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
-        return {"name": group, "versions": entries, "preferredVersion": entries[0]}
-
-    def _resource_list(self, group: str, version: str) -> Obj:
-        resources: list[Obj] = []
-        for rt in self.registry.in_group_version(group, version):
-            entry: Obj = {
-                "name": rt.resource,
-                "singularName": rt.singular,
-                "namespaced": rt.namespaced,
-                "kind": rt.kind,
-                "verbs": list(rt.verbs),
-            }
-            if rt.short_names:
-                entry["shortNames"] = list(rt.short_names)
-            resources.append(entry)
-            if rt.status_subresource:
-                resources.append(
-                    {
-                        "name": f"{rt.resource}/status",
-                        "singularName": "",
-                        "namespaced": rt.namespaced,
-                        "kind": rt.kind,
-                        "verbs": ["get", "patch", "update"],
-                    }
-                )
-        return {
-            "kind": "APIResourceList",
-            "apiVersion": "v1",
-            "groupVersion": f"{group}/{version}" if group else version,
-            "resources": resources,
-        }
+        if parts in (["healthz"], ["livez"], ["readyz"]):
+            return web.Response(text="ok")
+        return json_response(discovery_document(self.registry, self.port, parts))
 
 
 async def _main() -> None:

@@ -30,6 +30,31 @@ JSON_PATCH = "application/json-patch+json"
 PATCH_TYPES = (JSON_PATCH, MERGE_PATCH)
 
 
+_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
+_FALSE = {"", "0", "f", "F", "false", "FALSE", "False"}
+
+
+def parse_bool(query: Mapping[str, str], name: str) -> bool:
+    value = query.get(name, "")
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise bad_request(f'{name}: Invalid value: "{value}": strconv.ParseBool: invalid syntax')
+
+
+def parse_int(query: Mapping[str, str], name: str) -> int:
+    value = query.get(name, "")
+    if not value:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise bad_request(
+            f'{name}: Invalid value: "{value}": strconv.ParseInt: invalid syntax'
+        ) from None
+
+
 def render(rt: ResourceType, version: str, obj: Obj, with_type: bool = True) -> Obj:
     body = copy.deepcopy(obj)
     if not with_type:

@@ -17,14 +17,10 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.kube.apiserver import ApiServer
+from tests.kube.helpers import MERGE, cm
 
-MERGE = "application/merge-patch+json"
 REPO = Path(__file__).resolve().parents[2]
 Events = list[tuple[str, str]]
-
-
-def cm(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"metadata": {"name": name, "labels": labels or {}}, "data": {}}
 
 
 async def collect(

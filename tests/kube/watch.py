@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tests.kube.objects import invalid_list_options, status_body
 from tests.kube.resources import ResourceType
-from tests.kube.rest import parse_rv, render, selection
+from tests.kube.rest import parse_bool, parse_int, parse_rv, render, selection
 from tests.kube.store import Event, Expired, Watcher
 
 if TYPE_CHECKING:
@@ -36,8 +36,6 @@ def _line(event_type: str, obj: dict[str, Any]) -> bytes:
 async def serve_watch(
     server: ApiServer, request: web.Request, rt: ResourceType, version: str, namespace: str
 ) -> web.StreamResponse:
-    from tests.kube.apiserver import parse_bool, parse_int
-
     query = request.query
     sel = selection(rt, namespace, query)
     bookmarks = parse_bool(query, "allowWatchBookmarks")
