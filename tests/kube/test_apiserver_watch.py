@@ -191,7 +191,7 @@ async def test_send_initial_events_ends_with_an_annotated_bookmark(
     api_client: client.ApiClient,
 ) -> None:
     core = client.CoreV1Api(api_client)
-    await core.create_namespaced_config_map("default", cm("a"))
+    created = await core.create_namespaced_config_map("default", cm("a"))
     events = await collect(
         core.list_namespaced_config_map,
         "default",
@@ -202,8 +202,9 @@ async def test_send_initial_events_ends_with_an_annotated_bookmark(
         timeout_seconds=10,
     )
     assert [e["type"] for e in events] == ["ADDED", "BOOKMARK"]
-    annotations = events[1]["raw_object"]["metadata"]["annotations"]
-    assert annotations == {"k8s.io/initial-events-end": "true"}
+    end = events[1]["raw_object"]["metadata"]
+    assert end["annotations"] == {"k8s.io/initial-events-end": "true"}
+    assert end["resourceVersion"] == created.metadata.resource_version
     # The real server's ListOptions validation: both companions are required.
     with pytest.raises(ApiException) as caught:
         await collect(

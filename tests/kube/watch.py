@@ -82,17 +82,19 @@ async def serve_watch(
     watcher = Watcher(rt.group_resource, accept)
     too_old: Expired | None = None
     send_end_bookmark = False
-    if initial or rv_param in ("", "0"):
+    snapshot_rv = store.rv
+    replay: list[Event] = []
+    if initial or ("sendInitialEvents" not in query and rv_param in ("", "0")):
         replay = [
             Event(int(o["metadata"]["resourceVersion"]), "ADDED", rt.group_resource, k, o, None)
-            for k, o in store.snapshot(rt.group_resource, store.rv)
+            for k, o in store.snapshot(rt.group_resource, snapshot_rv)
         ]
         send_end_bookmark = initial
-    else:
+    elif rv_param not in ("", "0"):
         try:
             replay = store.events_since(rt.group_resource, start_rv)
         except Expired as exc:
-            too_old, replay = exc, []
+            too_old = exc
 
     response = web.StreamResponse(status=200)
     response.content_type = "application/json"
@@ -105,13 +107,14 @@ async def serve_watch(
         return response
 
     store.add_watcher(watcher, replay)
+    initial_count = len(watcher.pending) if send_end_bookmark else 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout > 0 else None
     interval = server.bookmark_interval
     next_bookmark = loop.time() + interval
 
-    def bookmark(annotations: dict[str, str] | None = None) -> bytes:
-        meta: dict[str, Any] = {"resourceVersion": str(store.rv)}
+    def bookmark(rv: int, annotations: dict[str, str] | None = None) -> bytes:
+        meta: dict[str, Any] = {"resourceVersion": str(rv)}
         if annotations:
             meta["annotations"] = annotations
         return _line(
@@ -121,11 +124,12 @@ async def serve_watch(
     try:
         await response.prepare(request)
         if send_end_bookmark:
-            # The replayed state goes first, then the bookmark that marks its end.
-            while watcher.pending:
+            # The initial state, then the bookmark that marks its end at the snapshot's
+            # revision; changes made meanwhile follow it.
+            for _ in range(initial_count):
                 event = watcher.pending.popleft()
                 await response.write(_line(event.type, render(rt, version, event.obj)))
-            await response.write(bookmark({INITIAL_EVENTS_END: "true"}))
+            await response.write(bookmark(snapshot_rv, {INITIAL_EVENTS_END: "true"}))
         while True:
             while watcher.pending:
                 event = watcher.pending.popleft()
@@ -141,7 +145,8 @@ async def serve_watch(
             if bookmarks and (watcher.bookmark_requested or now >= next_bookmark):
                 watcher.bookmark_requested = False
                 next_bookmark = now + interval
-                await response.write(bookmark())
+                # Everything up to the current revision has been written above.
+                await response.write(bookmark(store.rv))
                 continue
             wait = next_bookmark - now if bookmarks else None
             if deadline is not None:
