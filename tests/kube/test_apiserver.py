@@ -420,6 +420,10 @@ async def test_strictness_on_parameters_bodies_and_paths(api_client: client.ApiC
     with pytest.raises(ApiException) as caught:
         await core.create_namespaced_config_map("default", {"metadata": {}})
     assert caught.value.status == 422
+    with pytest.raises(ApiException) as caught:
+        await core.create_namespaced_config_map("default", cm("big", blob="x" * (4 << 20)))
+    assert caught.value.status == 413
+    assert status_of(caught.value)["reason"] == "RequestEntityTooLarge"
     generated = await core.create_namespaced_config_map(
         "default", {"metadata": {"generateName": "gen-"}}
     )
