@@ -1,0 +1,1 @@
+"""A Kubernetes API server emulator for tests (see tests/kube/apiserver.py)."""
