@@ -28,6 +28,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check meshpilot tests bench
 	$(VENV)/bin/ruff format --check meshpilot tests bench
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix meshpilot tests bench

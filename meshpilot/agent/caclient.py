@@ -126,7 +126,8 @@ class CAClient:
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         how = "client certificate" if identity is not None else "token"
         async with grpc.aio.secure_channel(self.address, creds, options=options) as channel:
-            stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(channel)
+            # grpc_tools writes no annotations into *_pb2_grpc.py.
+            stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
             try:
                 response = await stub.CreateCertificate(
                     request, metadata=metadata, timeout=self.timeout

@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,11 +221,11 @@ class Agent:
         log.info("agent stopping", signal=signal.Signals(sig).name)
         self.stopping.set()
 
-    async def _until(self, awaitable: object) -> bool:
+    async def _until(self, awaitable: Awaitable[Any]) -> bool:
         """Await `awaitable` unless a stop signal comes first, or the certificate manager
         dies (a bug: without renewals the certificate would silently expire); True if it
         completed."""
-        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(awaitable)
         stop = asyncio.ensure_future(self.stopping.wait())
         waiting: set[asyncio.Future[Any]] = {task, stop}
         if self._manager_task is not None:

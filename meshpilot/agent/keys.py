@@ -18,7 +18,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtensionOID
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 KeyType = Literal["ec", "rsa"]
 KEY_TYPES: tuple[KeyType, ...] = ("ec", "rsa")
@@ -93,7 +93,7 @@ def cert_info(pem: bytes | str) -> CertInfo:
     cert = x509.load_pem_x509_certificate(data)
     uris: tuple[str, ...] = ()
     with contextlib.suppress(x509.ExtensionNotFound):
-        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         uris = tuple(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
     return CertInfo(
         serial=f"{cert.serial_number:x}",
@@ -119,8 +119,8 @@ def check_chain(chain: list[str], key: PrivateKey, identity: str) -> CertInfo:
     return info
 
 
-def _spki(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined]
+def _spki(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 

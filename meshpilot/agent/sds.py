@@ -323,7 +323,8 @@ class DeltaStream:
 _CLOSED = object()
 
 
-class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):
+# The generated servicer base is untyped (xds-protos ships no stubs).
+class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
     """grpc.aio servicer for SotW and delta SDS, backed by a SecretCache."""
 
     def __init__(self, cache: SecretCache, files: FileSecrets | None = None) -> None:

@@ -442,7 +442,7 @@ def _serial() -> int:
     return secrets.randbits(128) or 1
 
 
-def _hash_for(key: SigningKey) -> hashes.HashAlgorithm:
+def _hash_for(key: SigningKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()

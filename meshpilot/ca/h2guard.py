@@ -19,6 +19,7 @@ was already relayed, loses its connection instead.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import hpack
 
@@ -174,7 +175,8 @@ class RequestGuard:
         block = bytes(self._block)
         self._block.clear()
         try:
-            headers = self._decoder.decode(block)
+            # hpack decodes to str (raw=False); its annotations say bytes.
+            headers = cast(list[tuple[str, str]], self._decoder.decode(block))
         except hpack.HPACKError as e:
             raise H2ProtocolError(f"header block: {e}") from None
         path = next((str(v) for k, v in headers if k == ":path"), None)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -166,7 +167,7 @@ def _busy_port(message: str) -> str:
     return ""
 
 
-def _synced(entry: dict) -> bool:
+def _synced(entry: dict[str, Any]) -> bool:
     return all(
         entry.get(f"{t}_sent") and entry.get(f"{t}_sent") == entry.get(f"{t}_acked")
         for t in ("cluster", "listener", "route", "endpoint")
@@ -255,7 +256,7 @@ async def run(args: argparse.Namespace) -> int:
             print("request:  productpage -> reviews -> ratings, every hop through Envoy:")
             print(f"  curl -s {url}")
             seen: collections.Counter[str] = collections.Counter()
-            answer: dict = {}
+            answer: dict[str, Any] = {}
 
             async def chain_works() -> bool:
                 nonlocal answer

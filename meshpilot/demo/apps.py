@@ -389,7 +389,7 @@ async def _read_body(
     reader: asyncio.StreamReader, headers: Mapping[str, str], *, until_eof: bool
 ) -> bytes:
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        chunks = []
+        chunks: list[bytes] = []
         size_total = 0
         while True:
             size_line = await reader.readline()

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from meshpilot.monitoring.metrics import REGISTRY
 
 # Process-wide, read when samples are collected: one call covers every metric.
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Debuggable(Protocol):
