@@ -9,7 +9,9 @@ selecting E WorkloadEntries; `per-service`: one file per service with its entrie
 --config-dir DIR` on loopback ports and polls /ready every 5 ms. Wall time is from
 just before `exec` to the first 200; the server's CPU at that moment comes from
 /proc/PID/stat. Each repeat is a fresh process (the OS page cache is warm after the
-first). The server is stopped by its pid.
+first). The server is stopped by its pid. `--baseline DIR` alternates with the
+package in DIR (e.g. `git archive OLD meshpilot | tar -x -C DIR`) for before/after
+figures under the same load.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _ready(port: int) -> bool:
         conn.close()
 
 
-def one_start(config_dir: Path, timeout: float) -> dict[str, float]:
+def one_start(config_dir: Path, timeout: float, tree: Path | None = None) -> dict[str, float]:
     mon = _free_port()
     cmd = [
         sys.executable,
@@ -89,7 +91,9 @@ def one_start(config_dir: Path, timeout: float) -> dict[str, float]:
         "warning",
     ]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # `-m meshpilot` imports the package from the working directory first: a baseline
+    # tree (an older checkout) runs its own code with this venv.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=tree)
     try:
         while True:
             if proc.poll() is not None:
@@ -118,15 +122,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layout", choices=("per-service", "per-object"), default="per-service")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also start the meshpilot package in this directory (an older checkout), "
+        "alternating with this one, so both see the same machine load",
+    )
     ap.add_argument("--label", default="", help="a name for this run in the output")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshpilot-startup-") as tmp:
         files = write_mesh(Path(tmp), args.services, args.endpoints, args.layout)
-        runs = [one_start(Path(tmp), args.timeout) for _ in range(args.repeats)]
+        runs: list[dict[str, float]] = []
+        base: list[dict[str, float]] = []
+        for _ in range(args.repeats):
+            if args.baseline is not None:
+                base.append(one_start(Path(tmp), args.timeout, args.baseline))
+            runs.append(one_start(Path(tmp), args.timeout))
 
-    def spread(field: str) -> dict[str, float]:
-        values = [r[field] for r in runs]
+    def spread(field: str, of: list[dict[str, float]] | None = None) -> dict[str, float]:
+        values = [r[field] for r in (runs if of is None else of)]
         return {
             "median": round(statistics.median(values), 3),
             "min": round(min(values), 3),
@@ -144,6 +160,12 @@ def main() -> None:
         "exec_to_ready_s": spread("wall_s"),
         "server_cpu_at_ready_s": spread("cpu_s"),
     }
+    if base:
+        result["baseline"] = {
+            "tree": str(args.baseline),
+            "exec_to_ready_s": spread("wall_s", base),
+            "server_cpu_at_ready_s": spread("cpu_s", base),
+        }
     print(json.dumps(result, indent=1))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
