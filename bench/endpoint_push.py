@@ -124,7 +124,6 @@ def one_repeat(services: int, endpoints: int, changes: int) -> dict[str, Any]:
         "generate_ms": statistics.median(gen_ms),
         "p90_total_ms": sorted(total_ms)[int(len(total_ms) * 0.9)],
         "bytes_per_change": sent // max(changes, 1),
-        "full_push_needed": ctx.requires_full_push,
     }
 
 

@@ -3,6 +3,12 @@
 Built once per debounced push from a store snapshot; translators read only from it.
 An endpoint-only change derives a new context that shares everything but the
 endpoint index, and recomputes endpoints only for the services it touches.
+
+Istio keeps endpoints outside the PushContext, in a mutable EndpointIndex that the
+registries update in place (EDSUpdate) and pushes read under a lock. meshpilot keeps
+them in the context, as immutable maps: an endpoint change copies the outer maps
+(C-level copies of a few thousand references) and replaces the changed services'
+entries, so a push in flight keeps reading the state it started with.
 """
 
 from __future__ import annotations
