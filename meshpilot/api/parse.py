@@ -24,7 +24,9 @@ except AttributeError:  # pragma: no cover
 _STR_TAG = "tag:yaml.org,2002:str"
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
+# Bounds on the memo below: names, labels and numbers, not long values.
 _MAX_RESOLVED = 50_000
+_MAX_RESOLVED_LENGTH = 100
 # Plain scalar -> tag: the same few thousand keys and values recur in every file.
 _resolved: dict[str, str] = {}
 
@@ -45,7 +47,7 @@ class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
             tag = _resolved.get(value)
             if tag is None:
                 tag = super().resolve(kind, value, implicit)
-                if len(_resolved) < _MAX_RESOLVED:
+                if len(value) <= _MAX_RESOLVED_LENGTH and len(_resolved) < _MAX_RESOLVED:
                     _resolved[value] = tag
             return tag
         return super().resolve(kind, value, implicit)
