@@ -23,6 +23,7 @@ class IstioModel(BaseModel):
         extra="forbid",
         frozen=True,
         str_strip_whitespace=False,
+        defer_build=True,
     )
 
 
@@ -30,7 +31,11 @@ class KubeModel(BaseModel):
     """A Kubernetes object part: camelCase, unknown fields ignored (the API has many)."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        defer_build=True,
     )
 
 

@@ -17,9 +17,63 @@ from meshpilot.api.kinds import IGNORED_KINDS, KINDS
 from meshpilot.config import Config, ConfigKey
 
 try:  # libyaml is many times faster; fall back where it is not compiled in.
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
+    _BaseLoader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
 except AttributeError:  # pragma: no cover
-    _Loader = yaml.SafeLoader
+    _BaseLoader = yaml.SafeLoader
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+# Bounds on the memo below: names, labels and numbers, not long values.
+_MAX_RESOLVED = 50_000
+_MAX_RESOLVED_LENGTH = 100
+# Plain scalar -> tag: the same few thousand keys and values recur in every file.
+_resolved: dict[str, str] = {}
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """PyYAML's safe loader with two shortcuts for the common case, same result.
+
+    libyaml parses in C but PyYAML resolves and constructs every node in Python, which
+    made YAML most of the cost of loading thousands of small objects. Plain scalars'
+    implicit tags (a function of the text alone: the safe loader has no path
+    resolvers) are memoized; mappings with string keys, sequences and strings are
+    built directly. Everything else (ints, bools, timestamps, merge keys, explicit
+    tags) goes through PyYAML's constructors, and aliases still share one object.
+    """
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0] and not self.yaml_path_resolvers:
+            tag = _resolved.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(value) <= _MAX_RESOLVED_LENGTH and len(_resolved) < _MAX_RESOLVED:
+                    _resolved[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        tag = node.tag
+        if tag == _STR_TAG and type(node) is yaml.ScalarNode:
+            return node.value
+        memo = self.constructed_objects
+        if node in memo:
+            return memo[node]
+        if tag == _MAP_TAG and type(node) is yaml.MappingNode:
+            pairs = node.value
+            if all(k.tag == _STR_TAG and type(k) is yaml.ScalarNode for k, _ in pairs):
+                out: dict[str, Any] = {}
+                memo[node] = out  # before the values: an alias inside refers to it
+                for k, v in pairs:
+                    out[k.value] = self.construct_object(v, deep)
+                return out
+        elif tag == _SEQ_TAG and type(node) is yaml.SequenceNode:
+            items: list[Any] = []
+            memo[node] = items
+            items.extend(self.construct_object(child, deep) for child in node.value)
+            return items
+        return super().construct_object(node, deep)
+
 
 MAX_DOCUMENT_NODES = 200_000
 """Expanded size limit: a few aliases can otherwise expand to billions of nodes."""

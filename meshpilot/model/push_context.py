@@ -3,6 +3,12 @@
 Built once per debounced push from a store snapshot; translators read only from it.
 An endpoint-only change derives a new context that shares everything but the
 endpoint index, and recomputes endpoints only for the services it touches.
+
+Istio keeps endpoints outside the PushContext, in a mutable EndpointIndex that the
+registries update in place (EDSUpdate) and pushes read under a lock. meshpilot keeps
+them in the context, as immutable maps: an endpoint change copies the outer maps
+(C-level copies of a few thousand references) and replaces the changed services'
+entries, so a push in flight keeps reading the state it started with.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from meshpilot.config import Config, ConfigKey, StoreSnapshot, kinds, oldest_fir
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.registry import (
     EndpointIndex,
+    SelectorIndex,
+    WorkloadIndex,
     build_endpoints,
     build_services,
 )
@@ -70,7 +78,7 @@ class PushContext:
         default_factory=dict
     )
     _label_instances: dict[tuple[Any, ...], list[ServiceInstance]] = field(default_factory=dict)
-    _by_ip: dict[str, list[tuple[Service, ServicePort, Endpoint]]] | None = None
+    _by_ip: dict[str, tuple[tuple[Service, ServicePort, Endpoint], ...]] | None = None
     _by_ns: dict[str, list[Service]] | None = None
     # Routing config; shared unchanged by endpoint-only contexts.
     _virtual_services: tuple[ResolvedVirtualService, ...] = ()
@@ -82,39 +90,51 @@ class PushContext:
     # Set on an endpoint-only context whose changes alter what clusters carry (the
     # SPIFFE identities auto mTLS verifies): the push must rebuild CDS after all.
     requires_full_push: bool = False
+    # What endpoint-only changes update instead of rebuilding: WorkloadEntries by
+    # label, and services by selector label.
+    _workloads: WorkloadIndex | None = None
+    _selectors: SelectorIndex | None = None
 
     # --- construction --------------------------------------------------------------------
 
     @staticmethod
     def build(snapshot: StoreSnapshot, mesh: MeshConfig) -> PushContext:
         services = build_services(snapshot, mesh.domain_suffix)
-        endpoints = build_endpoints(snapshot, services)
-        return PushContext._assemble(snapshot, mesh, services, endpoints, None)
+        workloads = WorkloadIndex(snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
+        endpoints = build_endpoints(snapshot, services, workloads)
+        ctx = PushContext._assemble(snapshot, mesh, services, endpoints, None)
+        ctx._workloads = workloads
+        return ctx
 
     def with_endpoint_changes(
         self, snapshot: StoreSnapshot, changed: frozenset[ConfigKey]
     ) -> PushContext:
-        """A context for a WorkloadEntry-only change: same services, some new endpoints."""
-        affected: dict[str, Service] = {}
-        for key in changed:
-            for cfg in (self.snapshot.get(key), snapshot.get(key)):
-                if cfg is None:
-                    continue
-                labels = {**cfg.labels, **getattr(cfg.spec, "labels", {})}
-                for svc in self._services_sorted:
-                    if (
-                        svc.namespace == cfg.namespace
-                        and svc.selector
-                        and labels_match(svc.selector, labels)
-                    ):
-                        affected[svc.hostname] = svc
-        fresh = build_endpoints(snapshot, affected)
+        """A context for a WorkloadEntry-only change: same services, some new endpoints.
+
+        Istio's incremental EDS update: only the services that select a changed entry
+        (before or after the change) get their endpoints recomputed; the endpoint
+        index, the endpoints-by-IP index and the per-proxy caches are copied from this
+        context with those hosts replaced; services, routing, Sidecar scopes and
+        security are shared by reference. This context is left as it was.
+        """
+        if any(key.kind not in kinds.ENDPOINT_KINDS for key in changed):
+            return PushContext.build(snapshot, self.mesh)
+        before = [c for key in changed if (c := self.snapshot.get(key)) is not None]
+        after = [c for key in changed if (c := snapshot.get(key)) is not None]
+        selectors = self._selector_index()
+        affected = {
+            svc.hostname: svc for cfg in (*before, *after) for svc in selectors.selecting(cfg)
+        }
+        workloads = self._workload_index().updated(before, after)
+        fresh = build_endpoints(snapshot, affected, workloads)
         endpoints = dict(self.endpoints)
-        changed_hosts = set()
+        changed_hosts: set[str] = set()
         for host, per_port in fresh.items():
+            # Unchanged hosts keep their mapping object: readers (analysis) compare by
+            # identity to find what to redo.
             if per_port != endpoints.get(host):
                 changed_hosts.add(host)
-            endpoints[host] = per_port
+                endpoints[host] = per_port
         ctx = PushContext(
             version=next_version(),
             snapshot=snapshot,
@@ -129,14 +149,72 @@ class PushContext:
             _destination_rules=self._destination_rules,
             _security=self._security,
         )
-        # Scopes depend on services and Sidecars only, both unchanged.
+        ctx._workloads = workloads
+        ctx._selectors = selectors
+        # Scopes, label-selected instances and services per namespace depend on
+        # services and Sidecars only, both unchanged.
         ctx._scope_cache = self._scope_cache
+        ctx._label_instances = self._label_instances
+        ctx._by_ns = self._by_ns
+        if changed_hosts:
+            ips = self._carry_over_by_ip(ctx, changed_hosts)
+            ctx._instances_cache = {
+                k: v for k, v in self._instances_cache.items() if ips.isdisjoint(k[2])
+            }
+            identities = dict(self._identities)
+            for host in changed_hosts:
+                identities.pop(host, None)
+            ctx._identities = identities
+        else:
+            ctx._by_ip = self._by_ip
+            ctx._instances_cache = self._instances_cache
+            ctx._identities = self._identities
         ctx.requires_full_push = any(
-            self._cluster_identity(svc) != ctx._cluster_identity(svc)
-            for host, svc in affected.items()
-            if host in changed_hosts
+            self._cluster_identity(self.services[host])
+            != ctx._cluster_identity(self.services[host])
+            for host in changed_hosts
         )
         return ctx
+
+    def _carry_over_by_ip(self, ctx: PushContext, changed_hosts: set[str]) -> set[str]:
+        """Give `ctx` this context's endpoints-by-IP index with the changed hosts'
+        entries replaced (when this one has it built); the IPs whose entries changed."""
+        ips: set[str] = set()
+        added: dict[str, list[tuple[Service, ServicePort, Endpoint]]] = {}
+        for host in changed_hosts:
+            svc = self.services[host]
+            old, new = self.endpoints.get(host, {}), ctx.endpoints.get(host, {})
+            for per_port in old.values():
+                ips.update(ep.address for ep in per_port)
+            for port in svc.ports:
+                for ep in new.get(port.port, ()):
+                    ips.add(ep.address)
+                    added.setdefault(ep.address, []).append((svc, port, ep))
+        if self._by_ip is None:
+            return ips
+        by_ip = dict(self._by_ip)
+        for ip in ips:
+            kept = [e for e in by_ip.get(ip, ()) if e[0].hostname not in changed_hosts]
+            # Services in hostname order, as a full build has them (stable: each
+            # service's entries stay in port, then endpoint order).
+            entries = sorted(kept + added.get(ip, []), key=lambda e: e[0].hostname)
+            if entries:
+                by_ip[ip] = tuple(entries)
+            else:
+                by_ip.pop(ip, None)
+        ctx._by_ip = by_ip
+        return ips
+
+    def _workload_index(self) -> WorkloadIndex:
+        if self._workloads is None:
+            self._workloads = WorkloadIndex(self.snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
+        return self._workloads
+
+    def _selector_index(self) -> SelectorIndex:
+        # Built on the first endpoint change, not at start-up; shared from then on.
+        if self._selectors is None:
+            self._selectors = SelectorIndex(self._services_sorted)
+        return self._selectors
 
     @staticmethod
     def _assemble(
@@ -242,7 +320,7 @@ class PushContext:
         self._instances_cache[cache_key] = result
         return result
 
-    def _endpoints_by_ip(self) -> dict[str, list[tuple[Service, ServicePort, Endpoint]]]:
+    def _endpoints_by_ip(self) -> dict[str, tuple[tuple[Service, ServicePort, Endpoint], ...]]:
         if self._by_ip is None:
             index: dict[str, list[tuple[Service, ServicePort, Endpoint]]] = {}
             for svc in self._services_sorted:
@@ -250,7 +328,7 @@ class PushContext:
                 for port in svc.ports:
                     for ep in by_port.get(port.port, ()):
                         index.setdefault(ep.address, []).append((svc, port, ep))
-            self._by_ip = index
+            self._by_ip = {ip: tuple(entries) for ip, entries in index.items()}
         return self._by_ip
 
     def _services_by_ns(self) -> dict[str, list[Service]]:

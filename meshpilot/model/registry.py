@@ -7,6 +7,7 @@ serviceregistry controllers do.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
@@ -55,54 +56,118 @@ def build_services(snapshot: StoreSnapshot, domain_suffix: str) -> dict[str, Ser
     return out
 
 
-def build_endpoints(snapshot: StoreSnapshot, services: Mapping[str, Service]) -> EndpointIndex:
-    """Endpoints per hostname and service port number."""
-    entries: Iterable[Config] = snapshot.of_kind(kinds.WORKLOAD_ENTRY).values()
-    if len(services) <= _FEW_SERVICES:
-        # A few services (an endpoint-only change): index only the WorkloadEntries
-        # their selectors can pick, not every entry of the mesh.
-        selectors = [(s.namespace, s.selector) for s in services.values() if s.selector]
-        entries = [cfg for cfg in entries if _selected(cfg, selectors)]
-    workloads = WorkloadIndex(entries)
+def build_endpoints(
+    snapshot: StoreSnapshot,
+    services: Mapping[str, Service],
+    workloads: WorkloadIndex | None = None,
+) -> EndpointIndex:
+    """Endpoints per hostname and service port number.
+
+    `workloads` indexes the snapshot's WorkloadEntries; an endpoint-only change
+    passes the index it updated, so only the services it names cost anything.
+    """
+    if workloads is None:
+        workloads = WorkloadIndex(snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
     index: dict[str, Mapping[int, tuple[Endpoint, ...]]] = {}
     for svc in services.values():
         index[svc.hostname] = MappingProxyType(_service_endpoints(svc, snapshot, workloads))
     return MappingProxyType(index)
 
 
-_FEW_SERVICES = 8
+def workload_labels(cfg: Config) -> dict[str, str]:
+    """A WorkloadEntry's labels as selectors see them: spec labels win over metadata."""
+    return {**cfg.labels, **cfg.spec.labels}
 
 
-def _selected(cfg: Config, selectors: list[tuple[str, Mapping[str, str]]]) -> bool:
-    """Whether one of the selectors matches the entry's labels (spec labels win)."""
-    own = cfg.spec.labels
-    meta = cfg.labels
-    for namespace, selector in selectors:
-        if cfg.namespace == namespace and all(
-            own.get(k, meta.get(k)) == v for k, v in selector.items()
-        ):
-            return True
-    return False
+# (namespace, label, value): the unit both indexes below are keyed by.
+_LabelKey = tuple[str, str, str]
+_Workload = tuple[Config, dict[str, str]]
+
+
+def _by_name(entry: _Workload) -> str:
+    return entry[0].name
 
 
 class WorkloadIndex:
     """WorkloadEntries by namespace and by label, so a selector visits only candidates
-    (a Service x WorkloadEntry scan is quadratic in a mesh of thousands)."""
+    (a Service x WorkloadEntry scan is quadratic in a mesh of thousands).
 
-    def __init__(self, configs: Iterable[Config]) -> None:
-        self._by_label: dict[tuple[str, str, str], list[tuple[Config, dict[str, str]]]] = {}
+    Immutable: `updated()` returns a new index that shares every bucket the change
+    does not touch, so an endpoint change costs O(labels of the changed entries), not
+    O(entries). Buckets are tuples ordered by name (one namespace per bucket).
+    """
+
+    __slots__ = ("_by_label",)
+
+    def __init__(self, configs: Iterable[Config] = ()) -> None:
+        by_label: dict[_LabelKey, list[_Workload]] = {}
         for cfg in sorted(configs, key=lambda c: (c.namespace, c.name)):
-            labels = {**cfg.labels, **cfg.spec.labels}
+            labels = workload_labels(cfg)
             for k, v in labels.items():
-                self._by_label.setdefault((cfg.namespace, k, v), []).append((cfg, labels))
+                by_label.setdefault((cfg.namespace, k, v), []).append((cfg, labels))
+        self._by_label: dict[_LabelKey, tuple[_Workload, ...]] = {
+            k: tuple(v) for k, v in by_label.items()
+        }
 
-    def select(
-        self, namespace: str, selector: Mapping[str, str]
-    ) -> list[tuple[Config, dict[str, str]]]:
+    def select(self, namespace: str, selector: Mapping[str, str]) -> list[_Workload]:
         """Entries in `namespace` whose labels match `selector` (non-empty), by name."""
-        buckets = [self._by_label.get((namespace, k, v), []) for k, v in selector.items()]
+        buckets = [self._by_label.get((namespace, k, v), ()) for k, v in selector.items()]
         smallest = min(buckets, key=len)
         return [(cfg, labels) for cfg, labels in smallest if labels_match(selector, labels)]
+
+    def updated(self, removed: Iterable[Config], added: Iterable[Config]) -> WorkloadIndex:
+        """This index without the `removed` entries (as they were indexed) and with the
+        `added` ones; a changed entry is removed in its old form and added in its new."""
+        by_label = dict(self._by_label)
+        for cfg in removed:
+            for k, v in workload_labels(cfg).items():
+                key = (cfg.namespace, k, v)
+                bucket = by_label.get(key, ())
+                i = bisect.bisect_left(bucket, cfg.name, key=_by_name)
+                if i < len(bucket) and bucket[i][0].name == cfg.name:
+                    bucket = bucket[:i] + bucket[i + 1 :]
+                if bucket:
+                    by_label[key] = bucket
+                else:
+                    by_label.pop(key, None)
+        for cfg in added:
+            labels = workload_labels(cfg)
+            for k, v in labels.items():
+                key = (cfg.namespace, k, v)
+                bucket = by_label.get(key, ())
+                i = bisect.bisect_left(bucket, cfg.name, key=_by_name)
+                by_label[key] = (*bucket[:i], (cfg, labels), *bucket[i:])
+        index = WorkloadIndex()
+        index._by_label = by_label
+        return index
+
+
+class SelectorIndex:
+    """Services by the labels their selectors require, to find the services that pick
+    (or picked) one WorkloadEntry without walking every service."""
+
+    __slots__ = ("_by_label",)
+
+    def __init__(self, services: Iterable[Service]) -> None:
+        by_label: dict[_LabelKey, list[Service]] = {}
+        for svc in services:
+            if svc.selector:
+                # One bucket per service is enough: a match needs every label anyway.
+                k, v = next(iter(svc.selector.items()))
+                by_label.setdefault((svc.namespace, k, v), []).append(svc)
+        self._by_label: dict[_LabelKey, tuple[Service, ...]] = {
+            k: tuple(v) for k, v in by_label.items()
+        }
+
+    def selecting(self, cfg: Config) -> list[Service]:
+        """Services in the entry's namespace whose selector matches its labels."""
+        labels = workload_labels(cfg)
+        found: list[Service] = []
+        for k, v in labels.items():
+            for svc in self._by_label.get((cfg.namespace, k, v), ()):
+                if svc.selector and labels_match(svc.selector, labels):
+                    found.append(svc)
+        return found
 
 
 def _service_endpoints(
