@@ -46,10 +46,12 @@ FIGURES = (
     ("start_s", "start to ready", "s"),
     ("first_cpu_s", "first full config, server CPU", "s"),
     ("first_wall_s", "first full config, wall", "s"),
+    ("start_to_config_s", "start to first full config, wall", "s"),
     ("shared_cpu_s", "full config, shared scope", "s CPU"),
     ("namespace_cpu_s", "full config, own namespace", "s CPU"),
     ("sidecar_cpu_s", "full config, workload sidecar", "s CPU"),
     ("change_cpu_s", "endpoint change to one proxy", "s CPU"),
+    ("eds_poll_unchanged_cpu_s", "REST EDS poll, nothing new", "s CPU"),
     ("rss_mb", "RSS, all server processes", "MB"),
     ("pss_mb", "PSS, all server processes", "MB"),
 )
@@ -197,6 +199,11 @@ class Run:
                 after = srv.reading()
                 out["first_cpu_s"] = after.cpu - before.cpu
                 out["first_wall_s"] = after.t - before.t
+            for out in (self.mp, self.sov):
+                out["start_to_config_s"] = out["start_s"] + out["first_wall_s"]
+            if self.index == 0:
+                # Outside any measured window: sovereign renders two more full configs.
+                await self._sov_validate(session, base)
 
             await measure_idle(servers, a.idle)
             self.mp["idle_cores"], self.sov["idle_cores"] = mp.idle, sov.idle
@@ -241,6 +248,12 @@ class Run:
 
     def _sov_node(self, scenario: str, k: int) -> dict[str, Any]:
         return sovereign_setup.node(*self._where(self.sov_mesh, scenario, k))
+
+    async def _sov_validate(self, session: aiohttp.ClientSession, base: str) -> None:
+        for scenario in ("shared", "sidecar"):
+            p = sovereign_setup.RestProxy(session, base, self._sov_node(scenario, 20_000))
+            p.check = True
+            await p.full()
 
     async def _mp_full(self, target: str, scenario: str, k: int) -> None:
         # k + 1: proxy 0 of the shared scope already fetched the first config.
@@ -406,7 +419,7 @@ def main() -> None:
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--endpoints", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=5, help="meshpilot proxies per scenario")
+    ap.add_argument("--batch", type=int, default=20, help="meshpilot proxies per scenario")
     ap.add_argument("--peer-batch", type=int, default=1, help="sovereign proxies per scenario")
     ap.add_argument("--changes", type=int, default=3, help="endpoint changes per side")
     ap.add_argument("--workers", type=int, default=1, help="sovereign worker processes")

@@ -373,6 +373,7 @@ class RestProxy:
         self.eds_names: list[str] = []
         self.bytes = dict.fromkeys(TYPES, 0)
         self.counts = dict.fromkeys(TYPES, 0)
+        self.check = False
 
     async def fetch(self, xds: str, names: list[str]) -> list[dict[str, Any]] | None:
         """One DiscoveryRequest; None when sovereign answers 304 (unchanged)."""
@@ -394,6 +395,8 @@ class RestProxy:
         self.bytes[xds] = len(data)
         resources: list[dict[str, Any]] = doc["resources"]
         self.counts[xds] = len(resources)
+        if self.check:
+            validate(resources)
         return resources
 
     async def full(self) -> None:
@@ -408,6 +411,47 @@ class RestProxy:
     async def endpoints(self) -> bool:
         """Poll EDS once; True if it changed."""
         return await self.fetch("endpoints", self.eds_names) is not None
+
+
+def validate(resources: list[dict[str, Any]]) -> int:
+    """Parse every rendered resource into its Envoy v3 message (by its `@type`), so a
+    template typo cannot make sovereign's side cheaper by producing less. Returns the
+    number of resources checked; raises ValueError naming the resource otherwise."""
+    # Registers the message types that typed_config Anys refer to.
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+    from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+        http_connection_manager_pb2,
+    )
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+    from google.protobuf import json_format
+
+    messages = {
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster": cluster_pb2.Cluster,
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": (
+            endpoint_pb2.ClusterLoadAssignment
+        ),
+        "type.googleapis.com/envoy.config.listener.v3.Listener": listener_pb2.Listener,
+        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": (
+            route_pb2.RouteConfiguration
+        ),
+    }
+    for res in resources:
+        body = dict(res)
+        type_url = body.pop("@type", "")
+        cls = messages.get(type_url)
+        name = body.get("name") or body.get("cluster_name")
+        if cls is None:
+            raise ValueError(f"sovereign resource {name!r}: unexpected @type {type_url!r}")
+        try:
+            json_format.ParseDict(body, cls())
+        except json_format.ParseError as e:
+            raise ValueError(f"sovereign resource {name!r} is not a valid {type_url}: {e}") from e
+    return len(resources)
 
 
 def route_names(listeners: list[dict[str, Any]]) -> list[str]:
