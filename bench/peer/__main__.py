@@ -52,6 +52,7 @@ FIGURES = (
     ("sidecar_cpu_s", "full config, workload sidecar", "s CPU"),
     ("change_cpu_s", "endpoint change to one proxy", "s CPU"),
     ("eds_poll_unchanged_cpu_s", "REST EDS poll, nothing new", "s CPU"),
+    ("rss_first_mb", "RSS after the first config", "MB"),
     ("rss_mb", "RSS, all server processes", "MB"),
     ("pss_mb", "PSS, all server processes", "MB"),
 )
@@ -199,8 +200,10 @@ class Run:
                 after = srv.reading()
                 out["first_cpu_s"] = after.cpu - before.cpu
                 out["first_wall_s"] = after.t - before.t
-            for out in (self.mp, self.sov):
+            for out, srv in ((self.mp, mp), (self.sov, sov)):
                 out["start_to_config_s"] = out["start_s"] + out["first_wall_s"]
+                mem = accounting.memory_of(accounting.process_tree(srv.proc.pid))
+                out["rss_first_mb"] = mem["rss_kb"] / 1024
             if self.index == 0:
                 # Outside any measured window: sovereign renders two more full configs.
                 await self._sov_validate(session, base)
@@ -223,6 +226,9 @@ class Run:
                 mem = accounting.memory_of(accounting.process_tree(srv.proc.pid))
                 out["rss_mb"] = mem["rss_kb"] / 1024
                 out["pss_mb"] = mem["pss_kb"] / 1024
+                # Distinct proxies (node ids) served by then: caches grow with scopes.
+                # (the first, three batches, the endpoint-change proxy).
+                out["proxies_served"] = 1 + 3 * (a.batch if srv is mp else a.peer_batch) + 1
         finally:
             for s in servers:
                 s.stop()
