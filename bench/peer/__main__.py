@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -81,7 +82,7 @@ class Server:
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE if os.environ.get("PEER_QUIET") else None,
+            stderr=None,  # the servers' own warnings go to the terminal
             start_new_session=True,
         )
         self.pids = [self.proc.pid]
@@ -213,10 +214,10 @@ class Run:
 
             for scenario in ("shared", "namespace", "sidecar"):
                 self.mp[f"{scenario}_cpu_s"] = await batch(
-                    mp, a.batch, lambda k, s=scenario: self._mp_full(target, s, k)
+                    mp, a.batch, functools.partial(self._mp_full, target, scenario)
                 )
                 self.sov[f"{scenario}_cpu_s"] = await batch(
-                    sov, a.peer_batch, lambda k, s=scenario: self._sov_full(session, base, s, k)
+                    sov, a.peer_batch, functools.partial(self._sov_full, session, base, scenario)
                 )
 
             self.mp["change_cpu_s"] = await self._mp_changes(mp, mp_dir, target)
@@ -285,7 +286,8 @@ class Run:
             await proxy.synced(60)
             await asyncio.sleep(0.5)
             total = 0.0
-            for i in range(a.changes):
+            changes: int = a.changes
+            for _ in range(changes):
                 proxy.drain()
                 old = proxy.eds_version
                 svc, _ = self.mp_mesh.move(0)
@@ -295,8 +297,7 @@ class Run:
                 # Charge until the push arrived plus a short tail for the ACK's handling.
                 await asyncio.sleep(max(0.0, arrived + 0.05 - time.monotonic()))
                 total += accounting.per_request(before, mp.reading(), 1, mp.idle)
-                del i
-            return total / a.changes
+            return total / changes
         finally:
             await proxy.close()
 

@@ -20,6 +20,7 @@ import yaml
 from bench import wire
 from bench.peer import workload
 from bench.peer.workload import Mesh
+from meshpilot.xds.wire import field as pb_field
 
 MAX_MESSAGE = 256 * 1024 * 1024
 CHANNEL_OPTIONS = (
@@ -29,7 +30,7 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE),
 )
 CDS_B, EDS_B, LDS_B, RDS_B = (t.encode() for t in wire.TYPES)
-F_CDS, F_EDS, F_LDS, F_RDS = (wire.field(4, t) for t in (CDS_B, EDS_B, LDS_B, RDS_B))
+F_CDS, F_EDS, F_LDS, F_RDS = (pb_field(4, t) for t in (CDS_B, EDS_B, LDS_B, RDS_B))
 
 
 def service_file(config_dir: Path, svc: workload.Service) -> Path:
@@ -170,7 +171,7 @@ class AdsProxy:
                 await call.write(req(F_RDS, env.version, env.nonce, rds_block))
                 self._record("rds", data)
             else:
-                await call.write(req(wire.field(4, t), env.version, env.nonce, b""))
+                await call.write(req(pb_field(4, t), env.version, env.nonce, b""))
             if not self._synced.is_set() and self._done():
                 self._synced.set()
 
