@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of meshpilot against sovereign (see bench/README.md)."""
