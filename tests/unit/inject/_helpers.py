@@ -42,9 +42,12 @@ def deployment_pod(**spec_extra: Any) -> dict[str, Any]:
     }
 
 
-def review(pod: Any, *, uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002", **request_extra: Any) -> dict[str, Any]:
+def review(
+    pod: Any, *, uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002", **request_extra: Any
+) -> dict[str, Any]:
     """An admission.k8s.io/v1 AdmissionReview for creating `pod`."""
-    namespace = pod.get("metadata", {}).get("namespace", "default") if isinstance(pod, dict) else "default"
+    meta = pod.get("metadata") if isinstance(pod, dict) else None
+    namespace = meta.get("namespace", "default") if isinstance(meta, dict) else "default"
     return {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",

@@ -161,7 +161,9 @@ def test_patch_does_not_change_the_pod_it_reads(template: Template) -> None:
 
 def test_a_name_the_template_adds_already_in_use_is_an_error(template: Template) -> None:
     pod = deployment_pod(volumes=[{"name": "istio-token", "emptyDir": {}}])
-    with pytest.raises(InjectionError, match=r"spec.volumes already has an entry named 'istio-token'"):
+    with pytest.raises(
+        InjectionError, match=r"spec.volumes already has an entry named 'istio-token'"
+    ):
         injection_patch(pod, "bookinfo", template, PROXY)
 
 
@@ -178,7 +180,9 @@ def test_a_name_the_template_adds_already_in_use_is_an_error(template: Template)
         ({"sidecar.istio.io/inject": "false"}, {"sidecar.istio.io/inject": "true"}, False),
     ],
 )
-def test_opt_in_and_opt_out(labels: dict[str, str], annotations: dict[str, str], inject: bool) -> None:
+def test_opt_in_and_opt_out(
+    labels: dict[str, str], annotations: dict[str, str], inject: bool
+) -> None:
     pod = deployment_pod()
     pod["metadata"]["labels"].update(labels)
     pod["metadata"]["annotations"] = annotations
