@@ -19,6 +19,7 @@ import pytest
 import yaml
 from kubernetes_asyncio.client import ApiClient
 
+from meshpilot.inject.cabundle import WEBHOOK_CONFIG
 from meshpilot.inject.patch import INJECT_LABEL
 from meshpilot.inject.webhook import INJECT_PATH
 
@@ -136,7 +137,7 @@ def test_services_expose_the_control_planes_ports(name: str) -> None:
 
 def test_webhook_configuration() -> None:
     config = one("MutatingWebhookConfiguration")
-    assert config["metadata"]["name"] == "istio-sidecar-injector"
+    assert config["metadata"]["name"] == WEBHOOK_CONFIG
     hooks = {w["name"]: w for w in config["webhooks"]}
     assert set(hooks) == {
         "namespace.sidecar-injector.istio.io",
@@ -161,7 +162,8 @@ def test_webhook_configuration() -> None:
         assert hook["failurePolicy"] == "Fail"
         assert hook["sideEffects"] == "None"
         assert hook["admissionReviewVersions"] == ["v1"]
-        # Set by the operator after install (README): an empty one would pin a wrong trust.
+        # Written by the leader (meshpilot/inject/cabundle.py): a value here would be
+        # stale the moment the mesh root is not this one.
         assert "caBundle" not in hook["clientConfig"]
 
     by_namespace = hooks["namespace.sidecar-injector.istio.io"]
@@ -223,6 +225,12 @@ def test_cluster_role_grants_exactly_what_meshpilot_uses() -> None:
             "security.istio.io", ["peerauthentications", "authorizationpolicies"], ["list", "watch"]
         )
         | grants("authentication.k8s.io", ["tokenreviews"], ["create"])
+        | grants(
+            "admissionregistration.k8s.io",
+            ["mutatingwebhookconfigurations"],
+            ["list", "watch", "patch"],
+            WEBHOOK_CONFIG,
+        )
     )
     assert rules(one("ClusterRole")) == expected
 
