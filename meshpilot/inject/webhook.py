@@ -37,6 +37,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from meshpilot.inject import metrics
 from meshpilot.inject.patch import (
     InjectionError,
     ProxySettings,
@@ -124,17 +125,20 @@ class InjectionWebhook:
     def review(self, body: bytes) -> dict[str, Any]:
         """The AdmissionReview answering `body`; never raises."""
         api_version, uid = _API_VERSIONS[0], ""
+        metrics.REQUESTS.inc()
         try:
             review = _decode(body)
             api_version = _api_version(review)
             uid, request = _request(review)
             return self._answer(api_version, uid, request)
         except MalformedReview as e:
+            metrics.FAILURES.labels("decode").inc()
             log.warning("malformed AdmissionReview: allowed without a sidecar", error=str(e))
             return _response(api_version, uid, warning=f"sidecar not injected: {e}")
         except Exception as e:
             # The webhook must not stand between a user and their pod because of a fault
             # here; the error's type and text are ours, not the pod's contents.
+            metrics.FAILURES.labels("internal").inc()
             log.warning(
                 "injection failed: allowed without a sidecar",
                 error=f"{type(e).__name__}: {str(e)[:200]}",
@@ -144,6 +148,7 @@ class InjectionWebhook:
     def _answer(self, api_version: str, uid: str, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("kind") != _POD or request.get("operation", "CREATE") != "CREATE":
             # Only pod creation is registered; anything else passes untouched.
+            metrics.SKIPS.inc()
             return _response(api_version, uid)
         pod = request.get("object")
         if not isinstance(pod, dict):
@@ -160,13 +165,16 @@ class InjectionWebhook:
             log.warning("injection opt-in value ignored", pod=who, reason=opt_warning)
         if not decision.inject:
             log.info("sidecar injection skipped", pod=who, reason=decision.reason)
+            metrics.SKIPS.inc()
             return _response(api_version, uid)
         try:
             ops = injection_patch(pod, namespace, self.template, self.proxy)
         except (InjectionError, TemplateError) as e:
             log.warning("sidecar not injected", pod=who, error=str(e))
+            metrics.FAILURES.labels("inject").inc()
             return _response(api_version, uid, warning=f"sidecar not injected: {e}")
         log.info("sidecar injected", pod=who, reason=decision.reason)
+        metrics.SUCCESSES.inc()
         return _response(api_version, uid, patch=ops)
 
 

@@ -16,6 +16,7 @@ from cryptography import x509
 from meshpilot.ca.authority import CertificateAuthority
 from meshpilot.inject import InjectionWebhook, ProxySettings
 from meshpilot.inject.webhook import MAX_REVIEW_BYTES
+from meshpilot.monitoring.metrics import REGISTRY
 
 from ._helpers import apply, body, deployment_pod, patch_ops, review, validate_pod
 
@@ -176,11 +177,29 @@ def test_odd_field_types_in_the_pod_never_raise(webhook: InjectionWebhook) -> No
         {"metadata": [], "spec": {"containers": "x"}},
         {"metadata": {"labels": ["a"], "annotations": 3}, "spec": None},
         {"metadata": {"labels": {"sidecar.istio.io/inject": None}}, "spec": {"containers": [1]}},
+        {"metadata": {}, "spec": {"initContainers": [{"name": ["unhashable"]}]}},
     ]
     for pod in odd:
         answer = webhook.review(body(review(pod)))
         assert answer["response"]["allowed"] is True
         assert answer["response"]["uid"] == UID
+
+
+def test_counters_with_istios_names(webhook: InjectionWebhook) -> None:
+    def sample(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(f"sidecar_injection_{name}_total", labels or {}) or 0.0
+
+    names = [("requests", None), ("success", None), ("skip", None)] + [
+        ("failure", {"type": t}) for t in ("decode", "inject")
+    ]
+    before = [sample(n, lab) for n, lab in names]
+    opted_out = deployment_pod()
+    opted_out["metadata"]["labels"]["sidecar.istio.io/inject"] = "false"
+    clash = deployment_pod(volumes=[{"name": "istio-token", "emptyDir": {}}])
+    for data in (review(deployment_pod()), review(opted_out), review(clash), "x"):
+        webhook.review(body(data))
+    after = [sample(n, lab) for n, lab in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [4, 1, 1, 1, 1]
 
 
 # Over HTTPS.
