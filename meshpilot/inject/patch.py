@@ -188,8 +188,10 @@ def injection_patch(
 def _add_to_map(path: str, current: Any, new: dict[str, str]) -> list[dict[str, Any]]:
     if not new:
         return []
-    if not isinstance(current, dict):
+    if current is None:
         return [{"op": "add", "path": path, "value": new}]
+    if not isinstance(current, dict):
+        raise InjectionError(f"{_field(path)}: expected a mapping")
     return [{"op": "add", "path": f"{path}/{_escape(k)}", "value": v} for k, v in new.items()]
 
 
@@ -198,16 +200,25 @@ def _add_to_list(
 ) -> list[dict[str, Any]]:
     if not new:
         return []
-    if not isinstance(current, list) or not current:
+    if current is None or current == []:
         return [{"op": "add", "path": path, "value": new}]
-    taken = {item.get("name") for item in current if isinstance(item, dict)}
+    if not isinstance(current, list):
+        # Replacing it would drop whatever the pod meant there.
+        raise InjectionError(f"{_field(path)}: expected a list")
+    taken = {
+        i.get("name") for i in current if isinstance(i, dict) and isinstance(i.get("name"), str)
+    }
     for item in new:
         if item["name"] in taken:
-            field = path.rsplit("/", 1)[-1]
-            raise InjectionError(f"spec.{field} already has an entry named {item['name']!r}")
+            raise InjectionError(f"{_field(path)} already has an entry named {item['name']!r}")
     if first:
         return [{"op": "add", "path": f"{path}/{i}", "value": item} for i, item in enumerate(new)]
     return [{"op": "add", "path": f"{path}/-", "value": item} for item in new]
+
+
+def _field(path: str) -> str:
+    """`/spec/volumes` as `spec.volumes`, the way errors name a pod's fields."""
+    return path.strip("/").replace("/", ".")
 
 
 def _escape(key: str) -> str:

@@ -154,8 +154,9 @@ class InjectionWebhook:
         if not isinstance(pod, dict):
             raise MalformedReview("request.object: expected a Pod object")
         meta = pod.get("metadata")
-        if not isinstance(meta, dict):
-            meta = {}
+        if not isinstance(meta, dict) or not isinstance(pod.get("spec"), dict):
+            # The patch adds below both: without them it would not apply.
+            raise MalformedReview("request.object: expected a Pod with metadata and spec")
         namespace = request.get("namespace") or meta.get("namespace") or "default"
         if not isinstance(namespace, str):
             raise MalformedReview("request.namespace: expected a string")

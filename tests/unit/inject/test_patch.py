@@ -168,6 +168,23 @@ def test_a_name_the_template_adds_already_in_use_is_an_error(template: Template)
 
 
 @pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ("spec", {"volumes": {"name": "data"}}, "spec.volumes: expected a list"),
+        ("spec", {"initContainers": "migrate"}, "spec.initContainers: expected a list"),
+        ("metadata", {"annotations": ["a=b"]}, "metadata.annotations: expected a mapping"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_an_error_not_replaced(
+    template: Template, where: str, value: dict[str, Any], message: str
+) -> None:
+    pod = deployment_pod()
+    pod[where].update(value)
+    with pytest.raises(InjectionError, match=message):
+        injection_patch(pod, "bookinfo", template, PROXY)
+
+
+@pytest.mark.parametrize(
     ("labels", "annotations", "inject"),
     [
         ({}, {}, True),
