@@ -54,7 +54,8 @@ class InjectionError(ValueError):
 class ProxySettings:
     """The mesh-wide values the template sees (beside those taken from the pod)."""
 
-    image: str = "meshpilot:latest"
+    # The image the control plane runs (deploy/kubernetes): sidecars run the same build.
+    image: str = "meshpilot:local"
     image_pull_policy: str = "IfNotPresent"
     discovery_address: str = "istiod.istio-system.svc:15012"
     ca_address: str = "istiod.istio-system.svc:15012"

@@ -101,7 +101,7 @@ VARIABLES: dict[str, Value] = {
     "canonical_revision": "latest",
     "label_args": ["--label", "app=app"],
     "app_container": "app",
-    "image": "meshpilot:latest",
+    "image": "meshpilot:local",
     "image_pull_policy": "IfNotPresent",
     "discovery_address": "istiod.istio-system.svc:15012",
     "ca_address": "istiod.istio-system.svc:15012",

@@ -10,11 +10,12 @@ Where meshpilot differs: Istio answers a review it cannot decode, or a pod it fa
 inject, with `allowed: false` (so, with failurePolicy Fail, the pod is refused).
 meshpilot never refuses a pod: a malformed review, a pod the template cannot be applied
 to, or any fault of the handler is answered `allowed: true` without a patch, logged as a
-warning and, where the review had a uid, reported to the user as an admission warning
-(kubectl prints it). The one exception is size: a body over `MAX_REVIEW_BYTES` is
-answered 413 without being read whole, and the API server then applies the webhook's
-failurePolicy. The limit is above the API server's own 3 MiB request limit, so it only
-stops clients that are not the API server.
+warning and reported to the user as an admission warning (kubectl prints it). A body
+without a uid cannot be answered in a way the API server accepts, but only a client
+other than the API server sends one. Size is the one refusal: a body over
+`MAX_REVIEW_BYTES` is answered 413 without being read whole, and the API server then
+applies the webhook's failurePolicy. The limit is above the API server's own 3 MiB
+request limit, so it only stops clients that are not the API server.
 
 The serving certificate comes from the caller (the mesh CA's `issue_server_cert`, with
 the SANs `istiod.NS.svc` and `meshpilot.NS.svc`) and can be replaced while serving with

@@ -20,7 +20,7 @@ import yaml
 from kubernetes_asyncio.client import ApiClient
 
 from meshpilot.inject.cabundle import WEBHOOK_CONFIG
-from meshpilot.inject.patch import INJECT_LABEL
+from meshpilot.inject.patch import INJECT_LABEL, ProxySettings
 from meshpilot.inject.webhook import INJECT_PATH
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
@@ -117,6 +117,8 @@ def test_deployment() -> None:
         ("--injection-address", 15017),
     ]:
         assert f"{flag}=0.0.0.0:{port}" in container["args"]
+    # Injected sidecars run the control plane's own build by default.
+    assert container["image"] == ProxySettings().image
     probe = container["readinessProbe"]["httpGet"]
     assert (probe["path"], probe["port"]) == ("/ready", 15014)
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
