@@ -10,6 +10,7 @@ What it implements, following the Kubernetes API conventions and kube-apiserver'
   /status subresources), /version, /healthz.
 - Resources: core v1 namespaces, services, pods, nodes, configmaps, secrets, serviceaccounts;
   discovery.k8s.io/v1 endpointslices; coordination.k8s.io/v1 leases;
+  admissionregistration.k8s.io/v1 mutatingwebhookconfigurations;
   authentication.k8s.io/v1 tokenreviews (create only); apiextensions.k8s.io/v1
   customresourcedefinitions (read-only: the CRDs of the served Istio kinds); Istio's
   networking.istio.io (v1, v1beta1, v1alpha3) and security.istio.io (v1, v1beta1) custom

@@ -161,6 +161,16 @@ def builtin_types() -> list[ResourceType]:
             short_names=("crd", "crds"),
             status_subresource=True,
         ),
+        # The sidecar injector's configuration, whose caBundle the control plane keeps.
+        ResourceType(
+            "admissionregistration.k8s.io",
+            v1,
+            "mutatingwebhookconfigurations",
+            "mutatingwebhookconfiguration",
+            "MutatingWebhookConfiguration",
+            namespaced=False,
+            tracks_generation=True,
+        ),
         ResourceType(
             "authentication.k8s.io",
             v1,
