@@ -26,6 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "ca": {"protos", "monitoring"},
     "agent": {"protos", "xds.protocol"},
     "monitoring": set(),
+    "kube": set(),
+    "inject": {"monitoring"},
 }
 
 
