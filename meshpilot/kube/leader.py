@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import structlog
 from kubernetes_asyncio.client import (
     ApiClient,
@@ -160,8 +161,12 @@ class LeaderElector:
                 reason=e.reason,
             )
             return
-        except (OSError, TimeoutError) as e:
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("leader election: API server unreachable", lease=self._what, error=str(e))
+            return
+        except Exception:
+            # Campaigning must outlive any surprise (a malformed lease, say).
+            log.exception("leader election: attempt failed", lease=self._what)
             return
         if acquired:
             self._start_leading()
@@ -244,7 +249,7 @@ class LeaderElector:
                     result = await self._renew()
             except TimeoutError:
                 continue
-            except (ApiException, OSError) as e:
+            except Exception as e:
                 log.warning(
                     "leader election: renewal failed",
                     lease=self._what,
