@@ -83,8 +83,10 @@ def default_identity() -> str:
 
 
 def _now() -> datetime.datetime:
-    # Serialized as RFC 3339 with microseconds (a MicroTime).
-    return datetime.datetime.now(datetime.UTC)
+    # Serialized with isoformat(), which drops the fraction when it is zero; a MicroTime
+    # must have exactly six digits, so never let it be zero.
+    now = datetime.datetime.now(datetime.UTC)
+    return now if now.microsecond else now.replace(microsecond=1)
 
 
 class LeaderElector:

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client import ApiClient, CoordinationV1Api
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from meshpilot.kube.client import new_api_client
 from meshpilot.kube.leader import NAMESPACE_CONTROLLER, LeaderElector, Timings
@@ -236,3 +237,18 @@ def test_timings_must_let_the_holder_give_up_before_a_takeover() -> None:
     with pytest.raises(ValueError, match="renew deadline < lease duration"):
         Timings(lease_duration=10, renew_deadline=10, retry_period=1)
     assert Timings() == Timings(30.0, 15.0, 7.5)
+
+
+async def test_the_emulator_refuses_lease_times_a_real_server_cannot_parse(
+    clients: Callable[[], ApiClient],
+) -> None:
+    leases = CoordinationV1Api(clients())
+    body = {
+        "metadata": {"name": "x"},
+        "spec": {"holderIdentity": "a", "renewTime": "2026-01-01T00:00:00Z"},
+    }
+    with pytest.raises(ApiException) as e:
+        await leases.create_namespaced_lease(NS, body)  # type: ignore[arg-type]
+    assert e.value.status == 400 and "2006-01-02T15:04:05.000000Z07:00" in str(e.value.body)
+    body["spec"]["renewTime"] = "2026-01-01T00:00:00.000000Z"  # type: ignore[index]
+    await leases.create_namespaced_lease(NS, body)  # type: ignore[arg-type]
