@@ -153,6 +153,9 @@ class LeaderElector:
     # -- follower --
 
     async def _follow_once(self) -> None:
+        # The renew deadline counts from before the write: the lease on the server is
+        # never fresher than that, so the leader gives up early rather than late.
+        attempt = time.monotonic()
         try:
             acquired = await self._try_acquire()
         except ApiException as e:
@@ -171,7 +174,7 @@ class LeaderElector:
             log.exception("leader election: attempt failed", lease=self._what)
             return
         if acquired:
-            self._start_leading()
+            self._start_leading(attempt)
 
     async def _try_acquire(self) -> bool:
         try:
@@ -222,8 +225,8 @@ class LeaderElector:
 
     # -- leader --
 
-    def _start_leading(self) -> None:
-        self._last_renew = time.monotonic()
+    def _start_leading(self, since: float) -> None:
+        self._last_renew = since
         self.terms += 1
         self._work = asyncio.create_task(self._guarded_work(), name=f"leader {self.name}")
         self.leading.set()
@@ -245,6 +248,7 @@ class LeaderElector:
             if remaining <= 0:
                 await self._stop_leading("renew deadline passed")
                 return
+            attempt = time.monotonic()
             try:
                 # A hanging call must not keep the leader writing past its deadline.
                 async with asyncio.timeout(remaining):
@@ -259,7 +263,7 @@ class LeaderElector:
                 )
                 result = "retry"
             if result == "renewed":
-                self._last_renew = time.monotonic()
+                self._last_renew = attempt
                 return
             if result == "lost":
                 await self._stop_leading("another holder took the lease")

@@ -31,6 +31,7 @@ from kubernetes_asyncio.client import ApiClient, CoreV1Api, V1ConfigMap, V1Objec
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from meshpilot.kube.backoff import Backoff
+from meshpilot.kube.leader import NAMESPACE_CONTROLLER, LeaderElector, Timings
 from meshpilot.kube.listwatch import RELISTED, WatchEvent, list_watch
 from meshpilot.kube.names import object_name
 
@@ -51,6 +52,26 @@ def namespace_events(api: ApiClient, **kw: Any) -> NamespaceEvents:
     """Namespace events from a list+watch of the cluster's namespaces."""
     core = CoreV1Api(api)
     return lambda: list_watch(api, core.list_namespace, "namespaces", **kw)
+
+
+def root_cert_election(
+    api: ApiClient,
+    publisher: RootCertPublisher,
+    system_namespace: str = "istio-system",
+    *,
+    identity: str | None = None,
+    timings: Timings | None = None,
+) -> LeaderElector:
+    """The elector that runs `publisher` while this replica holds Istio's
+    `istio-namespace-controller-election` lease; `await elector.run()` as a task."""
+    return LeaderElector(
+        api,
+        system_namespace,
+        NAMESPACE_CONTROLLER,
+        publisher.run,
+        identity=identity,
+        timings=timings,
+    )
 
 
 class RootCertPublisher:

@@ -11,19 +11,20 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 
 from meshpilot.kube.client import new_api_client
-from meshpilot.kube.leader import NAMESPACE_CONTROLLER, LeaderElector, Timings
+from meshpilot.kube.leader import Timings
 from meshpilot.kube.rootcert import (
     CONFIGMAP_NAME,
     DATA_KEY,
     RootCertPublisher,
     namespace_events,
+    root_cert_election,
 )
 from tests.kube.apiserver import ApiServer
 from tests.kube.helpers import wait_until
 
 ROOT_A = "-----BEGIN CERTIFICATE-----\nROOT-A\n-----END CERTIFICATE-----\n"
 ROOT_B = "-----BEGIN CERTIFICATE-----\nROOT-B\n-----END CERTIFICATE-----\n"
-FAST = Timings(lease_duration=2.0, renew_deadline=1.0, retry_period=0.25)
+FAST = Timings(lease_duration=3.0, renew_deadline=1.5, retry_period=0.375)
 
 
 def root_in(apiserver: ApiServer, ns: str) -> str | None:
@@ -128,14 +129,7 @@ async def test_only_the_leader_writes_and_a_new_leader_takes_over_the_writing(
     apis = [await new_api_client(kubeconfig, None, False) for _ in range(2)]
     publishers = [RootCertPublisher(a, ROOT_A, namespace_events(a)) for a in apis]
     electors = [
-        LeaderElector(
-            a,
-            "istio-system",
-            NAMESPACE_CONTROLLER,
-            p.run,
-            identity=f"istiod-{i}",
-            timings=FAST,
-        )
+        root_cert_election(a, p, identity=f"istiod-{i}", timings=FAST)
         for i, (a, p) in enumerate(zip(apis, publishers, strict=True))
     ]
     tasks = [asyncio.create_task(e.run()) for e in electors]
