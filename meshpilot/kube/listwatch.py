@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import structlog
 from kubernetes_asyncio import watch
 from kubernetes_asyncio.client import ApiClient
@@ -63,7 +63,9 @@ async def list_watch(
     while True:
         try:
             listed = await list_fn(**selectors)
-        except (ApiException, aiohttp.ClientError, OSError, TimeoutError) as e:
+        # Any failure (the client raises bare Exceptions for malformed answers) means
+        # "try again later": the loop must outlive whatever the server sends.
+        except Exception as e:
             delay = backoff.next()
             log.warning("list failed; retrying", what=what, error=_short(e), retry_in=delay)
             await asyncio.sleep(delay)
@@ -73,6 +75,7 @@ async def list_watch(
         yield WatchEvent(RELISTED, objects=objects)
         while True:
             w = watch.Watch()
+            started, events = time.monotonic(), 0
             try:
                 stream = w.stream(
                     list_fn,
@@ -86,6 +89,7 @@ async def list_watch(
                     raw = event["raw_object"]
                     rv = raw.get("metadata", {}).get("resourceVersion") or rv
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        events += 1
                         backoff.reset()
                         yield WatchEvent(kind, obj=raw)
             except ApiException as e:
@@ -96,14 +100,17 @@ async def list_watch(
                 log.warning("watch failed; listing again", what=what, error=_short(e))
                 await asyncio.sleep(delay)
                 break
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            except Exception as e:
                 delay = backoff.next()
                 log.warning("watch broken; listing again", what=what, error=_short(e))
                 await asyncio.sleep(delay)
                 break
             finally:
                 await w.close()
-            # The watch ended normally (server timeout): resume from the last revision.
+            # The watch ended normally (server timeout): resume from the last revision,
+            # after a pause if it ended at once with nothing, so as not to spin.
+            if not events and time.monotonic() - started < 1.0:
+                await asyncio.sleep(backoff.next())
 
 
 def _short(e: BaseException) -> str:

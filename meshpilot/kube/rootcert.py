@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -131,9 +131,20 @@ class RootCertPublisher:
         self._queued.clear()
         self._failures.clear()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._follow_namespaces())
-            tg.create_task(self._follow_configmaps())
+            tg.create_task(self._forever("namespaces", self._follow_namespaces))
+            tg.create_task(self._forever("configmaps", self._follow_configmaps))
             tg.create_task(self._worker())
+
+    async def _forever(self, what: str, follow: Callable[[], Awaitable[None]]) -> None:
+        """Follow an event stream; if it fails or ends, start it again (after a pause)."""
+        backoff = self._new_backoff()
+        while True:
+            try:
+                await follow()
+                log.warning("root certificate publisher: event stream ended", stream=what)
+            except Exception:
+                log.exception("root certificate publisher: event stream failed", stream=what)
+            await asyncio.sleep(backoff.next())
 
     # -- inputs --
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio.client import ApiClient
 
+from meshpilot.kube.backoff import Backoff
 from meshpilot.kube.client import new_api_client
 from meshpilot.kube.leader import Timings
+from meshpilot.kube.listwatch import WatchEvent
 from meshpilot.kube.rootcert import (
     CONFIGMAP_NAME,
     DATA_KEY,
@@ -121,6 +123,26 @@ async def test_a_namespace_deleted_before_the_write_is_dropped_without_error(
         new_namespace(apiserver, "after")
         await wait_until(lambda: root_in(apiserver, "after") == ROOT_A, 5)
         assert not task.done()
+
+
+async def test_a_failing_namespace_feed_is_started_again(
+    apiserver: ApiServer, api: ApiClient
+) -> None:
+    calls = 0
+
+    async def broken() -> AsyncIterator[WatchEvent]:
+        raise RuntimeError("the namespace source fell over")
+        yield WatchEvent("ADDED")  # pragma: no cover
+
+    def feed() -> AsyncIterator[WatchEvent]:
+        nonlocal calls
+        calls += 1
+        return broken() if calls == 1 else namespace_events(api)()
+
+    publisher = RootCertPublisher(api, ROOT_A, feed, backoff=lambda: Backoff(0.05, 0.1))
+    async with running(publisher) as task:
+        await wait_until(lambda: root_in(apiserver, "default") == ROOT_A, 5)
+        assert calls == 2 and not task.done()
 
 
 async def test_only_the_leader_writes_and_a_new_leader_takes_over_the_writing(
