@@ -66,10 +66,13 @@ async def load_ca_from_secrets(
     max_ttl: float = DEFAULT_MAX_TTL,
     give_up_after: float = DEFAULT_TIMEOUT,
     backoff: Backoff | None = None,
+    create: bool = True,
 ) -> CertificateAuthority:
     """The plug-in CA of `cacerts`, else the shared self-signed root of `istio-ca-secret`
-    (created if absent). Raises CAConfigError for bad material, CAUnavailable when the
-    API server cannot be reached within `give_up_after` seconds."""
+    (created if absent, unless `create` is False: then wait for another replica to
+    create it, as Istio's read-signing-cert-only mode does). Raises CAConfigError for
+    bad material, CAUnavailable when the API server cannot be reached (or, with
+    `create=False`, the Secret does not appear) within `give_up_after` seconds."""
     check_trust_domain(trust_domain)
     kw = {"default_ttl": default_ttl, "max_ttl": max_ttl}
     loader = _Loader(CoreV1Api(api), namespace, backoff or Backoff())
@@ -83,11 +86,12 @@ async def load_ca_from_secrets(
                     pems, where, trust_domain, default_ttl=default_ttl, max_ttl=max_ttl
                 )
             else:
-                ca = await _self_signed(loader, namespace, trust_domain, kw)
+                ca = await _self_signed(loader, namespace, trust_domain, kw, create)
     except TimeoutError:
         raise CAUnavailable(
             f"Secret {namespace}/{PLUGIN_SECRET} or {namespace}/{SELF_SIGNED_SECRET}: "
-            f"API server not reachable within {give_up_after:g}s"
+            f"not available within {give_up_after:g}s (API server unreachable"
+            f"{'' if create else ', or no replica created the root'})"
         ) from None
     log.info(
         "ca loaded",
@@ -101,10 +105,14 @@ async def load_ca_from_secrets(
 
 
 async def _self_signed(
-    loader: _Loader, namespace: str, trust_domain: str, kw: Mapping[str, float]
+    loader: _Loader, namespace: str, trust_domain: str, kw: Mapping[str, float], create: bool
 ) -> CertificateAuthority:
     where = SecretKeys(namespace, SELF_SIGNED_SECRET)
     existing = await loader.get(SELF_SIGNED_SECRET)
+    while existing is None and not create:
+        log.info("ca waiting for another replica to create the root", secret=str(where))
+        await asyncio.sleep(loader.backoff.next())
+        existing = await loader.get(SELF_SIGNED_SECRET)
     if existing is None:
         created = _new_root(trust_domain)
         if await loader.create(SELF_SIGNED_SECRET, created):
@@ -178,7 +186,7 @@ class _Loader:
     def __init__(self, core: CoreV1Api, namespace: str, backoff: Backoff) -> None:
         self._core = core
         self._namespace = namespace
-        self._backoff = backoff
+        self.backoff = backoff
 
     async def get(self, name: str) -> V1Secret | None:
         while True:
@@ -217,7 +225,7 @@ class _Loader:
         if isinstance(e, ApiException) and not (e.status == 429 or (e.status or 0) >= 500):
             # 401/403/422...: waiting will not help; say what was refused.
             raise CAConfigError(f"{where}: the API server refused: {e.status} {e.reason}") from e
-        delay = self._backoff.next()
+        delay = self.backoff.next()
         error = f"{e.status} {e.reason}" if isinstance(e, ApiException) else str(e)
         log.warning("ca secret not readable yet; retrying", secret=where, error=error)
         await asyncio.sleep(delay)

@@ -152,5 +152,21 @@ async def test_api_server_errors_are_retried_or_reported(
         await load_ca_from_secrets(api, NS, backoff=quick())
 
     await apiserver.stop()
-    with pytest.raises(CAUnavailable, match=r"not reachable within 0\.5s"):
+    with pytest.raises(
+        CAUnavailable, match=r"not available within 0\.5s \(API server unreachable\)"
+    ):
         await load_ca_from_secrets(api, NS, give_up_after=0.5, backoff=quick())
+
+
+async def test_a_replica_that_may_not_create_waits_for_the_root_another_creates(
+    apiserver: ApiServer, api: ApiClient
+) -> None:
+    with pytest.raises(CAUnavailable, match="or no replica created the root"):
+        await load_ca_from_secrets(api, NS, create=False, give_up_after=0.3, backoff=quick())
+    waiting = asyncio.create_task(load_ca_from_secrets(api, NS, create=False, backoff=quick()))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    creator = await load_ca_from_secrets(api, NS)
+    follower = await asyncio.wait_for(waiting, 5)
+    assert follower.root_cert_pem == creator.root_cert_pem
+    assert apiserver.requests[("create", "secrets")] == 1
