@@ -3,15 +3,17 @@
 An authenticator looks at one call (its metadata and its TLS client certificate) and
 returns the caller's SPIFFE identity, returns None when the call carries no
 credential of its kind, or raises AuthenticationError when it carries a bad one.
-The first authenticator that succeeds wins (Istio's order; a Kubernetes TokenReview
-authenticator would sit next to these two).
+The first authenticator that succeeds wins (Istio's order). An authenticator that has
+to ask someone else (the Kubernetes TokenReview one, kubeauth.py) is asynchronous: it
+has `authenticate_async` instead, and raises AuthenticatorUnavailable when it cannot get
+an answer, which the CA reports as UNAVAILABLE rather than blaming the caller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -24,6 +26,10 @@ AUTHORIZATION = "authorization"
 
 class AuthenticationError(Exception):
     """The call carries a credential that does not authenticate; never holds secrets."""
+
+
+class AuthenticatorUnavailable(Exception):
+    """The credential could not be checked (its verifier is unreachable); retryable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,18 @@ class Authenticator(Protocol):
     name: str
 
     def authenticate(self, call: CallCredentials) -> Caller | None: ...
+
+
+@runtime_checkable
+class AsyncAuthenticator(Protocol):
+    """One way of proving who the caller is that needs I/O (e.g. a TokenReview)."""
+
+    name: str
+
+    async def authenticate_async(self, call: CallCredentials) -> Caller | None: ...
+
+
+AnyAuthenticator = Authenticator | AsyncAuthenticator
 
 
 def bearer_token(metadata: Mapping[str, str]) -> str | None:
@@ -155,6 +173,37 @@ def authenticate(authenticators: Sequence[Authenticator], call: CallCredentials)
             continue
         if caller is not None:
             return caller
+    if not errors:
+        raise AuthenticationError(
+            "no credential: send 'authorization: Bearer <token>' or a client certificate"
+        )
+    raise AuthenticationError("; ".join(errors))
+
+
+async def authenticate_call(
+    authenticators: Sequence[AnyAuthenticator], call: CallCredentials
+) -> Caller:
+    """`authenticate()` for chains with asynchronous authenticators: the first success
+    wins; if none succeeds and one could not give an answer, AuthenticatorUnavailable
+    (the caller may be fine; retrying later may succeed), else AuthenticationError."""
+    errors: list[str] = []
+    unavailable: list[str] = []
+    for auth in authenticators:
+        try:
+            if isinstance(auth, AsyncAuthenticator):
+                caller = await auth.authenticate_async(call)
+            else:
+                caller = auth.authenticate(call)
+        except AuthenticationError as e:
+            errors.append(f"{auth.name}: {e}")
+            continue
+        except AuthenticatorUnavailable as e:
+            unavailable.append(f"{auth.name}: {e}")
+            continue
+        if caller is not None:
+            return caller
+    if unavailable:
+        raise AuthenticatorUnavailable("; ".join(unavailable + errors))
     if not errors:
         raise AuthenticationError(
             "no credential: send 'authorization: Bearer <token>' or a client certificate"

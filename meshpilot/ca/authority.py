@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -36,12 +36,14 @@ from meshpilot.ca.cadir import (
     PLUGIN_FILES,
     ROOT_CERT,
     SigningKey,
+    Source,
     check_chain,
     check_is_ca,
     check_key_matches,
-    load_key,
-    one_cert,
-    read_certs,
+    parse_certs,
+    parse_key,
+    parse_one_cert,
+    read_bytes,
 )
 from meshpilot.ca.csr import (
     CAConfigError,
@@ -156,14 +158,32 @@ class CertificateAuthority:
 
     @classmethod
     def _load_plugin(cls, ca_dir: Path, trust_domain: str, **kw: float) -> CertificateAuthority:
-        signing_cert = one_cert(ca_dir / CA_CERT)
-        key = load_key(ca_dir / CA_KEY)
-        roots = read_certs(ca_dir / ROOT_CERT)
-        chain_file = read_certs(ca_dir / CERT_CHAIN)
-        check_key_matches(key, signing_cert, ca_dir / CA_KEY, ca_dir / CA_CERT)
-        check_is_ca(signing_cert, ca_dir / CA_CERT)
+        pems = {name: read_bytes(ca_dir / name) for name in PLUGIN_FILES}
+        ca = cls.from_plugin_pems(pems, ca_dir, trust_domain, ca_dir=ca_dir, **kw)
+        if loose_mode(ca_dir / CA_KEY):
+            log.warning("ca key is readable by group or others", path=str(ca_dir / CA_KEY))
+        return ca
+
+    @classmethod
+    def from_plugin_pems(
+        cls,
+        pems: Mapping[str, bytes],
+        where: Source,
+        trust_domain: str,
+        *,
+        ca_dir: Path | None = None,
+        **kw: float,
+    ) -> CertificateAuthority:
+        """A plug-in CA from the four Istio PEMs (files of a directory or keys of a
+        Secret, named by `where` in errors)."""
+        signing_cert = parse_one_cert(pems[CA_CERT], where / CA_CERT)
+        key = parse_key(pems[CA_KEY], where / CA_KEY)
+        roots = parse_certs(pems[ROOT_CERT], where / ROOT_CERT)
+        chain_file = parse_certs(pems[CERT_CHAIN], where / CERT_CHAIN)
+        check_key_matches(key, signing_cert, where / CA_KEY, where / CA_CERT)
+        check_is_ca(signing_cert, where / CA_CERT)
         for r in roots:
-            check_is_ca(r, ca_dir / ROOT_CERT)
+            check_is_ca(r, where / ROOT_CERT)
         root_ders = {r.public_bytes(serialization.Encoding.DER) for r in roots}
         der = signing_cert.public_bytes(serialization.Encoding.DER)
         # cert-chain.pem usually starts with ca-cert.pem (Istio's tooling writes it so)
@@ -173,9 +193,7 @@ class CertificateAuthority:
         ]
         if not chain or chain[0].public_bytes(serialization.Encoding.DER) != der:
             chain.insert(0, signing_cert)
-        check_chain(chain, roots, ca_dir)
-        if loose_mode(ca_dir / CA_KEY):
-            log.warning("ca key is readable by group or others", path=str(ca_dir / CA_KEY))
+        check_chain(chain, roots, where)
         return cls(
             trust_domain=trust_domain,
             signing_key=key,
@@ -191,19 +209,34 @@ class CertificateAuthority:
     def _load_self_signed(
         cls, ca_dir: Path, trust_domain: str, **kw: float
     ) -> CertificateAuthority:
-        cert = one_cert(ca_dir / CA_CERT)
-        key = load_key(ca_dir / CA_KEY)
-        roots = read_certs(ca_dir / ROOT_CERT)
-        check_key_matches(key, cert, ca_dir / CA_KEY, ca_dir / CA_CERT)
-        check_is_ca(cert, ca_dir / CA_CERT)
-        if cert not in roots:
-            raise CAConfigError(
-                f"{ca_dir / CA_CERT}: not a self-signed root listed in {ROOT_CERT}; an "
-                f"intermediate CA also needs {CERT_CHAIN} (Istio's plug-in layout)"
-            )
-        check_chain([], roots, ca_dir)
+        pems = {name: read_bytes(ca_dir / name) for name in (CA_CERT, CA_KEY, ROOT_CERT)}
+        ca = cls.from_self_signed_pems(pems, ca_dir, trust_domain, ca_dir=ca_dir, **kw)
         if loose_mode(ca_dir / CA_KEY):
             log.warning("ca key is readable by group or others", path=str(ca_dir / CA_KEY))
+        return ca
+
+    @classmethod
+    def from_self_signed_pems(
+        cls,
+        pems: Mapping[str, bytes],
+        where: Source,
+        trust_domain: str,
+        *,
+        ca_dir: Path | None = None,
+        **kw: float,
+    ) -> CertificateAuthority:
+        """A self-signed root from `ca-cert.pem`, `ca-key.pem` and `root-cert.pem`."""
+        cert = parse_one_cert(pems[CA_CERT], where / CA_CERT)
+        key = parse_key(pems[CA_KEY], where / CA_KEY)
+        roots = parse_certs(pems[ROOT_CERT], where / ROOT_CERT)
+        check_key_matches(key, cert, where / CA_KEY, where / CA_CERT)
+        check_is_ca(cert, where / CA_CERT)
+        if cert not in roots:
+            raise CAConfigError(
+                f"{where / CA_CERT}: not a self-signed root listed in {ROOT_CERT}; an "
+                f"intermediate CA also needs {CERT_CHAIN} (Istio's plug-in layout)"
+            )
+        check_chain([], roots, where)
         return cls(
             trust_domain=trust_domain,
             signing_key=key,

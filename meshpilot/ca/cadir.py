@@ -1,4 +1,9 @@
-"""Reading and checking the CA directory's PEM files; every error names its file."""
+"""Reading and checking the CA's PEM material; every error names where it came from.
+
+The material is the CA directory's files or, in a cluster, the keys of a Secret with the
+same names (`Secret istio-system/cacerts`, `ca-cert.pem`, ...): `SecretKeys` names a
+Secret's keys the way a directory's Path names its files, so one set of checks serves both.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,27 @@ CLOCK_SKEW = 60.0
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
-def _read(path: Path) -> bytes:
+class SecretKeys:
+    """Where CA material in a Secret lives: `SecretKeys(ns, name) / "ca-key.pem"` is the
+    label `Secret ns/name key ca-key.pem` that errors carry."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.namespace = namespace
+        self.name = name
+
+    def __truediv__(self, key: str) -> str:
+        return f"{self} key {key}"
+
+    def __str__(self) -> str:
+        return f"Secret {self.namespace}/{self.name}"
+
+
+# A directory or a Secret; `where / name` names one file or key.
+Source = Path | SecretKeys
+Where = Path | str
+
+
+def read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
@@ -32,25 +57,35 @@ def _read(path: Path) -> bytes:
 
 
 def read_certs(path: Path) -> list[x509.Certificate]:
-    data = _read(path)
+    return parse_certs(read_bytes(path), path)
+
+
+def parse_certs(data: bytes, where: Where) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as e:
-        raise CAConfigError(f"{path}: not PEM certificates: {short_error(e)}") from e
+        raise CAConfigError(f"{where}: not PEM certificates: {short_error(e)}") from e
     if not certs:
-        raise CAConfigError(f"{path}: no certificate found")
+        raise CAConfigError(f"{where}: no certificate found")
     return certs
 
 
 def one_cert(path: Path) -> x509.Certificate:
-    certs = read_certs(path)
+    return parse_one_cert(read_bytes(path), path)
+
+
+def parse_one_cert(data: bytes, where: Where) -> x509.Certificate:
+    certs = parse_certs(data, where)
     if len(certs) != 1:
-        raise CAConfigError(f"{path}: expected exactly one certificate, found {len(certs)}")
+        raise CAConfigError(f"{where}: expected exactly one certificate, found {len(certs)}")
     return certs[0]
 
 
 def load_key(path: Path) -> SigningKey:
-    data = _read(path)
+    return parse_key(read_bytes(path), path)
+
+
+def parse_key(data: bytes, path: Where) -> SigningKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError as e:
@@ -67,7 +102,7 @@ def load_key(path: Path) -> SigningKey:
 
 
 def check_key_matches(
-    key: SigningKey, cert: x509.Certificate, key_path: Path, cert_path: Path
+    key: SigningKey, cert: x509.Certificate, key_path: Where, cert_path: Where
 ) -> None:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*fmt) != cert.public_key().public_bytes(*fmt):
@@ -76,7 +111,7 @@ def check_key_matches(
         )
 
 
-def check_is_ca(cert: x509.Certificate, path: Path) -> None:
+def check_is_ca(cert: x509.Certificate, path: Where) -> None:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -92,7 +127,7 @@ def check_is_ca(cert: x509.Certificate, path: Path) -> None:
 
 
 def check_chain(
-    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], ca_dir: Path
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], ca_dir: Source
 ) -> None:
     """Each chain element is issued by the next; the last by a root; all in validity."""
     now = datetime.datetime.now(datetime.UTC)
@@ -140,7 +175,7 @@ def check_chain(
 
 
 def check_issued(
-    child: x509.Certificate, parent: x509.Certificate, child_path: Path, parent_path: Path
+    child: x509.Certificate, parent: x509.Certificate, child_path: Where, parent_path: Where
 ) -> None:
     try:
         child.verify_directly_issued_by(parent)

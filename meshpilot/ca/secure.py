@@ -27,6 +27,7 @@ from cryptography import x509
 
 from meshpilot.addresses import split_address
 from meshpilot.ca.auth import (
+    AnyAuthenticator,
     AuthenticationError,
     Authenticator,
     CallCredentials,
@@ -85,7 +86,7 @@ class SecurePort:
         *,
         register: Registrar | None = None,
         server_options: Sequence[tuple[str, Any]] = DEFAULT_SERVER_OPTIONS,
-        authenticators: Sequence[Authenticator] | None = None,
+        authenticators: Sequence[AnyAuthenticator] | None = None,
         server_cert_ttl: float | None = None,
     ) -> None:
         self.ca = ca

@@ -8,6 +8,8 @@ Every refusal has one gRPC status and is counted:
   gRPC's receive limit where the CA has a server of its own; the raw size is checked
   again here, before parsing.
 - UNAUTHENTICATED: no, malformed, expired or foreign token; unusable client cert.
+- UNAVAILABLE: the credential could not be checked (the API server answering
+  TokenReviews is unreachable); the caller may retry.
 - PERMISSION_DENIED: a SAN other than the caller's own SPIFFE ID (foreign identity,
   extra DNS/IP/email/URI SANs).
 - INVALID_ARGUMENT: unparsable request or PEM, bad CSR signature, CA:TRUE, weak or
@@ -37,7 +39,13 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError
 
-from meshpilot.ca.auth import AuthenticationError, Authenticator, CallCredentials, authenticate
+from meshpilot.ca.auth import (
+    AnyAuthenticator,
+    AuthenticationError,
+    AuthenticatorUnavailable,
+    CallCredentials,
+    authenticate_call,
+)
 from meshpilot.ca.authority import (
     CAError,
     CertificateAuthority,
@@ -108,7 +116,7 @@ class CertificateService:
     def __init__(
         self,
         ca: CertificateAuthority,
-        authenticators: Sequence[Authenticator],
+        authenticators: Sequence[AnyAuthenticator],
         credentials: PeerCertSource | None = None,
         *,
         call_timeout: float = CALL_TIMEOUT,
@@ -169,7 +177,7 @@ class CertificateService:
     ) -> istio_ca_pb2.IstioCertificateResponse:
         metrics.CA_CSR_COUNT.inc()
         try:
-            chain = self._handle(request, context)
+            chain = await self._handle(request, context)
         except _Refused as r:
             metrics.CA_CSR_REFUSED.labels(r.code.name, r.reason).inc()
             # abort() raises: the call ends with this status and the server goes on.
@@ -178,7 +186,7 @@ class CertificateService:
         metrics.CA_CERT_ISSUANCES.inc()
         return istio_ca_pb2.IstioCertificateResponse(cert_chain=chain)
 
-    def _handle(
+    async def _handle(
         self,
         request: istio_ca_pb2.IstioCertificateRequest | _Oversized | _Malformed,
         context: grpc.aio.ServicerContext,
@@ -202,7 +210,20 @@ class CertificateService:
         call: CallCredentials | None = None
         try:
             call = self._credentials(context)
-            caller = authenticate(self.authenticators, call)
+            caller = await authenticate_call(self.authenticators, call)
+        except AuthenticatorUnavailable as e:
+            metrics.CA_AUTHN_FAILURES.inc()
+            log.warning(
+                "csr refused",
+                peer=(call.peer if call else "") or peer,
+                reason="authenticator_unavailable",
+                error=str(e),
+            )
+            raise _Refused(
+                grpc.StatusCode.UNAVAILABLE,
+                "authenticator_unavailable",
+                f"request authenticate failure: {e}",
+            ) from None
         except AuthenticationError as e:
             metrics.CA_AUTHN_FAILURES.inc()
             log.warning(

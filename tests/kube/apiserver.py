@@ -42,7 +42,8 @@ What it implements, following the Kubernetes API conventions and kube-apiserver'
   that changes nothing keeps its revision and sends no event.
 - TokenReview against a table of ServiceAccount tokens (`add_service_account_token`).
 - Strictness: every error is a v1 Status; malformed parameters are 400, unknown ones ignored;
-  unknown resources 404; request bodies other than JSON/YAML 415; bodies over 3 MiB 413.
+  unknown resources 404; request bodies other than JSON/YAML 415; bodies over 3 MiB 413;
+  Lease times that are not MicroTimes (exactly six fractional digits) 400, as Go parses them.
 - Fault injection for chaos tests, in process: `cut_watches()`, `compact()`, `stop()` /
   `start()` on the same port with the same state, `delay`, `fail_next()`, `fail_fraction()`,
   and `requests`, a count of requests by (verb, resource). The same over HTTP when run as

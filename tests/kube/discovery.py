@@ -14,6 +14,12 @@ VERSION = {
     "major": "1",
     "minor": "31",
     "gitVersion": "v1.31.0-meshpilot-emulator",
+    # Every field kube-apiserver's version.Info carries: the client's model requires them.
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2024-08-13T00:00:00Z",
+    "goVersion": "go1.22.5",
+    "compiler": "gc",
     "platform": "linux/amd64",
 }
 

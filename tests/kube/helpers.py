@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -31,3 +33,12 @@ def vs(name: str, version: str = "v1", host: str = "reviews") -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"hosts": [host], "http": [{"route": [{"destination": {"host": host}}]}]},
     }
+
+
+async def wait_until(cond: Callable[[], object], within: float) -> None:
+    """Wait until `cond()` is true; fail the test after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond():
+        assert loop.time() < deadline, f"condition not met within {within:g}s"
+        await asyncio.sleep(0.02)

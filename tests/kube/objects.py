@@ -409,11 +409,38 @@ def _kind_rules(rt: ResourceType, obj: Obj, old: Obj | None, ips: ClusterIPAlloc
     elif rt.group == "" and rt.resource == "pods":
         if not (obj.get("spec") or {}).get("containers"):
             raise invalid(rt, name, [("spec.containers", "FieldValueRequired", "Required value")])
+    elif rt.group == "coordination.k8s.io":
+        _lease_rules(rt, obj.get("spec"))
     elif rt.group == "discovery.k8s.io":
         if not obj.get("addressType"):
             raise invalid(rt, name, [("addressType", "FieldValueRequired", "Required value")])
         # The Go type has no omitempty: an absent list is served as null.
         obj.setdefault("endpoints", None)
+
+
+# metav1.MicroTime is parsed with Go's RFC3339Micro layout: exactly six fractional digits.
+_MICRO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})")
+
+
+def _lease_rules(rt: ResourceType, spec: Any) -> None:
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise bad_request("Lease.spec: expected an object")
+    for field_name in ("acquireTime", "renewTime"):
+        value = spec.get(field_name)
+        if value is not None and not (isinstance(value, str) and _MICRO_TIME.fullmatch(value)):
+            raise bad_request(
+                f'Lease in version "v1" cannot be handled as a Lease: parsing time {value!r} '
+                f'as "2006-01-02T15:04:05.000000Z07:00": cannot parse'
+            )
+    for field_name in ("leaseDurationSeconds", "leaseTransitions"):
+        value = spec.get(field_name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise bad_request(
+                f'Lease in version "v1" cannot be handled as a Lease: spec.{field_name}: '
+                "expected an integer"
+            )
 
 
 _CREATE_STATUS: dict[str, Obj] = {
