@@ -19,11 +19,11 @@ LEAVES = {"addresses", "durations", "logs", "procutil", "untrusted"}
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "api": {"config"},
-    "discovery": {"config", "api", "monitoring"},
+    "discovery": {"config", "api", "monitoring", "kube"},
     "model": {"config", "api"},
     "analysis": {"config", "api", "model"},
     "translators": {"config", "api", "model"},
-    "ca": {"protos", "monitoring"},
+    "ca": {"protos", "monitoring", "kube"},
     "agent": {"protos", "xds.protocol"},
     "monitoring": set(),
     "kube": set(),
