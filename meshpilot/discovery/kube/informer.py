@@ -55,6 +55,8 @@ _LINE_CAP_FACTOR = 4
 # so a server that closes every watch at once is not hammered.
 _QUIET_WATCH = 1.0
 _AUTH = ["BearerToken"]
+# Objects handled between two yields to the event loop during a relist.
+_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +257,7 @@ class Informer:
             if not cont:
                 break
         self.lists += 1
-        self._replace(listed)
+        await self._replace(listed)
         self.resource_version = rv
         self._set_connected(True)
         self._backoff.reset()
@@ -290,15 +292,21 @@ class Informer:
             out["fieldSelector"] = self._field_selector
         return out
 
-    def _replace(self, listed: list[tuple[Mapping[str, Any], int]]) -> None:
-        """Bring the cache in line with a complete list, announcing only the differences."""
+    async def _replace(self, listed: list[tuple[Mapping[str, Any], int]]) -> None:
+        """Bring the cache in line with a complete list, announcing only the differences.
+
+        Deletions go first, so that objects gone meanwhile free their room under the
+        object cap for the new ones."""
         present = {_key(obj) for obj, _ in listed}
-        for key in [k for k in self._cache if k not in present]:
-            self._apply(EventType.DELETED, self._cache[key], 0)
         for key in [k for k in self.refused if k not in present]:
             del self.refused[key]
-        for obj, size in listed:
-            self._apply(EventType.MODIFIED, obj, size)
+        changes = [(EventType.DELETED, self._cache[k], 0) for k in self._cache if k not in present]
+        changes += [(EventType.MODIFIED, obj, size) for obj, size in listed]
+        for step, (kind, obj, size) in enumerate(changes, start=1):
+            self._apply(kind, obj, size)
+            if step % _CHUNK == 0:
+                # A large relist: let /ready, xDS and pushes run between chunks.
+                await asyncio.sleep(0)
 
     # --- watch ----------------------------------------------------------------------------
 

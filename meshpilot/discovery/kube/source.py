@@ -278,7 +278,14 @@ class KubeSource:
         if obj is None or not in_view:
             self._store.remove_origin(origin)
             return
-        parsed = convert.to_config(spec.kind, obj, self.cluster_id)
+        try:
+            parsed = convert.to_config(spec.kind, obj, self.cluster_id)
+        except Exception as e:
+            # The API server's objects are outside input too: a shape no model expected
+            # is this object's error, not the end of the informer.
+            parsed = ConfigError(
+                origin, f"unreadable object: {type(e).__name__}: {e}", None, spec.kind, *key
+            )
         if isinstance(parsed, ConfigError):
             self._store.set_origin(origin, [], [parsed])
         else:
