@@ -296,3 +296,26 @@ async def test_object_cap_and_size_cap_refuse_and_keep_serving(
     await until(lambda: ("default", "late") not in inf.refused)
     assert inf.get(("default", "late"))["data"] == {"small": "y"}  # type: ignore[index]
     assert rec.events[-1].type is EventType.MODIFIED
+
+
+async def test_a_watch_event_over_the_line_cap_is_skipped_and_its_object_refused(
+    apiserver: ApiServer, api_client: client.ApiClient, informers: list[Informer]
+) -> None:
+    add_cm(apiserver, "grows", v="small")
+    inf, rec = make(informers, api_client, max_object_bytes=1000)
+    inf.start()
+    await asyncio.wait_for(inf.synced.wait(), 10)
+    rec.clear()
+    await apiserver.store.wait_for_watchers(1, timeout=5)
+    # Far over the per-line cap (4 x the object cap + 64 KiB): never buffered whole.
+    update_cm(apiserver, "grows", v="x" * 300_000)
+    add_cm(apiserver, "after")
+    await until(lambda: inf.get(("default", "after")) is not None)
+    assert "object of" in inf.refused[("default", "grows")]
+    assert inf.get(("default", "grows"))["data"] == {"v": "small"}  # type: ignore[index]
+    assert inf.lists == 1 and inf.connected
+    # Its deletion still arrives, though that event is as large.
+    apiserver.delete("", "v1", "configmaps", "default", "grows")
+    await until(lambda: inf.get(("default", "grows")) is None)
+    assert ("default", "grows") not in inf.refused
+    assert rec.seen() == [("ADDED", "after"), ("DELETED", "grows")]

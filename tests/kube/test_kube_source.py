@@ -413,3 +413,55 @@ async def test_server_errors_at_start_are_retried(
     apiserver.clear_faults()
     assert keys(store, kinds.SERVICE) == {"default/a"}
     assert sum(i["reconnects"] for i in source.status()["informers"]) > 0
+
+
+async def test_a_mesh_config_that_expands_without_bound_is_refused(
+    apiserver: ApiServer, api_client: client.ApiClient, started: list[KubeSource]
+) -> None:
+    # Nine levels of ten aliases each: a few hundred bytes that expand to 10^9 nodes.
+    bomb = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)
+    )
+    mesh_configmap(apiserver, bomb)
+    source, store = await start_source(api_client, started)
+    await asyncio.wait_for(source.synced.wait(), 10)
+    [err] = store.errors()
+    assert err.field == "data.mesh" and "expands to over" in err.message
+    assert source.view.discovery_selectors is None
+
+
+async def test_an_invalid_or_unreadable_object_is_its_own_error(
+    apiserver: ApiServer, api_client: client.ApiClient, started: list[KubeSource]
+) -> None:
+    apiserver.create(
+        "",
+        "v1",
+        "nodes",
+        {"metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z"}}},
+    )
+    source, store = await start_source(api_client, started)
+    await asyncio.wait_for(source.synced.wait(), 10)
+    informer = source.informer(kinds.POD)
+    assert informer is not None
+    # An API server (or a proxy in front of it) sending a shape no model expects: the
+    # object gets an error naming it; the informer and the source go on.
+    apiserver.create(
+        "",
+        "v1",
+        "pods",
+        {
+            "metadata": {"name": "odd", "namespace": "default"},
+            "spec": {"containers": [{"name": "c"}]},
+        },
+    )
+    apiserver.set_status("", "v1", "pods", "default", "odd", {"podIPs": [{"ip": 10}]})
+    await until(lambda: bool(store.errors()))
+    [err] = store.errors()
+    assert err.origin == "Pod default/odd (Kubernetes)" and err.kind == kinds.POD
+    assert err.field == "status.podIPs[0]"
+    # Not a shape any field check expects: still this object's error, and nothing else's.
+    apiserver.set_status("", "v1", "pods", "default", "odd", ["odd"])  # type: ignore[arg-type]
+    await until(lambda: "unreadable object" in store.errors()[0].message)
+    assert keys(store, kinds.NODE) == {"/n1"}
+    service(apiserver, "default", "later")
+    await until(lambda: "default/later" in keys(store, kinds.SERVICE))

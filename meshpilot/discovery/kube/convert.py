@@ -85,14 +85,16 @@ def to_config(kind: str, obj: Mapping[str, Any], cluster_id: str) -> Config | Co
     doc["kind"] = kind
     match kind:
         case kinds.ENDPOINT_SLICE:
-            return _builtin(kind, doc, origin, kube.EndpointSliceSpec, _endpoint_slice(doc), "")
+            return _builtin(kind, doc, origin, kube.EndpointSliceSpec, _endpoint_slice(doc), {})
         case kinds.POD:
-            return _builtin(kind, doc, origin, kube.PodSpec, _pod(doc), "")
+            return _builtin(kind, doc, origin, kube.PodSpec, _pod(doc), _POD_PATHS)
         case kinds.NODE:
-            return _builtin(kind, doc, origin, kube.NodeSpec, _node(doc), "")
+            return _builtin(kind, doc, origin, kube.NodeSpec, _node(doc), _NODE_PATHS)
         case kinds.NAMESPACE:
             phase = (doc.get("status") or {}).get("phase") or ""
-            return _builtin(kind, doc, origin, kube.NamespaceSpec, {"phase": phase}, "status")
+            return _builtin(
+                kind, doc, origin, kube.NamespaceSpec, {"phase": phase}, {"phase": "status.phase"}
+            )
     return parse_object(doc, origin)
 
 
@@ -102,8 +104,10 @@ def _builtin(
     origin: str,
     model: type[BaseModel],
     fields: Mapping[str, Any],
-    prefix: str,
+    paths: Mapping[str, str],
 ) -> Config | ConfigError:
+    """`paths`: where each model field sits in the object, for error field paths
+    (fields not named there sit at the top level, as an EndpointSlice's do)."""
     meta = doc.get("metadata") or {}
     namespace = str(meta.get("namespace") or "")
     name = str(meta.get("name") or "")
@@ -124,7 +128,10 @@ def _builtin(
         spec = model.model_validate(fields)
     except ValidationError as e:
         first = e.errors()[0]
-        return error(str(first.get("msg", "invalid value")), field_path(first["loc"], prefix))
+        loc = tuple(first["loc"])
+        head = str(loc[0]) if loc else ""
+        where = field_path(loc[1:], paths[head]) if head in paths else field_path(loc, "")
+        return error(str(first.get("msg", "invalid value")), where)
     dump = spec.model_dump(mode="json")
     blob = json.dumps([dump, labels, annotations], sort_keys=True)
     return Config(
@@ -136,6 +143,21 @@ def _builtin(
         origin=origin,
         revision=hashlib.blake2b(blob.encode(), digest_size=8).hexdigest(),
     )
+
+
+_POD_PATHS = {
+    "serviceAccountName": "spec.serviceAccountName",
+    "nodeName": "spec.nodeName",
+    "podIPs": "status.podIPs",
+    "phase": "status.phase",
+    "ready": "status.conditions",
+    "deletionTimestamp": "metadata.deletionTimestamp",
+}
+_NODE_PATHS = {
+    "region": f"metadata.labels[{REGION_LABEL}]",
+    "zone": f"metadata.labels[{ZONE_LABEL}]",
+    "subzone": f"metadata.labels[{SUBZONE_LABEL}]",
+}
 
 
 def _endpoint_slice(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import time
@@ -40,6 +41,7 @@ from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from meshpilot.discovery.kube.backoff import Backoff
+from meshpilot.discovery.kube.stream import Oversized, lines
 from meshpilot.monitoring import metrics
 
 log = structlog.get_logger(__name__)
@@ -55,6 +57,7 @@ _LINE_CAP_FACTOR = 4
 # so a server that closes every watch at once is not hammered.
 _QUIET_WATCH = 1.0
 _AUTH = ["BearerToken"]
+_STATUS_REFUSED = 20
 # Objects handled between two yields to the event loop during a relist.
 _CHUNK = 500
 
@@ -199,7 +202,12 @@ class Informer:
             "reconnects": self.reconnects,
             "lastError": self.last_error,
             "lastErrorTime": self.last_error_time,
-            "refused": {f"{ns}/{n}" if ns else n: why for (ns, n), why in self.refused.items()},
+            "refusedCount": len(self.refused),
+            # The first few: enough to act on, without a page per refused object.
+            "refused": {
+                f"{ns}/{n}" if ns else n: why
+                for (ns, n), why in itertools.islice(self.refused.items(), _STATUS_REFUSED)
+            },
         }
 
     async def run(self) -> None:
@@ -345,23 +353,12 @@ class Informer:
             self._set_connected(True)
             self._backoff.reset()
             line_cap = self._max_object_bytes * _LINE_CAP_FACTOR + 64 * 1024
-            buf = bytearray()
-            skipping = False
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                while (end := buf.find(b"\n")) >= 0:
-                    line = bytes(buf[:end])
-                    del buf[: end + 1]
-                    if skipping:
-                        skipping = False
-                        continue
-                    if line.strip():
-                        self._event(line)
-                        delivered = True
-                if len(buf) > line_cap:
-                    self._error(f"watch event over {line_cap} bytes skipped")
-                    buf.clear()
-                    skipping = True
+            async for line in lines(resp.content, line_cap):
+                if isinstance(line, Oversized):
+                    self._oversized(line)
+                else:
+                    self._event(line)
+                delivered = True
         finally:
             resp.release()
         return delivered or time.monotonic() - started >= _QUIET_WATCH
@@ -415,6 +412,20 @@ class Informer:
         self._cache[key] = obj
         event_type = EventType.ADDED if old is None else EventType.MODIFIED
         self._notify(InformerEvent(event_type, key, obj, old))
+
+    def _oversized(self, line: Oversized) -> None:
+        """A watch event too large to read: refuse its object by name if the start of the
+        line names it. A deletion is still applied: the object is gone either way."""
+        ident = line.identify()
+        if ident is None or ident[0] not in ("ADDED", "MODIFIED", "DELETED"):
+            self._error(f"watch event of over {line.size} bytes skipped, object unknown")
+            return
+        kind, ns, name = ident
+        if kind == "DELETED":
+            old = self._cache.get((ns, name))
+            self._apply(EventType.DELETED, old or {"metadata": {"namespace": ns, "name": name}}, 0)
+            return
+        self._apply(EventType(kind), {"metadata": {"namespace": ns, "name": name}}, line.size)
 
     def _refuse(self, key: ObjectKey, why: str) -> None:
         if self.refused.get(key) != why:

@@ -24,6 +24,8 @@ from meshpilot.api.mesh import MeshConfig
 MESH_CONFIGMAP = "istio"
 MESH_KEY = "mesh"
 MAX_SELECTORS = 64
+# YAML aliases can make a small text expand to billions of nodes once walked.
+MAX_MESH_NODES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,8 @@ def parse_mesh(configmap: Mapping[str, Any] | None, origin: str) -> MeshView | C
         return error(f"invalid YAML: {e}", "data.mesh")
     if data is None:
         return MeshView()
+    if _expands_beyond(data, MAX_MESH_NODES):
+        return error(f"expands to over {MAX_MESH_NODES} nodes", "data.mesh")
     if not isinstance(data, dict):
         return error(f"expected a MeshConfig mapping, got {type(data).__name__}", "data.mesh")
     try:
@@ -91,3 +95,17 @@ def parse_mesh(configmap: Mapping[str, Any] | None, origin: str) -> MeshView | C
                 )
         selectors.append(selector)
     return MeshView(mesh, tuple(selectors))
+
+
+def _expands_beyond(doc: Any, budget: int) -> bool:
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
