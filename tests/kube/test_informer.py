@@ -319,3 +319,23 @@ async def test_a_watch_event_over_the_line_cap_is_skipped_and_its_object_refused
     await until(lambda: inf.get(("default", "grows")) is None)
     assert ("default", "grows") not in inf.refused
     assert rec.seen() == [("ADDED", "after"), ("DELETED", "grows")]
+
+
+async def test_a_failing_handler_stops_neither_the_informer_nor_other_handlers(
+    apiserver: ApiServer, api_client: client.ApiClient, informers: list[Informer]
+) -> None:
+    def broken(event: InformerEvent) -> None:
+        raise RuntimeError("handler bug")
+
+    inf = Informer(api_client, CONFIGMAPS, backoff=fast_backoff())
+    informers.append(inf)
+    rec = Recorder()
+    inf.add_handler(broken)
+    inf.add_handler(rec)
+    add_cm(apiserver, "a")
+    inf.start()
+    await asyncio.wait_for(inf.synced.wait(), 10)
+    await apiserver.store.wait_for_watchers(1, timeout=5)
+    add_cm(apiserver, "b")
+    await until(lambda: rec.seen() == [("ADDED", "a"), ("ADDED", "b")])
+    assert inf.connected and inf.reconnects == 0

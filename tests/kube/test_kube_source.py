@@ -367,6 +367,8 @@ async def test_discovery_selectors_filter_namespaces_live(
         )
     mesh_configmap(apiserver, "discoverySelectors:\n- matchLabels: {env: prod}\n")
     source, store = await start_source(api_client, started)
+    heard: list[str] = []
+    source.on_mesh_config(lambda mesh: heard.append(mesh.trust_domain))
     await asyncio.wait_for(source.synced.wait(), 10)
     # The system namespace is always in view, whatever the selectors say.
     assert keys(store, kinds.SERVICE) == {"prod/web", f"{SYSTEM}/web"}
@@ -401,6 +403,8 @@ async def test_discovery_selectors_filter_namespaces_live(
     set_mesh(apiserver, "trustDomain: example.org\n")
     await until(lambda: keys(store, kinds.SERVICE) == {"prod/web", "dev/web", f"{SYSTEM}/web"})
     assert source.mesh_config.trust_domain == "example.org" and not store.errors()
+    # Listeners hear MeshConfig changes only, not selector-only ones.
+    assert heard == ["example.org"]
 
 
 async def test_server_errors_at_start_are_retried(

@@ -309,13 +309,16 @@ class KubeSource:
         self._store.remove_origin(origin)
         changed_mesh = parsed.mesh_config != self.view.mesh_config
         self.view = parsed
-        if not self._view_ready:
-            return
-        namespaces = self._informers[convert.NAMESPACE.kind]
-        self._reselect({name for _, name in namespaces.items()} | set(self._selected))
         if changed_mesh:
+            log.info("mesh config from the istio ConfigMap in effect", origin=origin)
             for listener in self._mesh_listeners:
-                listener(parsed.mesh_config)
+                try:
+                    listener(parsed.mesh_config)
+                except Exception:
+                    log.exception("mesh config listener failed")
+        if self._view_ready:
+            namespaces = self._informers[convert.NAMESPACE.kind]
+            self._reselect({name for _, name in namespaces.items()} | set(self._selected))
 
     def _reselect(self, names: set[str]) -> None:
         """Recompute whether each namespace in `names` is in view, and move the objects
