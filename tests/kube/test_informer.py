@@ -12,7 +12,8 @@ import pytest
 from kubernetes_asyncio import client
 
 from meshpilot.discovery.kube.backoff import Backoff
-from meshpilot.discovery.kube.informer import EventType, Informer, InformerEvent, Resource
+from meshpilot.discovery.kube.informer import Informer
+from meshpilot.discovery.kube.resource import EventType, InformerEvent, Resource
 from meshpilot.monitoring import metrics
 from tests.kube.apiserver import ApiServer
 from tests.kube.helpers import NET, vs
@@ -302,9 +303,13 @@ async def test_a_watch_event_over_the_line_cap_is_skipped_and_its_object_refused
     apiserver: ApiServer, api_client: client.ApiClient, informers: list[Informer]
 ) -> None:
     add_cm(apiserver, "grows", v="small")
+    add_cm(apiserver, "listed-big", v="x" * 5000)
     inf, rec = make(informers, api_client, max_object_bytes=1000)
     inf.start()
     await asyncio.wait_for(inf.synced.wait(), 10)
+    # Over the size cap in the list already: refused there, by name.
+    assert list(inf.items()) == [("default", "grows")]
+    assert "over the 1000 limit" in inf.refused[("default", "listed-big")]
     rec.clear()
     await apiserver.store.wait_for_watchers(1, timeout=5)
     # Far over the per-line cap (4 x the object cap + 64 KiB): never buffered whole.

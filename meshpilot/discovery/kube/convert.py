@@ -25,7 +25,7 @@ from meshpilot.api.errors import ConfigError, field_path
 from meshpilot.api.parse import parse_object
 from meshpilot.config import Config, ConfigKey, kinds
 from meshpilot.discovery.kube.backoff import object_name
-from meshpilot.discovery.kube.informer import Resource
+from meshpilot.discovery.kube.resource import Resource
 
 NET = "networking.istio.io"
 SEC = "security.istio.io"

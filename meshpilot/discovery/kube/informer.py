@@ -30,9 +30,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -41,6 +39,13 @@ from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from meshpilot.discovery.kube.backoff import Backoff
+from meshpilot.discovery.kube.resource import (
+    EventType,
+    Handler,
+    InformerEvent,
+    ObjectKey,
+    Resource,
+)
 from meshpilot.discovery.kube.stream import Oversized, lines
 from meshpilot.monitoring import metrics
 
@@ -58,58 +63,10 @@ _LINE_CAP_FACTOR = 4
 _QUIET_WATCH = 1.0
 _AUTH = ["BearerToken"]
 _STATUS_REFUSED = 20
+# The size given to a listed object known to be over the object cap.
+_OVER_CAP = -1
 # Objects handled between two yields to the event loop during a relist.
 _CHUNK = 500
-
-
-@dataclass(frozen=True, slots=True)
-class Resource:
-    """Which collection an informer follows: group/version/plural and the kind's name."""
-
-    group: str
-    version: str
-    plural: str
-    kind: str
-    namespaced: bool = True
-
-    @property
-    def label(self) -> str:
-        """`plural.group` (just `plural` for the core group), as kubectl names it."""
-        return f"{self.plural}.{self.group}" if self.group else self.plural
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    def collection_path(self, namespace: str | None = None) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        if namespace and self.namespaced:
-            base += f"/namespaces/{namespace}"
-        return f"{base}/{self.plural}"
-
-
-class EventType(StrEnum):
-    ADDED = "ADDED"
-    MODIFIED = "MODIFIED"
-    DELETED = "DELETED"
-
-
-ObjectKey = tuple[str, str]
-"""(namespace, name); the namespace is "" for cluster-scoped objects."""
-
-
-@dataclass(frozen=True, slots=True)
-class InformerEvent:
-    """One change of the cache. `obj` is the new state (for DELETED, the last known
-    one); `old` the state it replaced, for MODIFIED."""
-
-    type: EventType
-    key: ObjectKey
-    obj: Mapping[str, Any]
-    old: Mapping[str, Any] | None = None
-
-
-Handler = Callable[[InformerEvent], None]
 
 
 class Gone(Exception):
@@ -238,6 +195,9 @@ class Informer:
 
     async def _list(self) -> None:
         listed: list[tuple[Mapping[str, Any], int]] = []
+        # Items that can enter the cache: once there are max_objects of them, any new
+        # key is bound to be refused, so only its name is kept (memory stays bounded).
+        candidates = 0
         cont = ""
         rv = ""
         while True:
@@ -258,7 +218,14 @@ class Informer:
                 # Items of a list of built-ins carry no kind or apiVersion.
                 item.setdefault("kind", self.resource.kind)
                 item.setdefault("apiVersion", self.resource.api_version)
-                listed.append((item, len(json.dumps(item, separators=(",", ":")))))
+                size = len(json.dumps(item, separators=(",", ":")))
+                if size > self._max_object_bytes:
+                    listed.append((_stub(item), size))
+                elif candidates >= self._max_objects and _key(item) not in self._cache:
+                    listed.append((_stub(item), _OVER_CAP))
+                else:
+                    candidates += 1
+                    listed.append((item, size))
             meta = body.get("metadata") or {}
             rv = str(meta.get("resourceVersion") or "")
             cont = str(meta.get("continue") or "")
@@ -403,7 +370,7 @@ class Informer:
         if size > self._max_object_bytes:
             self._refuse(key, f"object of {size} bytes is over the {self._max_object_bytes} limit")
             return
-        if old is None and len(self._cache) >= self._max_objects:
+        if size == _OVER_CAP or (old is None and len(self._cache) >= self._max_objects):
             self._refuse(key, f"over the limit of {self._max_objects} objects")
             return
         self.refused.pop(key, None)
@@ -474,6 +441,12 @@ class Informer:
 def _key(obj: Mapping[str, Any]) -> ObjectKey:
     meta = obj.get("metadata") or {}
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+
+
+def _stub(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """Just the identity of an object that will be refused."""
+    ns, name = _key(obj)
+    return {"metadata": {"namespace": ns, "name": name}}
 
 
 def _rv(obj: Mapping[str, Any]) -> str:

@@ -43,10 +43,9 @@ from meshpilot.discovery.kube.informer import (
     MAX_OBJECTS,
     PAGE_SIZE,
     Informer,
-    InformerEvent,
-    ObjectKey,
 )
 from meshpilot.discovery.kube.mesh import MESH_CONFIGMAP, MeshView, parse_mesh
+from meshpilot.discovery.kube.resource import InformerEvent, ObjectKey
 from meshpilot.discovery.store import ConfigStore
 
 log = structlog.get_logger(__name__)
