@@ -344,3 +344,24 @@ async def test_a_failing_handler_stops_neither_the_informer_nor_other_handlers(
     add_cm(apiserver, "b")
     await until(lambda: rec.seen() == [("ADDED", "a"), ("ADDED", "b")])
     assert inf.connected and inf.reconnects == 0
+
+
+async def test_watches_closed_at_once_again_and_again_are_paced(
+    apiserver: ApiServer, api_client: client.ApiClient, informers: list[Informer]
+) -> None:
+    inf, rec = make(informers, api_client, backoff=Backoff(0.2, 0.4))
+    inf.start()
+    await asyncio.wait_for(inf.synced.wait(), 10)
+    before = apiserver.requests[("watch", "configmaps")]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 1.0
+    while loop.time() < end:
+        apiserver.cut_watches()
+        await asyncio.sleep(0.005)
+    # Unpaced, a reconnect per cut: ~200. Paced: one at once, then one per 0.1-0.4 s.
+    assert apiserver.requests[("watch", "configmaps")] - before <= 15
+    # A clean close is no failure: nothing counted, still served.
+    assert inf.reconnects == 0
+    add_cm(apiserver, "after")
+    await until(lambda: rec.seen() == [("ADDED", "after")])
+    assert inf.lists == 1

@@ -58,8 +58,9 @@ PAGE_SIZE = 500
 # A watch event line this many times the object cap is skipped unread, so a broken or
 # hostile server cannot make the informer buffer without end.
 _LINE_CAP_FACTOR = 4
-# A watch that ends this soon having delivered nothing counts as a failure (backoff),
-# so a server that closes every watch at once is not hammered.
+# A watch that ends this soon having delivered nothing is retried at once the first
+# time and after a backoff from then on, so a server that closes every watch at once is
+# not hammered.
 _QUIET_WATCH = 1.0
 _AUTH = ["BearerToken"]
 _STATUS_REFUSED = 20
@@ -170,14 +171,21 @@ class Informer:
     async def run(self) -> None:
         """List and watch until cancelled."""
         need_list = True
+        quiet_closes = 0
         while True:
             try:
                 if need_list:
                     await self._list()
                     need_list = False
                 if await self._watch():
+                    quiet_closes = 0
                     continue
-                self._failed("watch closed at once without events")
+                # Closed cleanly at once, without a single event: normal once (a server
+                # shutting down, a cut connection), but never in a tight loop.
+                quiet_closes += 1
+                if quiet_closes == 1:
+                    continue
+                log.debug("watch closed at once again", resource=self.resource.label)
             except Gone as e:
                 # The normal way back after a long disconnection: relist at once.
                 log.info(
