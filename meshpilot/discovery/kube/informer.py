@@ -438,10 +438,13 @@ class Informer:
     def _failed(self, message: str) -> None:
         self.reconnects += 1
         metrics.KUBE_INFORMER_RECONNECTS.labels(self.resource.label).inc()
+        # A long outage repeats the same error every 30 s per informer: a warning when
+        # it starts or changes, the repeats at debug level.
+        news = self.connected or message != self.last_error
         self._set_connected(False)
         self.last_error = message
         self.last_error_time = time.time()
-        log.warning(
+        (log.warning if news else log.debug)(
             "kubernetes list/watch failed, retrying", resource=self.resource.label, error=message
         )
 

@@ -111,7 +111,9 @@ class KubeSource:
     async def start(self) -> None:
         """Start following the cluster; returns at once (see `synced`)."""
         if not self._tasks:
-            self._tasks.append(asyncio.create_task(self._run(), name="kube source"))
+            task = asyncio.create_task(self._run(), name="kube source")
+            task.add_done_callback(_log_failure)
+            self._tasks.append(task)
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -355,3 +357,9 @@ class KubeSource:
 def _labels(ns: Mapping[str, Any]) -> Mapping[str, str]:
     labels = (ns.get("metadata") or {}).get("labels") or {}
     return labels if isinstance(labels, dict) else {}
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # A bug in start-up must not pass silently: the source would never become ready.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("kubernetes source stopped", error=repr(task.exception()))
