@@ -5,6 +5,7 @@ selectors and bounds."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -365,3 +366,16 @@ async def test_watches_closed_at_once_again_and_again_are_paced(
     add_cm(apiserver, "after")
     await until(lambda: rec.seen() == [("ADDED", "after")])
     assert inf.lists == 1
+
+
+def test_backoff_doubles_from_one_second_to_thirty_with_jitter() -> None:
+    backoff = Backoff(rng=random.Random(7))
+    delays = [backoff.next() for _ in range(8)]
+    ceilings = [1, 2, 4, 8, 16, 30, 30, 30]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    # Jitter: not the same delay twice at the cap.
+    assert len(set(delays[5:])) == 3
+    backoff.reset()
+    assert 0.5 <= backoff.next() <= 1
+    with pytest.raises(ValueError, match="initial <= maximum"):
+        Backoff(5, 1)
