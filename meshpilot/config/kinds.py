@@ -11,6 +11,11 @@ DESTINATION_RULE: Final = "DestinationRule"
 GATEWAY: Final = "Gateway"
 PEER_AUTHENTICATION: Final = "PeerAuthentication"
 AUTHORIZATION_POLICY: Final = "AuthorizationPolicy"
+# Kubernetes objects the Kubernetes source stores as they are read (not in file mode).
+ENDPOINT_SLICE: Final = "EndpointSlice"
+POD: Final = "Pod"
+NODE: Final = "Node"
+NAMESPACE: Final = "Namespace"
 
 ALL: Final = (
     SERVICE,
@@ -25,4 +30,4 @@ ALL: Final = (
 )
 
 # Kinds whose changes only move endpoints: listeners, routes and clusters stay.
-ENDPOINT_KINDS: Final = frozenset({WORKLOAD_ENTRY})
+ENDPOINT_KINDS: Final = frozenset({WORKLOAD_ENTRY, ENDPOINT_SLICE})

@@ -185,3 +185,15 @@ XDS_SECURE_REFUSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+KUBE_INFORMER_CONNECTED = Gauge(
+    "meshpilot_kube_informer_connected",
+    "1 while the informer of a Kubernetes resource has a working list or watch, else 0.",
+    ["resource"],
+    registry=REGISTRY,
+)
+KUBE_INFORMER_RECONNECTS = Counter(
+    "meshpilot_kube_informer_reconnects",
+    "Failed lists or watches of a Kubernetes resource, each followed by a retry.",
+    ["resource"],
+    registry=REGISTRY,
+)
