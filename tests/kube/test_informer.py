@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
-from meshpilot.discovery.kube.backoff import Backoff
 from meshpilot.discovery.kube.informer import Informer
 from meshpilot.discovery.kube.resource import EventType, InformerEvent, Resource
+from meshpilot.kube.backoff import Backoff
 from meshpilot.monitoring import metrics
 from tests.kube.apiserver import ApiServer
 from tests.kube.helpers import NET, vs

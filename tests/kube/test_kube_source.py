@@ -14,9 +14,9 @@ from kubernetes_asyncio import client, config
 from meshpilot.api import kube as kube_api
 from meshpilot.api.networking import VirtualServiceSpec
 from meshpilot.config import ConfigKey, kinds
-from meshpilot.discovery.kube.backoff import Backoff
 from meshpilot.discovery.kube.source import KubeSource
 from meshpilot.discovery.store import ConfigStore
+from meshpilot.kube.backoff import Backoff
 from tests.kube.apiserver import ApiServer
 from tests.kube.helpers import NET, SEC, vs
 

@@ -24,8 +24,8 @@ from meshpilot.api import kube
 from meshpilot.api.errors import ConfigError, field_path
 from meshpilot.api.parse import parse_object
 from meshpilot.config import Config, ConfigKey, kinds
-from meshpilot.discovery.kube.backoff import object_name
 from meshpilot.discovery.kube.resource import Resource
+from meshpilot.kube.names import object_name
 
 NET = "networking.istio.io"
 SEC = "security.istio.io"

@@ -38,7 +38,6 @@ import structlog
 from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from meshpilot.discovery.kube.backoff import Backoff
 from meshpilot.discovery.kube.resource import (
     EventType,
     Handler,
@@ -47,6 +46,7 @@ from meshpilot.discovery.kube.resource import (
     Resource,
 )
 from meshpilot.discovery.kube.stream import Oversized, lines
+from meshpilot.kube.backoff import Backoff
 from meshpilot.monitoring import metrics
 
 log = structlog.get_logger(__name__)

@@ -36,7 +36,6 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from meshpilot.api.errors import ConfigError
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.discovery.kube import convert
-from meshpilot.discovery.kube.backoff import Backoff, object_name
 from meshpilot.discovery.kube.convert import KindSpec
 from meshpilot.discovery.kube.informer import (
     MAX_OBJECT_BYTES,
@@ -47,6 +46,8 @@ from meshpilot.discovery.kube.informer import (
 from meshpilot.discovery.kube.mesh import MESH_CONFIGMAP, MeshView, parse_mesh
 from meshpilot.discovery.kube.resource import InformerEvent, ObjectKey
 from meshpilot.discovery.store import ConfigStore
+from meshpilot.kube.backoff import Backoff
+from meshpilot.kube.names import object_name
 
 log = structlog.get_logger(__name__)
 
