@@ -1,11 +1,30 @@
-"""The bridge from push contexts to xDS resources: calls translators, caches by scope.
+"""The bridge from push contexts to xDS resources: calls translators, caches results.
 
-The server asks for a type; this decides what that proxy gets, generating each scope's
-output once per push context and serializing each resource once.
+The server asks for a type; this decides what that proxy gets. Two levels of caching:
+
+* Per resource, across push contexts (Istio's XdsCache): each outbound cluster and
+  each outbound virtual host is serialized once and kept under a key made of exactly
+  what it depends on (the service, the DestinationRule revision that applies, the
+  VirtualService revision, mesh settings, the proxy's SDS capability), never of the
+  proxy's IP or namespace unless the content depends on it. A config change thus
+  rebuilds only the resources whose inputs changed, and scopes that see the same
+  services (every namespace, with default visibility) share every entry.
+* Per scope, per push context: a scope's outbound answer is a selection of those
+  serialized resources, assembled once. A sidecar's answer is its own small part
+  (inbound clusters and listeners, from its service instances and IP) joined with
+  the outbound part it shares with every proxy of its scope; route configurations do
+  not depend on the proxy's own part at all.
+
+Where Istio keys route configurations as a whole, here they are assembled at the wire
+level from cached serialized virtual hosts (a repeated field's encoding is the
+concatenation of its elements'), so a VirtualService change rebuilds only its hosts'
+virtual hosts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
@@ -14,13 +33,20 @@ from google.protobuf.message import Message
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
-from meshpilot.translators import clusters, endpoints, listeners, naming, routes, tls
-from meshpilot.xds import typeurls
+from meshpilot.model.routing import ResolvedVirtualService
+from meshpilot.model.service import Service
+from meshpilot.model.sidecar_scope import SidecarScope
+from meshpilot.translators import clusters, endpoints, listeners, naming, plan, routes, tls
+from meshpilot.translators.http_route import HttpRouteBuilder
+from meshpilot.translators.traffic_policy import dr_identity
+from meshpilot.xds import typeurls, wire
 from meshpilot.xds.cache import (
+    MAX_RESOURCES,
     EdsKey,
     EdsOutKey,
     EdsViewKey,
     NamespaceKey,
+    ResourceCache,
     RouteScopeKey,
     RoutesOutKey,
     ScopeKey,
@@ -28,15 +54,28 @@ from meshpilot.xds.cache import (
     WholeKey,
     XdsCache,
 )
-from meshpilot.xds.resources import Generated, Resource
+from meshpilot.xds.resources import Generated, Joined, Resource
 
 
 class ConfigGenerator:
     """Implements `meshpilot.xds.resources.Generator` on top of the translators."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_resources: int = MAX_RESOURCES) -> None:
+        # Across push contexts, by dependencies: outbound clusters and assembled route
+        # configurations (Resource), serialized virtual hosts framed as a
+        # RouteConfiguration `virtual_hosts` field (bytes).
+        self._resources: ResourceCache[Hashable, Resource] = ResourceCache(max_resources)
+        self._vhosts: ResourceCache[Hashable, bytes] = ResourceCache(max_resources)
+        # Per push context: facts looked up once per context (host fingerprints,
+        # VirtualService dependencies), and small interned tokens for long keys.
+        self._host_tokens: XdsCache[str, int] = XdsCache()
+        self._vs_deps: XdsCache[tuple[Hashable, ...], Hashable] = XdsCache()
+        self._mesh_tokens: XdsCache[str, int] = XdsCache()
+        self._tokens: dict[Hashable, int] = {}
+        self._next_token = itertools.count(1)
         # One cache per kind of entry, each with its typed key (meshpilot/xds/cache.py).
-        self._whole: XdsCache[WholeKey, tuple[Resource, ...]] = XdsCache()
+        self._whole: XdsCache[WholeKey, Sequence[Resource]] = XdsCache()
+        self._outbound: XdsCache[WholeKey, tuple[Resource, ...]] = XdsCache()
         self._route_scopes: XdsCache[RouteScopeKey, dict[str, Resource]] = XdsCache()
         self._routes_out: XdsCache[RoutesOutKey, tuple[Resource, ...]] = XdsCache()
         self._label_names: XdsCache[NamespaceKey, tuple[str, ...]] = XdsCache()
@@ -52,6 +91,7 @@ class ConfigGenerator:
     def _caches(self) -> dict[str, XdsCache[Any, Any]]:
         return {
             "whole": self._whole,
+            "outbound": self._outbound,
             "route_scopes": self._route_scopes,
             "routes_out": self._routes_out,
             "label_names": self._label_names,
@@ -64,6 +104,9 @@ class ConfigGenerator:
     def table_sizes(self) -> dict[str, int]:
         """Entries in each cache and index, for tests and debugging."""
         sizes = {name: len(cache) for name, cache in self._caches().items()}
+        sizes["resources"] = len(self._resources)
+        sizes["vhosts"] = len(self._vhosts)
+        sizes["tokens"] = len(self._tokens)
         sizes["host_of"] = len(self._host_of)
         sizes["names_by_host"] = sum(len(v) for v in self._names_by_host.values())
         return sizes
@@ -72,6 +115,17 @@ class ConfigGenerator:
         """(hits, misses) over every cache."""
         caches = self._caches().values()
         return sum(c.hits for c in caches), sum(c.misses for c in caches)
+
+    def resource_cache_stats(self) -> dict[str, int]:
+        """Reads, size and evictions of the per-resource caches (Istio's XdsCache
+        metrics: pilot_xds_cache_reads, pilot_xds_cache_size, pilot_xds_cache_evictions)."""
+        caches = (self._resources, self._vhosts)
+        return {
+            "hits": sum(c.hits for c in caches),
+            "misses": sum(c.misses for c in caches),
+            "size": sum(len(c) for c in caches),
+            "evictions": sum(c.evictions for c in caches),
+        }
 
     # --- scope keys: proxies with equal keys get identical output --------------------
 
@@ -113,42 +167,98 @@ class ConfigGenerator:
         if incremental:
             return None
         if type_url == typeurls.CLUSTER:
-            return self._whole_answer(
-                push,
-                proxy,
-                type_url,
-                clusters.build_clusters,
-                extra=self._cds_locality(push, proxy),
-            )
+            return self._clusters(push, proxy)
         if type_url == typeurls.LISTENER:
-            return self._whole_answer(
-                push,
-                proxy,
-                type_url,
-                listeners.build_listeners,
-                extra=(self._source_labels(push, proxy), self._inbound_security(push, proxy)),
-            )
+            return self._listeners(push, proxy)
         if type_url == typeurls.ROUTE:
             return self._routes(push, proxy, names)
         return None
 
-    def _whole_answer(
-        self,
-        push: PushContext,
-        proxy: Proxy,
-        type_url: str,
-        build: Callable[[PushContext, Proxy], Sequence[Message]],
-        extra: Hashable = None,
-    ) -> Generated:
-        key = WholeKey(type_url, self._proxy_scope(push, proxy), extra)
+    # --- CDS ----------------------------------------------------------------------------
 
-        def make() -> tuple[Resource, ...]:
-            return tuple(_resource(m, type_url) for m in build(push, proxy))
+    def _clusters(self, push: PushContext, proxy: Proxy) -> Generated:
+        scope = self._proxy_scope(push, proxy)
+        locality = self._cds_locality(push, proxy)
+        # Proxies without a part of their own (no service instances, no ingress) have
+        # equal scope keys: the whole answer is theirs to share.
+        own_shared = not scope.ips and not scope.instances
 
-        return Generated(self._whole.get_or_build(push.version, key, make), complete=True)
+        def make() -> Sequence[Resource]:
+            outbound = self._outbound.get_or_build(
+                push.version,
+                WholeKey(typeurls.CLUSTER, _outbound_only(scope), locality),
+                lambda: self._outbound_clusters(push, proxy),
+            )
+            own = tuple(
+                _resource(c, typeurls.CLUSTER) for c in clusters.local_clusters(push, proxy)
+            )
+            if own and outbound and own[-1].name >= outbound[0].name:
+                # Not in name order as two parts (never with Istio's names): one list.
+                return tuple(sorted((*own, *outbound), key=lambda r: r.name))
+            return Joined((own, outbound), (own_shared, True))
+
+        key = WholeKey(typeurls.CLUSTER, scope, locality)
+        return Generated(self._whole.get_or_build(push.version, key, make), shared=own_shared)
+
+    def _outbound_clusters(self, push: PushContext, proxy: Proxy) -> tuple[Resource, ...]:
+        """The scope's outbound clusters, each from the per-resource cache: keyed by the
+        service (and what of its endpoints a cluster carries: identities, TLS modes),
+        the DestinationRule that applies, mesh settings and SDS; DNS clusters carry
+        endpoints ordered for the proxy's locality and are built for the scope."""
+        mesh = self._mesh_token(push)
+        sds = tls.proxy_has_sds(proxy)
+        cache = self._resources
+        out = []
+        for spec in clusters.outbound_cluster_specs(push, proxy):
+            if spec.inline_endpoints:
+                out.append(
+                    _resource(clusters.build_outbound_cluster(push, proxy, spec), typeurls.CLUSTER)
+                )
+                continue
+            key = (
+                spec.name,
+                self._host_token(push, spec.service),
+                dr_identity(spec.rule),
+                mesh,
+                sds,
+            )
+            out.append(cache.get_or_build(key, _cluster_builder(push, proxy, spec)))
+        return tuple(out)
+
+    # --- LDS ----------------------------------------------------------------------------
+
+    def _listeners(self, push: PushContext, proxy: Proxy) -> Generated:
+        scope = self._proxy_scope(push, proxy)
+        labels = self._source_labels(push, proxy)
+        own_shared = not scope.ips and not scope.instances
+
+        def make() -> Sequence[Resource]:
+            outbound = self._outbound.get_or_build(
+                push.version,
+                WholeKey(typeurls.LISTENER, _outbound_only(scope), labels),
+                lambda: tuple(
+                    _resource(lst, typeurls.LISTENER)
+                    for _, lst in sorted(listeners.outbound_listeners(push, proxy).items())
+                ),
+            )
+            taken = frozenset(r.name for r in outbound)
+            own = [
+                _resource(lst, typeurls.LISTENER)
+                for lst in listeners.local_listeners(push, proxy, taken)
+            ]
+            # A handful of listeners: one sorted list (names of both parts interleave).
+            return tuple(sorted((*outbound, *own), key=lambda r: r.name))
+
+        key = WholeKey(typeurls.LISTENER, scope, (labels, self._inbound_security(push, proxy)))
+        return Generated(self._whole.get_or_build(push.version, key, make), shared=own_shared)
+
+    # --- RDS ----------------------------------------------------------------------------
 
     def _routes(self, push: PushContext, proxy: Proxy, names: frozenset[str] | None) -> Generated:
-        scope_key = RouteScopeKey(self._proxy_scope(push, proxy), self._source_labels(push, proxy))
+        # Route configurations never depend on the proxy's own instances or IP.
+        scope_key = RouteScopeKey(
+            _outbound_only(self._proxy_scope(push, proxy)), self._source_labels(push, proxy)
+        )
         # One shared answer per scope and subscription: the server then frames (and may
         # send) the same bytes to every proxy of the scope.
         out_key = RoutesOutKey(scope_key, names)
@@ -157,12 +267,9 @@ class ConfigGenerator:
             return Generated(shared, complete=True)
         wanted = sorted(names) if names is not None else routes.route_names_for(push, proxy)
 
-        def make_all() -> dict[str, Resource]:
-            # Route configs of one scope are built together: they share the scope walk.
-            built = routes.build_route_configs(push, proxy, None)
-            return {rc.name: _resource(rc, typeurls.ROUTE) for rc in built}
-
-        by_name = self._route_scopes.get_or_build(push.version, scope_key, make_all)
+        by_name = self._route_scopes.get_or_build(
+            push.version, scope_key, lambda: self._route_configs(push, proxy, scope_key)
+        )
         missing = [name for name in wanted if name not in by_name]
         if missing:
             # Names the scope does not produce still get an answer (an empty config, so
@@ -177,6 +284,137 @@ class ConfigGenerator:
         out = [by_name[name] for name in wanted]
         result = self._routes_out.get_or_build(push.version, out_key, lambda: tuple(out))
         return Generated(result, complete=True)
+
+    def _route_configs(
+        self, push: PushContext, proxy: Proxy, scope_key: RouteScopeKey
+    ) -> dict[str, Resource]:
+        """Every route configuration of the scope, assembled from cached virtual hosts.
+
+        Built together: they share the scope walk. The bytes are exactly those of the
+        RouteConfiguration routes.build_route_configs makes (fields in number order:
+        `name` (1), the `virtual_hosts` (2), then the header's other fields)."""
+        plans = plan.route_plans(push, proxy)
+        scope = push.sidecar_scope(proxy)
+        policy = scope.outbound_traffic_policy
+        builder = HttpRouteBuilder(push, proxy)
+        by_host = scope.services_by_host
+        mesh = self._mesh_token(push)
+        tail = _route_header_tail()
+        out: dict[str, Resource] = {}
+        for name in sorted(plans):
+            parts = tuple(
+                self._vhosts.get_or_build(
+                    self._vhost_key(push, proxy, spec, scope, by_host, scope_key, mesh),
+                    _vhost_builder(spec, builder),
+                )
+                for spec in routes.virtual_host_specs(plans[name], proxy, policy)
+            )
+            out[name] = self._resources.get_or_build(
+                ("rds", name, parts),
+                lambda name=name, parts=parts: Resource.of_bytes(  # type: ignore[misc]
+                    name,
+                    wire.string_field(1, name) + b"".join(parts) + tail,
+                    typeurls.ROUTE,
+                ),
+            )
+        return out
+
+    def _vhost_key(
+        self,
+        push: PushContext,
+        proxy: Proxy,
+        spec: routes.VirtualHostSpec,
+        scope: SidecarScope,
+        by_host: dict[str, Service],
+        scope_key: RouteScopeKey,
+        mesh: int,
+    ) -> Hashable:
+        """What one virtual host depends on. Without a VirtualService: the service port,
+        its domains (the proxy's DNS domain decides the short ones) and the
+        DestinationRule (consistent hashing). With one: its revision, the proxy's
+        namespace and sourceLabels values (matches), and the destinations' services
+        and rules as the scope sees them (which clusters exist, hashing)."""
+        svc = spec.service
+        if svc is None:
+            return ("fallback", spec.fallback, spec.port)
+        vs = push.virtual_service_for(proxy.namespace, svc.hostname)
+        if vs is None or not vs.spec.http:
+            rule = dr_identity(push.destination_rule(proxy.namespace, svc))
+            return ("vh", svc.hostname, spec.port, spec.domains, rule, mesh)
+        deps = self._vs_deps.get_or_build(
+            push.version,
+            (vs.config.key, proxy.namespace, scope.key),
+            lambda: self._virtual_service_deps(push, proxy, vs, by_host),
+        )
+        return (
+            "vs",
+            svc.hostname,
+            spec.port,
+            spec.domains,
+            deps,
+            scope_key.source_labels,
+            mesh,
+        )
+
+    def _virtual_service_deps(
+        self,
+        push: PushContext,
+        proxy: Proxy,
+        vs: ResolvedVirtualService,
+        by_host: dict[str, Service],
+    ) -> Hashable:
+        cfg = vs.config
+        dests = []
+        for host in routes.virtual_service_destination_hosts(push, vs):
+            svc = by_host.get(host)
+            if svc is None:
+                dests.append((host, None, None))
+            else:
+                rule = dr_identity(push.destination_rule(proxy.namespace, svc))
+                dests.append((host, self._host_token(push, svc), rule))
+        return (cfg.namespace, cfg.name, cfg.revision, proxy.namespace, tuple(dests))
+
+    def _host_token(self, push: PushContext, svc: Service) -> int:
+        """A token for everything an outbound cluster takes from its service: the
+        service itself, its endpoints' identities and TLS modes (auto mTLS) and the
+        mTLS mode of its namespace. Equal content, equal token, in any push context."""
+
+        def make() -> int:
+            modes = tuple(
+                (port, frozenset(ep.tls_mode for ep in eps))
+                for port, eps in sorted(push.endpoints.get(svc.hostname, {}).items())
+            )
+            return self._intern(
+                (
+                    svc.hostname,
+                    svc.namespace,
+                    svc.name,
+                    svc.ports,
+                    svc.resolution,
+                    svc.addresses,
+                    svc.mesh_external,
+                    svc.source,
+                    push.service_identities(svc),
+                    modes,
+                    push.security.namespace_mtls_mode(svc.namespace),
+                )
+            )
+
+        return self._host_tokens.get_or_build(push.version, svc.hostname, make)
+
+    def _mesh_token(self, push: PushContext) -> int:
+        return self._mesh_tokens.get_or_build(
+            push.version, "", lambda: self._intern(push.mesh.model_dump_json())
+        )
+
+    def _intern(self, fingerprint: Hashable) -> int:
+        token = self._tokens.get(fingerprint)
+        if token is None:
+            if len(self._tokens) >= _MAX_TOKENS:
+                # Fresh tokens from here on: old keys then miss, never match wrongly.
+                self._tokens.clear()
+            token = self._tokens[fingerprint] = next(self._next_token)
+        return token
 
     def _source_labels(self, push: PushContext, proxy: Proxy) -> Hashable:
         """The proxy's values of labels VirtualService sourceLabels look at (routes and
@@ -299,6 +537,36 @@ class ConfigGenerator:
 
 
 _MAX_INDEXED_NAMES = 500_000
+_MAX_TOKENS = 200_000
+
+
+def _outbound_only(scope: ScopeKey) -> ScopeKey:
+    """The scope key without the proxy's own part: what outbound output depends on."""
+    if not scope.instances and not scope.ips:
+        return scope
+    return dataclasses.replace(scope, instances=(), ips=())
+
+
+def _cluster_builder(
+    push: PushContext, proxy: Proxy, spec: clusters.OutboundClusterSpec
+) -> Callable[[], Resource]:
+    return lambda: _resource(clusters.build_outbound_cluster(push, proxy, spec), typeurls.CLUSTER)
+
+
+def _vhost_builder(spec: routes.VirtualHostSpec, builder: HttpRouteBuilder) -> Callable[[], bytes]:
+    return lambda: wire.field(
+        2, routes.build_virtual_host(spec, builder).SerializeToString(deterministic=True)
+    )
+
+
+_TAIL: list[bytes] = []
+
+
+def _route_header_tail() -> bytes:
+    """The header fields of an outbound RouteConfiguration after `virtual_hosts`."""
+    if not _TAIL:
+        _TAIL.append(routes.route_config_header("").SerializeToString(deterministic=True))
+    return _TAIL[0]
 
 
 def _cluster_host(cluster_name: str) -> str:
