@@ -372,7 +372,11 @@ class ConfigGenerator:
             else:
                 rule = dr_identity(push.destination_rule(proxy.namespace, svc))
                 dests.append((host, self._host_token(push, svc), rule))
-        return (cfg.namespace, cfg.name, cfg.revision, proxy.namespace, tuple(dests))
+        # The proxy's namespace matters to the routes only through `sourceNamespace`
+        # matches (the rules that apply to it are in `dests`): otherwise every
+        # namespace that sees this VirtualService shares its virtual hosts.
+        namespace = proxy.namespace if _matches_source_namespace(vs) else None
+        return (cfg.namespace, cfg.name, cfg.revision, namespace, tuple(dests))
 
     def _host_token(self, push: PushContext, svc: Service) -> int:
         """A token for everything an outbound cluster takes from its service: the
@@ -545,6 +549,10 @@ def _outbound_only(scope: ScopeKey) -> ScopeKey:
     if not scope.instances and not scope.ips:
         return scope
     return dataclasses.replace(scope, instances=(), ips=())
+
+
+def _matches_source_namespace(vs: ResolvedVirtualService) -> bool:
+    return any(m.source_namespace for rule in vs.spec.http for m in rule.match)
 
 
 def _cluster_builder(
