@@ -11,6 +11,7 @@ import itertools
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
+from prometheus_client import generate_latest
 
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
@@ -18,10 +19,12 @@ from meshpilot.config import kinds
 from meshpilot.discovery.store import ConfigStore
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
+from meshpilot.monitoring.metrics import REGISTRY
 from meshpilot.translators import clusters, listeners, routes
 from meshpilot.xds import typeurls
 from meshpilot.xds.generator import ConfigGenerator
 from meshpilot.xds.resources import Generated, Resource
+from meshpilot.xds.server import DiscoveryServer
 
 SERVICES = 4
 
@@ -270,3 +273,22 @@ def test_cache_stays_bounded_while_namespaces_come_and_go() -> None:
     stats = gen.resource_cache_stats()
     assert stats["evictions"] > 0
     assert stats["hits"] > stats["misses"]
+
+
+def test_cache_reads_size_and_evictions_are_in_metrics() -> None:
+    mesh = Mesh(["apps"])
+    gen = ConfigGenerator(max_resources=30)
+    DiscoveryServer(gen)
+    for _ in range(2):  # a second push context reads the same resources again
+        _gen(gen, typeurls.CLUSTER, _sidecar("apps", 0), mesh.push())
+    for i in range(SERVICES):  # new rules: new clusters, and the old ones are evicted
+        mesh.docs[f"svc{i}"] = _service(i, dr_timeout="20s")
+    mesh.apply()
+    _gen(gen, typeurls.CLUSTER, _sidecar("apps", 0), mesh.push())
+    text = generate_latest(REGISTRY).decode()
+    stats = gen.resource_cache_stats()
+    assert stats["hits"] > 0 and stats["misses"] > 0 and stats["evictions"] > 0
+    assert f'pilot_xds_cache_reads_total{{type="hit"}} {float(stats["hits"])}' in text
+    assert f'pilot_xds_cache_reads_total{{type="miss"}} {float(stats["misses"])}' in text
+    assert f"pilot_xds_cache_size {float(stats['size'])}" in text
+    assert f'pilot_xds_cache_evictions_total{{reason="size"}} {float(stats["evictions"])}' in text
