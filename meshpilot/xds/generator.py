@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.message import Message
@@ -310,12 +310,7 @@ class ConfigGenerator:
                 for spec in routes.virtual_host_specs(plans[name], proxy, policy)
             )
             out[name] = self._resources.get_or_build(
-                ("rds", name, parts),
-                lambda name=name, parts=parts: Resource.of_bytes(  # type: ignore[misc]
-                    name,
-                    wire.string_field(1, name) + b"".join(parts) + tail,
-                    typeurls.ROUTE,
-                ),
+                ("rds", name, parts), _route_config_builder(name, parts, tail)
             )
         return out
 
@@ -325,7 +320,7 @@ class ConfigGenerator:
         proxy: Proxy,
         spec: routes.VirtualHostSpec,
         scope: SidecarScope,
-        by_host: dict[str, Service],
+        by_host: Mapping[str, Service],
         scope_key: RouteScopeKey,
         mesh: int,
     ) -> Hashable:
@@ -361,10 +356,10 @@ class ConfigGenerator:
         push: PushContext,
         proxy: Proxy,
         vs: ResolvedVirtualService,
-        by_host: dict[str, Service],
+        by_host: Mapping[str, Service],
     ) -> Hashable:
         cfg = vs.config
-        dests = []
+        dests: list[tuple[str, int | None, Hashable]] = []
         for host in routes.virtual_service_destination_hosts(push, vs):
             svc = by_host.get(host)
             if svc is None:
@@ -564,6 +559,16 @@ def _cluster_builder(
 def _vhost_builder(spec: routes.VirtualHostSpec, builder: HttpRouteBuilder) -> Callable[[], bytes]:
     return lambda: wire.field(
         2, routes.build_virtual_host(spec, builder).SerializeToString(deterministic=True)
+    )
+
+
+def _route_config_builder(
+    name: str, vhosts: tuple[bytes, ...], tail: bytes
+) -> Callable[[], Resource]:
+    # Fields in number order, as protobuf writes them: name (1), virtual_hosts (2),
+    # then the rest of the header.
+    return lambda: Resource.of_bytes(
+        name, wire.string_field(1, name) + b"".join(vhosts) + tail, typeurls.ROUTE
     )
 
 
