@@ -30,10 +30,11 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from meshpilot.config import ConfigKey
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
-from meshpilot.model.routing import ResolvedVirtualService
+from meshpilot.model.routing import ResolvedVirtualService, VirtualServiceIndex, exported_to
 from meshpilot.model.service import Service
 from meshpilot.model.sidecar_scope import SidecarScope
 from meshpilot.translators import clusters, endpoints, listeners, naming, plan, routes, tls
@@ -69,7 +70,8 @@ class ConfigGenerator:
         # Per push context: facts looked up once per context (host fingerprints,
         # VirtualService dependencies), and small interned tokens for long keys.
         self._host_tokens: XdsCache[str, int] = XdsCache()
-        self._vs_deps: XdsCache[tuple[Hashable, ...], Hashable] = XdsCache()
+        self._vs_deps: XdsCache[tuple[Hashable, ...], int] = XdsCache()
+        self._vs_source_ns: XdsCache[ConfigKey, bool] = XdsCache()
         self._mesh_tokens: XdsCache[str, int] = XdsCache()
         self._tokens: dict[Hashable, int] = {}
         self._next_token = itertools.count(1)
@@ -186,7 +188,7 @@ class ConfigGenerator:
         def make() -> Sequence[Resource]:
             outbound = self._outbound.get_or_build(
                 push.version,
-                WholeKey(typeurls.CLUSTER, _outbound_only(scope), locality),
+                WholeKey(typeurls.CLUSTER, self._cds_scope(push, proxy, scope), locality),
                 lambda: self._outbound_clusters(push, proxy),
             )
             own = tuple(
@@ -235,7 +237,7 @@ class ConfigGenerator:
         def make() -> Sequence[Resource]:
             outbound = self._outbound.get_or_build(
                 push.version,
-                WholeKey(typeurls.LISTENER, _outbound_only(scope), labels),
+                WholeKey(typeurls.LISTENER, self._lds_scope(push, proxy, scope), labels),
                 lambda: tuple(
                     _resource(lst, typeurls.LISTENER)
                     for _, lst in sorted(listeners.outbound_listeners(push, proxy).items())
@@ -299,12 +301,15 @@ class ConfigGenerator:
         builder = HttpRouteBuilder(push, proxy)
         by_host = scope.services_by_host
         mesh = self._mesh_token(push)
+        view = (self._rule_view(push, proxy.namespace), self._visible_view(push, scope))
+        vs_index = push.virtual_services(proxy.namespace)
+        labels = scope_key.source_labels
         tail = _route_header_tail()
         out: dict[str, Resource] = {}
         for name in sorted(plans):
             parts = tuple(
                 self._vhosts.get_or_build(
-                    self._vhost_key(push, proxy, spec, scope, by_host, scope_key, mesh),
+                    self._vhost_key(push, proxy, spec, vs_index, view, by_host, labels, mesh),
                     _vhost_builder(spec, builder),
                 )
                 for spec in routes.virtual_host_specs(plans[name], proxy, policy)
@@ -319,37 +324,37 @@ class ConfigGenerator:
         push: PushContext,
         proxy: Proxy,
         spec: routes.VirtualHostSpec,
-        scope: SidecarScope,
+        vs_index: VirtualServiceIndex,
+        view: Hashable,
         by_host: Mapping[str, Service],
-        scope_key: RouteScopeKey,
+        labels: Hashable,
         mesh: int,
     ) -> Hashable:
         """What one virtual host depends on. Without a VirtualService: the service port,
         its domains (the proxy's DNS domain decides the short ones) and the
         DestinationRule (consistent hashing). With one: its revision, the proxy's
-        namespace and sourceLabels values (matches), and the destinations' services
-        and rules as the scope sees them (which clusters exist, hashing)."""
+        sourceLabels values (and namespace, for sourceNamespace matches), and the
+        destinations' services and rules as the scope sees them (which clusters exist,
+        hashing): a token for those, the same in every namespace of the same `view`."""
         svc = spec.service
         if svc is None:
             return ("fallback", spec.fallback, spec.port)
-        vs = push.virtual_service_for(proxy.namespace, svc.hostname)
+        vs = vs_index.for_host(svc.hostname)
         if vs is None or not vs.spec.http:
             rule = dr_identity(push.destination_rule(proxy.namespace, svc))
             return ("vh", svc.hostname, spec.port, spec.domains, rule, mesh)
+        version = push.version
+        key = vs.config.key
+        if self._vs_source_ns.get_or_build(version, key, lambda: _matches_source_namespace(vs)):
+            deps_key: tuple[Hashable, ...] = (key, view, proxy.namespace)
+        else:
+            deps_key = (key, view)
         deps = self._vs_deps.get_or_build(
-            push.version,
-            (vs.config.key, proxy.namespace, scope.key),
-            lambda: self._virtual_service_deps(push, proxy, vs, by_host),
+            version,
+            deps_key,
+            lambda: self._intern(self._virtual_service_deps(push, proxy, vs, by_host)),
         )
-        return (
-            "vs",
-            svc.hostname,
-            spec.port,
-            spec.domains,
-            deps,
-            scope_key.source_labels,
-            mesh,
-        )
+        return ("vs", svc.hostname, spec.port, spec.domains, deps, labels, mesh)
 
     def _virtual_service_deps(
         self,
@@ -372,6 +377,83 @@ class ConfigGenerator:
         # namespace that sees this VirtualService shares its virtual hosts.
         namespace = proxy.namespace if _matches_source_namespace(vs) else None
         return (cfg.namespace, cfg.name, cfg.revision, namespace, tuple(dests))
+
+    # --- namespaces that see the same -----------------------------------------------------
+
+    def _rule_view(self, push: PushContext, namespace: str) -> str:
+        """A name for how DestinationRules look from `namespace`: "" for every namespace
+        that has no rules of its own (and is not the root namespace) while every rule is
+        exported everywhere; those see the same rule for every host, so what depends on
+        the namespace only through rule lookup is shared by all of them."""
+        index = push.destination_rules
+        if namespace == index.root_namespace or index.by_ns.get(namespace):
+            return namespace
+        return "" if self._rules_everywhere(push) else namespace
+
+    def _rules_everywhere(self, push: PushContext) -> bool:
+        def make() -> int:
+            return int(
+                all(
+                    exported_to(dr.spec.export_to, dr.config.namespace, "")
+                    for rules in push.destination_rules.by_ns.values()
+                    for dr in rules.values()
+                )
+            )
+
+        return bool(self._mesh_tokens.get_or_build(push.version, "rules-everywhere", make))
+
+    def _visible_view(self, push: PushContext, scope: SidecarScope) -> Hashable:
+        """The scope's key, or one key for every default scope (no Sidecar) while every
+        service is exported everywhere: those all see every service."""
+        if scope.sidecar is None and self._services_everywhere(push):
+            return ("default", "*")
+        return scope.key
+
+    def _services_everywhere(self, push: PushContext) -> bool:
+        def make() -> int:
+            return int(all("*" in svc.export_to for svc in push.services_sorted))
+
+        return bool(self._mesh_tokens.get_or_build(push.version, "services-everywhere", make))
+
+    def _cds_scope(self, push: PushContext, proxy: Proxy, scope: ScopeKey) -> ScopeKey:
+        """The key of a scope's outbound clusters: they depend on the visible services
+        and the rules that apply to them, not on the namespace as such."""
+        sidecar_scope = push.sidecar_scope(proxy)
+        view = (self._visible_view(push, sidecar_scope), self._rule_view(push, proxy.namespace))
+        # The DNS domain and the proxy's own part do not change clusters either.
+        return dataclasses.replace(scope, sidecar_scope=view, instances=(), ips=(), dns_domain="")
+
+    def _lds_scope(self, push: PushContext, proxy: Proxy, scope: ScopeKey) -> ScopeKey:
+        """The key of a scope's outbound listeners: visible services, the rules and
+        VirtualServices (TCP/TLS routes) that apply to them; not the DNS domain."""
+        sidecar_scope = push.sidecar_scope(proxy)
+        view = (
+            self._visible_view(push, sidecar_scope),
+            self._rule_view(push, proxy.namespace),
+            self._routing_view(push, proxy.namespace),
+        )
+        return dataclasses.replace(scope, sidecar_scope=view, instances=(), ips=(), dns_domain="")
+
+    def _routing_view(self, push: PushContext, namespace: str) -> str:
+        """ "" for every namespace while each VirtualService is exported everywhere and
+        none matches on sourceNamespace: they all see the same routing; else the
+        namespace."""
+
+        def make() -> int:
+            for vs in push.virtual_services_all:
+                if not exported_to(vs.spec.export_to, vs.config.namespace, ""):
+                    return 0
+                spec = vs.spec
+                if (
+                    any(m.source_namespace for r in spec.http for m in r.match)
+                    or any(m.source_namespace for t in spec.tcp for m in t.match)
+                    or any(m.source_namespace for s in spec.tls for m in s.match)
+                ):
+                    return 0
+            return 1
+
+        everywhere = self._mesh_tokens.get_or_build(push.version, "routing-everywhere", make)
+        return "" if everywhere else namespace
 
     def _host_token(self, push: PushContext, svc: Service) -> int:
         """A token for everything an outbound cluster takes from its service: the
@@ -460,7 +542,8 @@ class ConfigGenerator:
         # Proxies of one namespace and locality with the same (interned) subscription
         # share one answer: a lookup instead of a walk over every name, and one tuple,
         # so the server frames the block once.
-        view = EdsViewKey(proxy.namespace, proxy.locality)
+        # Assignments depend on the namespace only through DestinationRule lookup.
+        view = EdsViewKey(self._rule_view(push, proxy.namespace), proxy.locality)
         out_key = EdsOutKey(view, names, hosts)
         shared = self._eds_out.get(push.version, out_key)
         if shared is not None:
@@ -523,10 +606,18 @@ class ConfigGenerator:
         self._names_by_host.setdefault(host, set()).add(name)
 
     def on_new_context(self, previous: PushContext | None, current: PushContext) -> None:
-        """Carry unchanged ClusterLoadAssignments over to an endpoint-only context."""
-        if previous is None or current.changed_hosts is None:
+        """Carry unchanged ClusterLoadAssignments over to the new context: those of hosts
+        whose endpoints did not change. An assignment's key holds the rest of what it
+        depends on (the DestinationRule where a subset or locality setting applies, the
+        proxy's locality), so after a config change only the affected keys are new."""
+        if previous is None:
             return
         changed = current.changed_hosts
+        if changed is None:
+            if previous.mesh != current.mesh:
+                return
+            old, new = previous.endpoints, current.endpoints
+            changed = frozenset(h for h in old.keys() | new.keys() if old.get(h) != new.get(h))
 
         def keep(key: EdsKey) -> bool:
             name = key.cluster_name

@@ -217,6 +217,30 @@ def test_destination_rule_change_rebuilds_only_its_hosts_clusters() -> None:
     )
 
 
+def test_destination_rule_change_keeps_load_assignments_it_does_not_change() -> None:
+    mesh = Mesh(["apps"])
+    gen, proxy = ConfigGenerator(), _sidecar("apps", 0)
+    push = mesh.push()
+    names = frozenset(_outbound(list(_gen(gen, typeurls.CLUSTER, proxy, push).resources)))
+    eds = gen.generate(typeurls.ENDPOINT, proxy, push, names, None)
+    assert eds is not None
+    mesh.docs["svc1"] = _service(1, dr_timeout="30s")
+    mesh.apply()
+    push2 = mesh.push()
+    gen.on_new_context(push, push2)
+    eds2 = gen.generate(typeurls.ENDPOINT, proxy, push2, names, None)
+    assert eds2 is not None
+    before = {r.name: r for r in eds.resources}
+    rebuilt = {r.name for r in eds2.resources if before[r.name] is not r}
+    # svc1's assignments depend on its rule (subset labels; outlier detection turns on
+    # locality failover); every other host's are carried over as they are.
+    assert rebuilt == {
+        f"outbound|{port}|{subset}|svc1.bench.svc.cluster.local"
+        for port in (9080, 5432)
+        for subset in ("", "v1", "v2")
+    }
+
+
 def test_virtual_service_change_rebuilds_only_its_hosts_virtual_hosts() -> None:
     mesh = Mesh(["apps"])
     gen, proxy = ConfigGenerator(), _sidecar("apps", 0)
