@@ -20,7 +20,7 @@ from meshpilot.discovery.store import ConfigStore
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.monitoring.metrics import REGISTRY
-from meshpilot.translators import clusters, listeners, routes
+from meshpilot.translators import clusters, endpoints, listeners, routes
 from meshpilot.xds import typeurls
 from meshpilot.xds.generator import ConfigGenerator
 from meshpilot.xds.resources import Generated, Resource
@@ -316,3 +316,68 @@ def test_cache_reads_size_and_evictions_are_in_metrics() -> None:
     assert f'pilot_xds_cache_reads_total{{type="miss"}} {float(stats["misses"])}' in text
     assert f"pilot_xds_cache_size {float(stats['size'])}" in text
     assert f'pilot_xds_cache_evictions_total{{reason="size"}} {float(stats["evictions"])}' in text
+
+
+SPECIAL = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: svc0-here, namespace: special}
+spec:
+  host: svc0.bench.svc.cluster.local
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+  subsets:
+  - {name: v9, labels: {version: v1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: secret, namespace: private, annotations: {networking.istio.io/exportTo: "."}}
+spec: {selector: {app: secret}, ports: [{name: http, port: 9080}]}
+"""
+
+
+def _assert_as_translators_build(gen: ConfigGenerator, push: PushContext, proxy: Proxy) -> None:
+    cds = _gen(gen, typeurls.CLUSTER, proxy, push)
+    assert _bytes(cds.resources) == {
+        c.name: c.SerializeToString(deterministic=True)
+        for c in clusters.build_clusters(push, proxy)
+    }
+    lds = _gen(gen, typeurls.LISTENER, proxy, push)
+    assert _bytes(lds.resources) == {
+        x.name: x.SerializeToString(deterministic=True)
+        for x in listeners.build_listeners(push, proxy)
+    }
+    rds = _gen(gen, typeurls.ROUTE, proxy, push)
+    assert _bytes(rds.resources) == {
+        x.name: x.SerializeToString(deterministic=True)
+        for x in routes.build_route_configs(push, proxy, None)
+    }
+    names = frozenset(_outbound(list(cds.resources)))
+    eds = gen.generate(typeurls.ENDPOINT, proxy, push, names, None)
+    assert eds is not None
+    assert _bytes(eds.resources) == {
+        n: endpoints.build_load_assignment(push, proxy, n).SerializeToString(deterministic=True)
+        for n in names
+    }
+
+
+def test_namespaces_with_their_own_rules_or_services_get_their_own_config() -> None:
+    mesh = Mesh(["apps", "other", "special", "private"])
+    mesh.docs["special"] = SPECIAL
+    mesh.apply()
+    push, gen = mesh.push(), ConfigGenerator()
+    order = ["apps", "special", "private", "other", "special", "apps"]
+    for ns in order:
+        _assert_as_translators_build(gen, push, _sidecar(ns, 0))
+    special = _gen(gen, typeurls.CLUSTER, _sidecar("special", 0), push)
+    assert "outbound|9080|v9|svc0.bench.svc.cluster.local" in _bytes(special.resources)
+    apps = _gen(gen, typeurls.CLUSTER, _sidecar("apps", 0), push)
+    assert "outbound|9080|v9|svc0.bench.svc.cluster.local" not in _bytes(apps.resources)
+    assert "outbound|9080||secret.private.svc.cluster.local" not in _bytes(apps.resources)
+    private = _gen(gen, typeurls.CLUSTER, _sidecar("private", 0), push)
+    assert "outbound|9080||secret.private.svc.cluster.local" in _bytes(private.resources)
+    # Neutral namespaces share their outbound clusters.
+    other = _gen(gen, typeurls.CLUSTER, _sidecar("other", 0), push)
+    assert _outbound(list(apps.resources)).keys() == _outbound(list(other.resources)).keys()
+    assert all(
+        _outbound(list(other.resources))[n] is r for n, r in _outbound(list(apps.resources)).items()
+    )
