@@ -67,6 +67,9 @@ class ConfigGenerator:
         # RouteConfiguration `virtual_hosts` field (bytes).
         self._resources: ResourceCache[Hashable, Resource] = ResourceCache(max_resources)
         self._vhosts: ResourceCache[Hashable, bytes] = ResourceCache(max_resources)
+        # A sidecar's own part of CDS and LDS (inbound, fixed), by its scope key and
+        # the instances' services: a config change elsewhere does not rebuild it.
+        self._own: ResourceCache[Hashable, tuple[Resource, ...]] = ResourceCache(max_resources)
         # Per push context: facts looked up once per context (host fingerprints,
         # VirtualService dependencies), and small interned tokens for long keys.
         self._host_tokens: XdsCache[str, int] = XdsCache()
@@ -108,6 +111,7 @@ class ConfigGenerator:
         sizes = {name: len(cache) for name, cache in self._caches().items()}
         sizes["resources"] = len(self._resources)
         sizes["vhosts"] = len(self._vhosts)
+        sizes["own"] = len(self._own)
         sizes["tokens"] = len(self._tokens)
         sizes["host_of"] = len(self._host_of)
         sizes["names_by_host"] = sum(len(v) for v in self._names_by_host.values())
@@ -121,7 +125,7 @@ class ConfigGenerator:
     def resource_cache_stats(self) -> dict[str, int]:
         """Reads, size and evictions of the per-resource caches (Istio's XdsCache
         metrics: pilot_xds_cache_reads, pilot_xds_cache_size, pilot_xds_cache_evictions)."""
-        caches = (self._resources, self._vhosts)
+        caches = (self._resources, self._vhosts, self._own)
         return {
             "hits": sum(c.hits for c in caches),
             "misses": sum(c.misses for c in caches),
@@ -191,8 +195,11 @@ class ConfigGenerator:
                 WholeKey(typeurls.CLUSTER, self._cds_scope(push, proxy, scope), locality),
                 lambda: self._outbound_clusters(push, proxy),
             )
-            own = tuple(
-                _resource(c, typeurls.CLUSTER) for c in clusters.local_clusters(push, proxy)
+            own = self._own.get_or_build(
+                ("cds", scope, self._own_deps(push, proxy)),
+                lambda: tuple(
+                    _resource(c, typeurls.CLUSTER) for c in clusters.local_clusters(push, proxy)
+                ),
             )
             if own and outbound and own[-1].name >= outbound[0].name:
                 # Not in name order as two parts (never with Istio's names): one list.
@@ -201,6 +208,14 @@ class ConfigGenerator:
 
         key = WholeKey(typeurls.CLUSTER, scope, locality)
         return Generated(self._whole.get_or_build(push.version, key, make), shared=own_shared)
+
+    def _own_deps(self, push: PushContext, proxy: Proxy) -> Hashable:
+        """Besides the scope key (instances by port, IPs, Sidecar revision): what the
+        proxy's own clusters and listeners take from its services and the mesh."""
+        return (
+            self._mesh_token(push),
+            tuple(self._host_token(push, i.service) for i in push.service_instances(proxy)),
+        )
 
     def _outbound_clusters(self, push: PushContext, proxy: Proxy) -> tuple[Resource, ...]:
         """The scope's outbound clusters, each from the per-resource cache: keyed by the
@@ -232,6 +247,7 @@ class ConfigGenerator:
     def _listeners(self, push: PushContext, proxy: Proxy) -> Generated:
         scope = self._proxy_scope(push, proxy)
         labels = self._source_labels(push, proxy)
+        security = self._inbound_security(push, proxy)
         own_shared = not scope.ips and not scope.instances
 
         def make() -> Sequence[Resource]:
@@ -244,14 +260,17 @@ class ConfigGenerator:
                 ),
             )
             taken = frozenset(r.name for r in outbound)
-            own = [
-                _resource(lst, typeurls.LISTENER)
-                for lst in listeners.local_listeners(push, proxy, taken)
-            ]
+            own = self._own.get_or_build(
+                ("lds", scope, self._own_deps(push, proxy), security, taken),
+                lambda: tuple(
+                    _resource(lst, typeurls.LISTENER)
+                    for lst in listeners.local_listeners(push, proxy, taken)
+                ),
+            )
             # A handful of listeners: one sorted list (names of both parts interleave).
             return tuple(sorted((*outbound, *own), key=lambda r: r.name))
 
-        key = WholeKey(typeurls.LISTENER, scope, (labels, self._inbound_security(push, proxy)))
+        key = WholeKey(typeurls.LISTENER, scope, (labels, security))
         return Generated(self._whole.get_or_build(push.version, key, make), shared=own_shared)
 
     # --- RDS ----------------------------------------------------------------------------

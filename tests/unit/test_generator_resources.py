@@ -188,7 +188,8 @@ def test_proxies_in_many_namespaces_share_clusters_and_the_cache_does_not_grow()
         if not first:
             first = bench
         assert all(first[n] is r for n, r in bench.items())
-        sizes.append(gen.resource_cache_stats()["size"])
+        # Shared entries (the proxy's own inbound part is its own, in table "own").
+        sizes.append(gen.table_sizes()["resources"] + gen.table_sizes()["vhosts"])
     # Each namespace adds only what it alone has: every namespace has a service `app`,
     # and the proxy's own namespace's one has the short domain `app`: one virtual host
     # and the route configuration of its port. Everything else is shared.
@@ -292,8 +293,8 @@ def test_cache_stays_bounded_while_namespaces_come_and_go() -> None:
         for ns in namespaces:
             for type_url in (typeurls.CLUSTER, typeurls.ROUTE):
                 _gen(gen, type_url, _sidecar(ns, 0), push)
-        # Two caches (resources, virtual hosts) of at most 60 entries each.
-        assert gen.resource_cache_stats()["size"] <= 2 * 60
+        # Three caches (resources, virtual hosts, own parts) of at most 60 entries each.
+        assert gen.resource_cache_stats()["size"] <= 3 * 60
     stats = gen.resource_cache_stats()
     assert stats["evictions"] > 0
     assert stats["hits"] > stats["misses"]
@@ -381,3 +382,34 @@ def test_namespaces_with_their_own_rules_or_services_get_their_own_config() -> N
     assert all(
         _outbound(list(other.resources))[n] is r for n, r in _outbound(list(apps.resources)).items()
     )
+
+
+def test_a_sidecars_own_part_is_rebuilt_only_when_its_own_inputs_change() -> None:
+    mesh = Mesh(["apps"])
+    gen, proxy = ConfigGenerator(), _sidecar("apps", 0)
+
+    def own() -> dict[str, Resource]:
+        push = mesh.push()
+        cds = _gen(gen, typeurls.CLUSTER, proxy, push)
+        lds = _gen(gen, typeurls.LISTENER, proxy, push)
+        _assert_as_translators_build(gen, push, proxy)
+        return {
+            r.name: r
+            for r in [*cds.resources, *lds.resources]
+            if r.name in ("inbound|8080||", "virtualInbound")
+        }
+
+    first = own()
+    assert len(first) == 2
+    mesh.docs["svc1"] = _service(1, dr_timeout="30s")  # elsewhere: kept as it is
+    mesh.apply()
+    second = own()
+    assert all(second[n] is first[n] for n in first)
+    # The proxy's own service now speaks HTTP/2: its inbound cluster and chain change.
+    mesh.docs["apps"] = _workloads("apps", 2).replace(
+        "name: http, port: 8080", "name: grpc, port: 8080"
+    )
+    mesh.namespaces = []
+    mesh.apply()
+    third = own()
+    assert all(third[n] is not first[n] for n in first)
