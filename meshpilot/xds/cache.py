@@ -69,6 +69,11 @@ class XdsCache(Generic[K, V]):
                 bucket[key] = value
             return value
 
+    def put(self, version: str, key: K, value: V) -> None:
+        bucket = self._bucket(version)
+        if len(bucket) < self._max_entries:
+            bucket[key] = value
+
     def carry_over(self, old_version: str, new_version: str, keep: Callable[[K], bool]) -> None:
         """Copy entries for which `keep(key)` holds from one context to the next."""
         old = self._by_context.get(old_version)
@@ -119,6 +124,18 @@ class RouteScopeKey:
 
     scope: ScopeKey
     source_labels: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class RouteShareKey:
+    """One route configuration as every namespace with the same view sees it (its
+    services all outside the proxy's namespace, so no short domains)."""
+
+    view: ScopeKey
+    source_labels: Hashable
+    # The cluster's DNS suffix (`cluster.local` of `NS.svc.cluster.local`).
+    dns_suffix: str
+    name: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ from meshpilot.xds.cache import (
     NamespaceKey,
     ResourceCache,
     RouteScopeKey,
+    RouteShareKey,
     RoutesOutKey,
     ScopeKey,
     ScopeNamespaceKey,
@@ -75,6 +76,7 @@ class ConfigGenerator:
         self._host_tokens: XdsCache[str, int] = XdsCache()
         self._vs_deps: XdsCache[tuple[Hashable, ...], int] = XdsCache()
         self._vs_source_ns: XdsCache[ConfigKey, bool] = XdsCache()
+        self._vs_indexes: XdsCache[str, VirtualServiceIndex] = XdsCache()
         self._mesh_tokens: XdsCache[str, int] = XdsCache()
         self._tokens: dict[Hashable, int] = {}
         self._next_token = itertools.count(1)
@@ -83,6 +85,7 @@ class ConfigGenerator:
         self._outbound: XdsCache[WholeKey, tuple[Resource, ...]] = XdsCache()
         self._route_scopes: XdsCache[RouteScopeKey, dict[str, Resource]] = XdsCache()
         self._routes_out: XdsCache[RoutesOutKey, tuple[Resource, ...]] = XdsCache()
+        self._route_shared: XdsCache[RouteShareKey, Resource] = XdsCache()
         self._label_names: XdsCache[NamespaceKey, tuple[str, ...]] = XdsCache()
         self._cds_locality_of: XdsCache[ScopeNamespaceKey, bool] = XdsCache()
         self._eds: XdsCache[EdsKey, Resource] = XdsCache()
@@ -99,6 +102,7 @@ class ConfigGenerator:
             "outbound": self._outbound,
             "route_scopes": self._route_scopes,
             "routes_out": self._routes_out,
+            "route_shared": self._route_shared,
             "label_names": self._label_names,
             "cds_locality": self._cds_locality_of,
             "eds": self._eds,
@@ -286,11 +290,12 @@ class ConfigGenerator:
         shared = self._routes_out.get(push.version, out_key)
         if shared is not None:
             return Generated(shared, complete=True)
-        wanted = sorted(names) if names is not None else routes.route_names_for(push, proxy)
 
         by_name = self._route_scopes.get_or_build(
             push.version, scope_key, lambda: self._route_configs(push, proxy, scope_key)
         )
+        # The scope's route configurations are those its listeners name.
+        wanted = sorted(names) if names is not None else sorted(by_name)
         missing = [name for name in wanted if name not in by_name]
         if missing:
             # Names the scope does not produce still get an answer (an empty config, so
@@ -321,11 +326,26 @@ class ConfigGenerator:
         by_host = scope.services_by_host
         mesh = self._mesh_token(push)
         view = (self._rule_view(push, proxy.namespace), self._visible_view(push, scope))
-        vs_index = push.virtual_services(proxy.namespace)
+        vs_index = self._vs_index(push, proxy.namespace)
         labels = scope_key.source_labels
         tail = _route_header_tail()
+        # A route configuration whose services all live outside the proxy's namespace
+        # has no short (namespace-relative) domains: the same for every namespace that
+        # sees the same services and routing (the listeners' view), built once.
+        dns_ns, marker, dns_rest = proxy.dns_domain.partition(".svc.")
+        own_suffix = f".{dns_ns}.svc.{dns_rest}" if marker else ""
+        lds_scope = self._lds_scope(push, proxy, scope_key.scope)
         out: dict[str, Resource] = {}
         for name in sorted(plans):
+            share: RouteShareKey | None = None
+            if own_suffix and not any(
+                s.hostname.endswith(own_suffix) for s in plans[name].http_services
+            ):
+                share = RouteShareKey(lds_scope, labels, dns_rest, name)
+                shared = self._route_shared.get(push.version, share)
+                if shared is not None:
+                    out[name] = shared
+                    continue
             parts = tuple(
                 self._vhosts.get_or_build(
                     self._vhost_key(push, proxy, spec, vs_index, view, by_host, labels, mesh),
@@ -333,9 +353,11 @@ class ConfigGenerator:
                 )
                 for spec in routes.virtual_host_specs(plans[name], proxy, policy)
             )
-            out[name] = self._resources.get_or_build(
+            built = out[name] = self._resources.get_or_build(
                 ("rds", name, parts), _route_config_builder(name, parts, tail)
             )
+            if share is not None:
+                self._route_shared.put(push.version, share, built)
         return out
 
     def _vhost_key(
@@ -453,6 +475,16 @@ class ConfigGenerator:
         )
         return dataclasses.replace(scope, sidecar_scope=view, instances=(), ips=(), dns_domain="")
 
+    def _vs_index(self, push: PushContext, namespace: str) -> VirtualServiceIndex:
+        """The VirtualServices visible from `namespace`: one index for all namespaces
+        of the same routing view (it is the same index)."""
+        view = self._routing_view(push, namespace)
+        if view:
+            return push.virtual_services(namespace)
+        return self._vs_indexes.get_or_build(
+            push.version, "", lambda: push.virtual_services(namespace)
+        )
+
     def _routing_view(self, push: PushContext, namespace: str) -> str:
         """ "" for every namespace while each VirtualService is exported everywhere and
         none matches on sourceNamespace: they all see the same routing; else the
@@ -518,10 +550,11 @@ class ConfigGenerator:
 
     def _source_labels(self, push: PushContext, proxy: Proxy) -> Hashable:
         """The proxy's values of labels VirtualService sourceLabels look at (routes and
-        TCP listeners differ by them); the label names are found once per namespace."""
+        TCP listeners differ by them); the label names are found once per namespace,
+        or once for all namespaces that see the same VirtualServices."""
         names = self._label_names.get_or_build(
             push.version,
-            NamespaceKey(proxy.namespace),
+            NamespaceKey(self._routing_view(push, proxy.namespace)),
             lambda: tuple(routes.source_label_names(push, proxy.namespace)),
         )
         return tuple((k, proxy.labels.get(k)) for k in names) if names else None

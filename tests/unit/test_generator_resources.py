@@ -376,6 +376,12 @@ def test_namespaces_with_their_own_rules_or_services_get_their_own_config() -> N
     assert "outbound|9080||secret.private.svc.cluster.local" not in _bytes(apps.resources)
     private = _gen(gen, typeurls.CLUSTER, _sidecar("private", 0), push)
     assert "outbound|9080||secret.private.svc.cluster.local" in _bytes(private.resources)
+    # Route configurations without services of the proxy's own namespace are shared
+    # by namespaces with the same view; those with one (short domains) are not.
+    rds_apps = {r.name: r for r in _gen(gen, typeurls.ROUTE, _sidecar("apps", 0), push).resources}
+    rds_other = {r.name: r for r in _gen(gen, typeurls.ROUTE, _sidecar("other", 0), push).resources}
+    assert rds_apps["9080"] is rds_other["9080"]
+    assert rds_apps["8080"] is not rds_other["8080"]
     # Neutral namespaces share their outbound clusters.
     other = _gen(gen, typeurls.CLUSTER, _sidecar("other", 0), push)
     assert _outbound(list(apps.resources)).keys() == _outbound(list(other.resources)).keys()
