@@ -177,9 +177,10 @@ def run(services: int, endpoints: int, namespaces: int, repeat: int) -> dict[str
     out["resources_per_proxy"] = sizes["resources"]
     rss_one = rss_mb()
     count = min(repeat, namespaces - 1)
-    out["new_namespace_sidecar_ms"] = summary(
-        [cpu_ms(lambda n=n: full_config(gen, push, sidecar(n, 0))) for n in range(1, count + 1)]
-    )
+    if count > 0:
+        out["new_namespace_sidecar_ms"] = summary(
+            [cpu_ms(lambda n=n: full_config(gen, push, sidecar(n, 0))) for n in range(1, count + 1)]
+        )
     out["new_workload_sidecar_same_namespace_ms"] = summary(
         [
             cpu_ms(lambda j=j: full_config(gen, push, sidecar(0, j)))

@@ -141,7 +141,7 @@ def build_outbound_cluster(
         spec.rule,
         spec.subset,
         connect_timeout if connect_timeout is not None else connect_timeout_of(push),
-        metadata if metadata is not None else _service_metadata(spec.service),
+        metadata if metadata is not None else service_metadata(spec.service),
     )
 
 
@@ -170,7 +170,7 @@ def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]
     for spec in outbound_cluster_specs(push, proxy):
         host = spec.service.hostname
         if host not in metadata:
-            metadata[host] = _service_metadata(spec.service)
+            metadata[host] = service_metadata(spec.service)
         out[spec.name] = build_outbound_cluster(push, proxy, spec, connect_timeout, metadata[host])
     for c in local_clusters(push, proxy):
         out.setdefault(c.name, c)
@@ -355,10 +355,10 @@ def _dns_family(proxy: Proxy) -> int:
 
 
 def _istio_metadata(c: Cluster, svc: Service) -> None:
-    c.metadata.filter_metadata["istio"].CopyFrom(_service_metadata(svc))
+    c.metadata.filter_metadata["istio"].CopyFrom(service_metadata(svc))
 
 
-def _service_metadata(svc: Service) -> struct_pb2.Struct:
+def service_metadata(svc: Service) -> struct_pb2.Struct:
     """`filter_metadata.istio.services`, as Istio, for telemetry and config dumps."""
     istio = struct_pb2.Struct()
     istio.update(

@@ -28,6 +28,7 @@ import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
+from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
 from meshpilot.config import ConfigKey
@@ -229,6 +230,9 @@ class ConfigGenerator:
         mesh = self._mesh_token(push)
         sds = tls.proxy_has_sds(proxy)
         cache = self._resources
+        # Built only on a miss; shared by a service's clusters (Struct.update is slow).
+        timeout = clusters.connect_timeout_of(push)
+        metadata: dict[str, struct_pb2.Struct] = {}
         out = []
         for spec in clusters.outbound_cluster_specs(push, proxy):
             if spec.inline_endpoints:
@@ -243,7 +247,9 @@ class ConfigGenerator:
                 mesh,
                 sds,
             )
-            out.append(cache.get_or_build(key, _cluster_builder(push, proxy, spec)))
+            out.append(
+                cache.get_or_build(key, _cluster_builder(push, proxy, spec, timeout, metadata))
+            )
         return tuple(out)
 
     # --- LDS ----------------------------------------------------------------------------
@@ -694,9 +700,21 @@ def _matches_source_namespace(vs: ResolvedVirtualService) -> bool:
 
 
 def _cluster_builder(
-    push: PushContext, proxy: Proxy, spec: clusters.OutboundClusterSpec
+    push: PushContext,
+    proxy: Proxy,
+    spec: clusters.OutboundClusterSpec,
+    timeout: duration_pb2.Duration,
+    metadata: dict[str, struct_pb2.Struct],
 ) -> Callable[[], Resource]:
-    return lambda: _resource(clusters.build_outbound_cluster(push, proxy, spec), typeurls.CLUSTER)
+    def build() -> Resource:
+        host = spec.service.hostname
+        md = metadata.get(host)
+        if md is None:
+            md = metadata[host] = clusters.service_metadata(spec.service)
+        cluster = clusters.build_outbound_cluster(push, proxy, spec, timeout, md)
+        return _resource(cluster, typeurls.CLUSTER)
+
+    return build
 
 
 def _vhost_builder(spec: routes.VirtualHostSpec, builder: HttpRouteBuilder) -> Callable[[], bytes]:
