@@ -203,7 +203,8 @@ def run(services: int, endpoints: int, namespaces: int, repeat: int) -> dict[str
     rss_all = rss_mb()
     out["rss_mb_one_namespace"] = round(rss_one, 1)
     out["rss_mb_all_namespaces"] = round(rss_all, 1)
-    out["rss_kb_per_namespace"] = round((rss_all - rss_one) * 1000 / max(1, namespaces - 1), 1)
+    if namespaces > 1:
+        out["rss_kb_per_namespace"] = round((rss_all - rss_one) * 1000 / (namespaces - 1), 1)
 
     # Config changes: every sidecar seen so far (one per namespace, and those of ns0)
     # regenerates its full config from the new push context.
