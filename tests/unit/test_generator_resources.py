@@ -246,13 +246,13 @@ def test_virtual_service_change_rebuilds_only_its_hosts_virtual_hosts() -> None:
     mesh = Mesh(["apps"])
     gen, proxy = ConfigGenerator(), _sidecar("apps", 0)
     _gen(gen, typeurls.ROUTE, proxy, mesh.push())
-    vhost_misses = gen._vhosts.misses
+    vhost_misses = gen._rds.vhosts.misses
     mesh.docs["svc2"] = _service(2, vs_weight=50)
     mesh.apply()
     push2 = mesh.push()
     rds = _gen(gen, typeurls.ROUTE, proxy, push2)
     # One virtual host for svc2 on port 9080; every other one comes from the cache.
-    assert gen._vhosts.misses - vhost_misses == 1
+    assert gen._rds.vhosts.misses - vhost_misses == 1
     want = routes.build_route_configs(push2, proxy, None)
     assert _bytes(rds.resources) == {
         rc.name: rc.SerializeToString(deterministic=True) for rc in want
