@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from meshpilot.untrusted import version_label
 
@@ -136,6 +138,48 @@ CONFIG_OBJECTS = Gauge(
     registry=REGISTRY,
 )
 SERVICES = Gauge("pilot_services", "Total services known to pilot.", registry=REGISTRY)
+
+
+class XdsCacheMetrics:
+    """Istio's XdsCache metrics, read from the cache when scraped: counting in the
+    generator's hot path (thousands of lookups per proxy) would cost more than the
+    lookups. The source returns `hits`, `misses`, `size` and `evictions`."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], Mapping[str, int]] | None = None
+
+    def set_source(self, source: Callable[[], Mapping[str, int]] | None) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._source
+        yield from self._families(source() if source is not None else {})
+
+    @staticmethod
+    def _families(stats: Mapping[str, int]) -> Iterator[Metric]:
+        reads = CounterMetricFamily(
+            "pilot_xds_cache_reads", "Total number of xds cache xdsCache reads.", labels=["type"]
+        )
+        if stats:
+            reads.add_metric(["hit"], stats.get("hits", 0))
+            reads.add_metric(["miss"], stats.get("misses", 0))
+        yield reads
+        yield GaugeMetricFamily(
+            "pilot_xds_cache_size", "Current size of xds cache", value=stats.get("size", 0)
+        )
+        evictions = CounterMetricFamily(
+            "pilot_xds_cache_evictions", "Total number of xds cache evictions.", labels=["reason"]
+        )
+        if stats:
+            evictions.add_metric(["size"], stats.get("evictions", 0))
+        yield evictions
+
+
+XDS_CACHE = XdsCacheMetrics()
+REGISTRY.register(XDS_CACHE)
 
 # --- CA (Citadel's names; prometheus_client adds `_total` to counters) ------------------
 CA_CSR_COUNT = Counter(

@@ -76,22 +76,80 @@ _DISCOVERY_TYPE = {
 }
 
 
-def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]:
-    """Every cluster the proxy needs, sorted by name."""
-    connect_timeout = duration_from_text(push.mesh.connect_timeout, DEFAULT_CONNECT_TIMEOUT_SECONDS)
-    out: dict[str, Cluster] = {}
+class OutboundClusterSpec:
+    """One `outbound|PORT|SUBSET|HOST` cluster a proxy gets, before it is built: what
+    its content depends on besides the mesh settings and the proxy's SDS capability
+    (and, for DNS clusters, the proxy's IP family and locality)."""
+
+    __slots__ = ("name", "port", "rule", "service", "subset")
+
+    def __init__(
+        self,
+        name: str,
+        service: Service,
+        port: ServicePort,
+        subset: Subset | None,
+        rule: ResolvedDestinationRule | None,
+    ) -> None:
+        self.name = name
+        self.service = service
+        self.port = port
+        self.subset = subset
+        self.rule = rule
+
+    @property
+    def inline_endpoints(self) -> bool:
+        """DNS clusters carry their endpoints (ordered by the proxy's locality)."""
+        return self.service.resolution in (Resolution.DNS_LB, Resolution.DNS_ROUND_ROBIN)
+
+
+def outbound_cluster_specs(push: PushContext, proxy: Proxy) -> list[OutboundClusterSpec]:
+    """The proxy's outbound clusters, sorted by name (the first of a name wins)."""
+    out: dict[str, OutboundClusterSpec] = {}
     for svc in push.sidecar_scope(proxy).services:
         ports = [sp for sp in svc.ports if sp.protocol is not Protocol.UDP]
         if not ports:
             continue
         dr = push.destination_rule(proxy.namespace, svc)
         subsets: list[Subset | None] = [None, *(dr.spec.subsets if dr is not None else ())]
-        # Shared by the service's clusters: Struct.update is slow, CopyFrom is not.
-        metadata = _service_metadata(svc)
         for sp in ports:
             for subset in subsets:
-                c = _outbound_cluster(push, proxy, svc, sp, dr, subset, connect_timeout, metadata)
-                out.setdefault(c.name, c)
+                name = naming.outbound_cluster_name(
+                    sp.port, subset.name if subset is not None else "", svc.hostname
+                )
+                if name not in out:
+                    out[name] = OutboundClusterSpec(name, svc, sp, subset, dr)
+    return [out[name] for name in sorted(out)]
+
+
+def connect_timeout_of(push: PushContext) -> duration_pb2.Duration:
+    return duration_from_text(push.mesh.connect_timeout, DEFAULT_CONNECT_TIMEOUT_SECONDS)
+
+
+def build_outbound_cluster(
+    push: PushContext,
+    proxy: Proxy,
+    spec: OutboundClusterSpec,
+    connect_timeout: duration_pb2.Duration | None = None,
+    metadata: struct_pb2.Struct | None = None,
+) -> Cluster:
+    return _outbound_cluster(
+        push,
+        proxy,
+        spec.service,
+        spec.port,
+        spec.rule,
+        spec.subset,
+        connect_timeout if connect_timeout is not None else connect_timeout_of(push),
+        metadata if metadata is not None else service_metadata(spec.service),
+    )
+
+
+def local_clusters(push: PushContext, proxy: Proxy) -> list[Cluster]:
+    """Inbound clusters (from the proxy's own service instances) and the fixed ones,
+    sorted by name: the part of CDS that is the proxy's own."""
+    connect_timeout = connect_timeout_of(push)
+    out: dict[str, Cluster] = {}
     for plan in inbound_plans(push, proxy):
         c = _inbound_cluster(plan, connect_timeout)
         out.setdefault(c.name, c)
@@ -99,6 +157,22 @@ def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]
     if not proxy.is_router:
         fixed.append(_inbound_passthrough(proxy, connect_timeout))
     for c in fixed:
+        out.setdefault(c.name, c)
+    return [out[name] for name in sorted(out)]
+
+
+def build_clusters(push: PushContext, proxy: Proxy) -> list[cluster_pb2.Cluster]:
+    """Every cluster the proxy needs, sorted by name."""
+    connect_timeout = connect_timeout_of(push)
+    out: dict[str, Cluster] = {}
+    # Shared by a service's clusters: Struct.update is slow, CopyFrom is not.
+    metadata: dict[str, struct_pb2.Struct] = {}
+    for spec in outbound_cluster_specs(push, proxy):
+        host = spec.service.hostname
+        if host not in metadata:
+            metadata[host] = service_metadata(spec.service)
+        out[spec.name] = build_outbound_cluster(push, proxy, spec, connect_timeout, metadata[host])
+    for c in local_clusters(push, proxy):
         out.setdefault(c.name, c)
     return [out[name] for name in sorted(out)]
 
@@ -281,10 +355,10 @@ def _dns_family(proxy: Proxy) -> int:
 
 
 def _istio_metadata(c: Cluster, svc: Service) -> None:
-    c.metadata.filter_metadata["istio"].CopyFrom(_service_metadata(svc))
+    c.metadata.filter_metadata["istio"].CopyFrom(service_metadata(svc))
 
 
-def _service_metadata(svc: Service) -> struct_pb2.Struct:
+def service_metadata(svc: Service) -> struct_pb2.Struct:
     """`filter_metadata.istio.services`, as Istio, for telemetry and config dumps."""
     istio = struct_pb2.Struct()
     istio.update(

@@ -92,8 +92,18 @@ TLS = "tls"
 
 def build_listeners(push: PushContext, proxy: Proxy) -> list[listener_pb2.Listener]:
     """The proxy's listeners, sorted by name; [] for gateways (not built here yet)."""
+    out = dict(outbound_listeners(push, proxy))
+    for lst in local_listeners(push, proxy, frozenset(out)):
+        out[lst.name] = lst
+    return [out[name] for name in sorted(out)]
+
+
+def outbound_listeners(push: PushContext, proxy: Proxy) -> dict[str, Listener]:
+    """Outbound listeners and virtualOutbound by name: they depend on the proxy's
+    sidecar scope, labels (sourceLabels), interception mode and namespace, never on its
+    own service instances or IP, so every sidecar of a scope has the same ones."""
     if proxy.is_router:
-        return []
+        return {}
     scope = push.sidecar_scope(proxy)
     egress_cluster = (
         naming.BLACKHOLE_CLUSTER
@@ -105,20 +115,28 @@ def build_listeners(push: PushContext, proxy: Proxy) -> list[listener_pb2.Listen
         out.setdefault(plan.name, _outbound_listener(plan, egress_cluster))
     if captures_outbound(scope, proxy):
         out.setdefault(naming.VIRTUAL_OUTBOUND, _virtual_outbound(proxy, egress_cluster))
+    return out
+
+
+def local_listeners(push: PushContext, proxy: Proxy, taken: frozenset[str]) -> list[Listener]:
+    """Bound inbound listeners and virtualInbound: the proxy's own part of LDS. Names in
+    `taken` (outbound listeners) win a clash, as in Istio's order."""
+    if proxy.is_router:
+        return []
+    scope = push.sidecar_scope(proxy)
+    out: list[Listener] = []
+    names = set(taken)
     inbound = inbound_plans(push, proxy)
     security = inbound_security(push, proxy) if inbound or captures_inbound(scope, proxy) else None
     for inbound_plan in inbound:
-        if inbound_plan.bound:
+        if inbound_plan.bound and inbound_plan.name not in names:
             assert security is not None
-            # A name clash with an outbound listener keeps the outbound one (Istio's order).
-            out.setdefault(inbound_plan.name, _bound_inbound_listener(inbound_plan, security))
-    if captures_inbound(scope, proxy):
+            names.add(inbound_plan.name)
+            out.append(_bound_inbound_listener(inbound_plan, security))
+    if captures_inbound(scope, proxy) and naming.VIRTUAL_INBOUND not in names:
         assert security is not None
-        out.setdefault(
-            naming.VIRTUAL_INBOUND,
-            _virtual_inbound(proxy, [p for p in inbound if not p.bound], security),
-        )
-    return [out[name] for name in sorted(out)]
+        out.append(_virtual_inbound(proxy, [p for p in inbound if not p.bound], security))
+    return out
 
 
 # --- outbound ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 from typing import TypeAlias
 
 from envoy.config.core.v3 import base_pb2
@@ -26,6 +27,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from meshpilot.api.networking import TCPRoute, TLSRoute
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
+from meshpilot.model.routing import ResolvedVirtualService
 from meshpilot.model.service import Service
 from meshpilot.translators import naming
 from meshpilot.translators.common import bool_value, duration, uint32
@@ -90,35 +92,92 @@ def build_route_configs(
 def _outbound_route_config(
     name: str, plan: OutboundListenerPlan, builder: HttpRouteBuilder, policy: str
 ) -> RouteConfiguration:
-    rc = RouteConfiguration(
+    rc = route_config_header(name)
+    for spec in virtual_host_specs(plan, builder.proxy, policy):
+        rc.virtual_hosts.append(build_virtual_host(spec, builder))
+    return rc
+
+
+def route_config_header(name: str) -> RouteConfiguration:
+    """An outbound RouteConfiguration without its virtual hosts."""
+    return RouteConfiguration(
         name=name,
         validate_clusters=bool_value(False),
         max_direct_response_body_size_bytes=uint32(MAX_DIRECT_RESPONSE_BODY_BYTES),
     )
+
+
+# What a fallback virtual host (the `*` domain) is, when no service claims `*`.
+ALLOW_ANY = "allow_any"
+BLOCK_ALL = "block_all"
+NO_ROUTE = "no_route"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHostSpec:
+    """One virtual host of an outbound route configuration, before it is built: a
+    service's (with the domains left to it) or the fallback (`service` None)."""
+
+    port: int
+    domains: tuple[str, ...]
+    service: Service | None = None
+    fallback: str = ""
+
+
+def virtual_host_specs(
+    plan: OutboundListenerPlan, proxy: Proxy, policy: str
+) -> list[VirtualHostSpec]:
+    """The virtual hosts of the route configuration `plan` refers to, in order."""
+    out: list[VirtualHostSpec] = []
     claimed: set[str] = set()
     for svc in sorted(plan.http_services, key=lambda s: s.hostname):
-        domains = [
-            d for d in virtual_host_domains(svc, plan.port, builder.proxy) if d not in claimed
-        ]
+        domains = tuple(d for d in virtual_host_domains(svc, plan.port, proxy) if d not in claimed)
         if not domains:
             continue
         claimed.update(domains)
-        rc.virtual_hosts.append(
-            route_components_pb2.VirtualHost(
-                name=naming.virtual_host_name(svc.hostname, plan.port),
-                domains=domains,
-                routes=builder.service_routes(svc, plan.port),
-                include_request_attempt_count=True,
-            )
-        )
+        out.append(VirtualHostSpec(plan.port, domains, svc))
     if "*" not in claimed:
         if policy == REGISTRY_ONLY:
-            rc.virtual_hosts.append(_block_all())
+            fallback = BLOCK_ALL
         elif plan.bound:
-            rc.virtual_hosts.append(_no_route(plan.port))
+            fallback = NO_ROUTE
         else:
-            rc.virtual_hosts.append(_allow_any())
-    return rc
+            fallback = ALLOW_ANY
+        out.append(VirtualHostSpec(plan.port, ("*",), None, fallback))
+    return out
+
+
+def build_virtual_host(
+    spec: VirtualHostSpec, builder: HttpRouteBuilder
+) -> route_components_pb2.VirtualHost:
+    svc = spec.service
+    if svc is None:
+        if spec.fallback == BLOCK_ALL:
+            return _block_all()
+        if spec.fallback == NO_ROUTE:
+            return _no_route(spec.port)
+        return _allow_any()
+    return route_components_pb2.VirtualHost(
+        name=naming.virtual_host_name(svc.hostname, spec.port),
+        domains=spec.domains,
+        routes=builder.service_routes(svc, spec.port),
+        include_request_attempt_count=True,
+    )
+
+
+def virtual_service_destination_hosts(push: PushContext, vs: ResolvedVirtualService) -> list[str]:
+    """FQDNs every `http` route and mirror of `vs` sends to, sorted: the routes it
+    yields depend on these services and their DestinationRules (clusters and hashing)."""
+    ns = vs.config.namespace
+    found: set[str] = set()
+    for rule in vs.spec.http:
+        for rd in rule.route:
+            found.add(push.resolve_host(rd.destination.host, ns))
+        if rule.mirror is not None:
+            found.add(push.resolve_host(rule.mirror.host, ns))
+        for m in rule.mirrors:
+            found.add(push.resolve_host(m.destination.host, ns))
+    return sorted(found)
 
 
 def virtual_host_domains(svc: Service, port: int, proxy: Proxy) -> list[str]:

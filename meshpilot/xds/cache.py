@@ -24,6 +24,10 @@ KEEP_CONTEXTS = 3
 # names, so they are bounded by the mesh (and names by what exists), but a limit
 # keeps a mistake from becoming unbounded memory: past it, values are built and not kept.
 MAX_ENTRIES = 500_000
+# Serialized clusters, virtual hosts and route configurations kept across pushes
+# (ResourceCache): a mesh of 1,000 services with DestinationRule subsets needs
+# ~5,000 clusters and as many virtual hosts per DNS domain they are seen from.
+MAX_RESOURCES = 100_000
 
 
 class XdsCache(Generic[K, V]):
@@ -64,6 +68,11 @@ class XdsCache(Generic[K, V]):
             if len(bucket) < self._max_entries:
                 bucket[key] = value
             return value
+
+    def put(self, version: str, key: K, value: V) -> None:
+        bucket = self._bucket(version)
+        if len(bucket) < self._max_entries:
+            bucket[key] = value
 
     def carry_over(self, old_version: str, new_version: str, keep: Callable[[K], bool]) -> None:
         """Copy entries for which `keep(key)` holds from one context to the next."""
@@ -115,6 +124,18 @@ class RouteScopeKey:
 
     scope: ScopeKey
     source_labels: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class RouteShareKey:
+    """One route configuration as every namespace with the same view sees it (its
+    services all outside the proxy's namespace, so no short domains)."""
+
+    view: ScopeKey
+    source_labels: Hashable
+    # The cluster's DNS suffix (`cluster.local` of `NS.svc.cluster.local`).
+    dns_suffix: str
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,3 +200,47 @@ class EdsOutKey:
     view: EdsViewKey
     names: frozenset[str]
     hosts: frozenset[str] | None
+
+
+class ResourceCache(Generic[K, V]):
+    """Serialized resources keyed by exactly what they depend on, across push contexts.
+
+    Istio's XdsCache: an entry lives as long as its key can recur, whatever the push
+    context, so a new context (a DestinationRule change, say) rebuilds only the
+    resources whose inputs changed: their keys are new, every other key hits. Keys
+    never name a proxy or a namespace unless the resource depends on it, so scopes
+    that see the same services share every entry. Least recently used entries go
+    first past `max_entries`: keys of old revisions are never asked for again.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self._max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_or_build(self, key: K, build: Callable[[], V]) -> V:
+        entries = self._entries
+        value = entries.get(key)
+        if value is not None:
+            self.hits += 1
+            entries.move_to_end(key)
+            return value
+        self.misses += 1
+        value = build()
+        entries[key] = value
+        if len(entries) > self._max_entries:
+            # Drop a tenth at once: amortized, and a burst of new keys (a change to a
+            # mesh-wide setting) does not pay one eviction per insert.
+            drop = max(1, self._max_entries // 10)
+            for _ in range(drop):
+                entries.popitem(last=False)
+            self.evictions += drop
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()

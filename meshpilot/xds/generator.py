@@ -1,26 +1,48 @@
-"""The bridge from push contexts to xDS resources: calls translators, caches by scope.
+"""The bridge from push contexts to xDS resources: calls translators, caches results.
 
-The server asks for a type; this decides what that proxy gets, generating each scope's
-output once per push context and serializing each resource once.
+The server asks for a type; this decides what that proxy gets. Two levels of caching:
+
+* Per resource, across push contexts (Istio's XdsCache): each outbound cluster and
+  each outbound virtual host is serialized once and kept under a key made of exactly
+  what it depends on (the service, the DestinationRule revision that applies, the
+  VirtualService revision, mesh settings, the proxy's SDS capability), never of the
+  proxy's IP or namespace unless the content depends on it. A config change thus
+  rebuilds only the resources whose inputs changed, and scopes that see the same
+  services (every namespace, with default visibility) share every entry.
+* Per scope, per push context: a scope's outbound answer is a selection of those
+  serialized resources, assembled once. A sidecar's answer is its own small part
+  (inbound clusters and listeners, from its service instances and IP) joined with
+  the outbound part it shares with every proxy of its scope; route configurations do
+  not depend on the proxy's own part at all.
+
+Where Istio keys route configurations as a whole, here they are assembled at the wire
+level from cached serialized virtual hosts (rds.py), so a VirtualService change
+rebuilds only its hosts' virtual hosts. What namespaces see (views.py) replaces the
+namespace in keys, so namespaces that see the same mesh share outbound output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
+from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
 from meshpilot.model.push_request import PushRequest
 from meshpilot.translators import clusters, endpoints, listeners, naming, routes, tls
+from meshpilot.translators.traffic_policy import dr_identity
 from meshpilot.xds import typeurls
 from meshpilot.xds.cache import (
+    MAX_RESOURCES,
     EdsKey,
     EdsOutKey,
     EdsViewKey,
     NamespaceKey,
+    ResourceCache,
     RouteScopeKey,
     RoutesOutKey,
     ScopeKey,
@@ -28,15 +50,28 @@ from meshpilot.xds.cache import (
     WholeKey,
     XdsCache,
 )
-from meshpilot.xds.resources import Generated, Resource
+from meshpilot.xds.rds import RouteAssembler
+from meshpilot.xds.resources import Generated, Joined, Resource
+from meshpilot.xds.views import MeshViews
 
 
 class ConfigGenerator:
     """Implements `meshpilot.xds.resources.Generator` on top of the translators."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_resources: int = MAX_RESOURCES) -> None:
+        # Across push contexts, by dependencies: outbound clusters and assembled route
+        # configurations.
+        self._resources: ResourceCache[Hashable, Resource] = ResourceCache(max_resources)
+        # A sidecar's own part of CDS and LDS (inbound, fixed), by its scope key and
+        # the instances' services: a config change elsewhere does not rebuild it.
+        self._own: ResourceCache[Hashable, tuple[Resource, ...]] = ResourceCache(max_resources)
+        # Views of what namespaces see, and tokens for long key parts (views.py).
+        self._views = MeshViews()
+        # Virtual hosts and route configurations (rds.py).
+        self._rds = RouteAssembler(self._views, self._resources, max_resources)
         # One cache per kind of entry, each with its typed key (meshpilot/xds/cache.py).
-        self._whole: XdsCache[WholeKey, tuple[Resource, ...]] = XdsCache()
+        self._whole: XdsCache[WholeKey, Sequence[Resource]] = XdsCache()
+        self._outbound: XdsCache[WholeKey, tuple[Resource, ...]] = XdsCache()
         self._route_scopes: XdsCache[RouteScopeKey, dict[str, Resource]] = XdsCache()
         self._routes_out: XdsCache[RoutesOutKey, tuple[Resource, ...]] = XdsCache()
         self._label_names: XdsCache[NamespaceKey, tuple[str, ...]] = XdsCache()
@@ -52,8 +87,10 @@ class ConfigGenerator:
     def _caches(self) -> dict[str, XdsCache[Any, Any]]:
         return {
             "whole": self._whole,
+            "outbound": self._outbound,
             "route_scopes": self._route_scopes,
             "routes_out": self._routes_out,
+            "route_shared": self._rds.shared,
             "label_names": self._label_names,
             "cds_locality": self._cds_locality_of,
             "eds": self._eds,
@@ -64,6 +101,10 @@ class ConfigGenerator:
     def table_sizes(self) -> dict[str, int]:
         """Entries in each cache and index, for tests and debugging."""
         sizes = {name: len(cache) for name, cache in self._caches().items()}
+        sizes["resources"] = len(self._resources)
+        sizes["vhosts"] = len(self._rds.vhosts)
+        sizes["own"] = len(self._own)
+        sizes["tokens"] = self._views.token_count()
         sizes["host_of"] = len(self._host_of)
         sizes["names_by_host"] = sum(len(v) for v in self._names_by_host.values())
         return sizes
@@ -72,6 +113,17 @@ class ConfigGenerator:
         """(hits, misses) over every cache."""
         caches = self._caches().values()
         return sum(c.hits for c in caches), sum(c.misses for c in caches)
+
+    def resource_cache_stats(self) -> dict[str, int]:
+        """Reads, size and evictions of the per-resource caches (Istio's XdsCache
+        metrics: pilot_xds_cache_reads, pilot_xds_cache_size, pilot_xds_cache_evictions)."""
+        caches = (self._resources, self._rds.vhosts, self._own)
+        return {
+            "hits": sum(c.hits for c in caches),
+            "misses": sum(c.misses for c in caches),
+            "size": sum(len(c) for c in caches),
+            "evictions": sum(c.evictions for c in caches),
+        }
 
     # --- scope keys: proxies with equal keys get identical output --------------------
 
@@ -113,56 +165,130 @@ class ConfigGenerator:
         if incremental:
             return None
         if type_url == typeurls.CLUSTER:
-            return self._whole_answer(
-                push,
-                proxy,
-                type_url,
-                clusters.build_clusters,
-                extra=self._cds_locality(push, proxy),
-            )
+            return self._clusters(push, proxy)
         if type_url == typeurls.LISTENER:
-            return self._whole_answer(
-                push,
-                proxy,
-                type_url,
-                listeners.build_listeners,
-                extra=(self._source_labels(push, proxy), self._inbound_security(push, proxy)),
-            )
+            return self._listeners(push, proxy)
         if type_url == typeurls.ROUTE:
             return self._routes(push, proxy, names)
         return None
 
-    def _whole_answer(
-        self,
-        push: PushContext,
-        proxy: Proxy,
-        type_url: str,
-        build: Callable[[PushContext, Proxy], Sequence[Message]],
-        extra: Hashable = None,
-    ) -> Generated:
-        key = WholeKey(type_url, self._proxy_scope(push, proxy), extra)
+    # --- CDS ----------------------------------------------------------------------------
 
-        def make() -> tuple[Resource, ...]:
-            return tuple(_resource(m, type_url) for m in build(push, proxy))
+    def _clusters(self, push: PushContext, proxy: Proxy) -> Generated:
+        scope = self._proxy_scope(push, proxy)
+        locality = self._cds_locality(push, proxy)
+        # Proxies without a part of their own (no service instances, no ingress) have
+        # equal scope keys: the whole answer is theirs to share.
+        own_shared = not scope.ips and not scope.instances
 
-        return Generated(self._whole.get_or_build(push.version, key, make), complete=True)
+        def make() -> Sequence[Resource]:
+            outbound = self._outbound.get_or_build(
+                push.version,
+                WholeKey(typeurls.CLUSTER, self._views.cds_scope(push, proxy, scope), locality),
+                lambda: self._outbound_clusters(push, proxy),
+            )
+            own = self._own.get_or_build(
+                ("cds", scope, self._own_deps(push, proxy)),
+                lambda: tuple(
+                    _resource(c, typeurls.CLUSTER) for c in clusters.local_clusters(push, proxy)
+                ),
+            )
+            if own and outbound and own[-1].name >= outbound[0].name:
+                # Not in name order as two parts (never with Istio's names): one list.
+                return tuple(sorted((*own, *outbound), key=lambda r: r.name))
+            return Joined((own, outbound), (own_shared, True))
+
+        key = WholeKey(typeurls.CLUSTER, scope, locality)
+        return Generated(self._whole.get_or_build(push.version, key, make), shared=own_shared)
+
+    def _own_deps(self, push: PushContext, proxy: Proxy) -> Hashable:
+        """Besides the scope key (instances by port, IPs, Sidecar revision): what the
+        proxy's own clusters and listeners take from its services and the mesh."""
+        return (
+            self._views.mesh_token(push),
+            tuple(self._views.host_token(push, i.service) for i in push.service_instances(proxy)),
+        )
+
+    def _outbound_clusters(self, push: PushContext, proxy: Proxy) -> tuple[Resource, ...]:
+        """The scope's outbound clusters, each from the per-resource cache: keyed by the
+        service (and what of its endpoints a cluster carries: identities, TLS modes),
+        the DestinationRule that applies, mesh settings and SDS; DNS clusters carry
+        endpoints ordered for the proxy's locality and are built for the scope."""
+        mesh = self._views.mesh_token(push)
+        sds = tls.proxy_has_sds(proxy)
+        cache = self._resources
+        # Built only on a miss; shared by a service's clusters (Struct.update is slow).
+        timeout = clusters.connect_timeout_of(push)
+        metadata: dict[str, struct_pb2.Struct] = {}
+        out = []
+        for spec in clusters.outbound_cluster_specs(push, proxy):
+            if spec.inline_endpoints:
+                out.append(
+                    _resource(clusters.build_outbound_cluster(push, proxy, spec), typeurls.CLUSTER)
+                )
+                continue
+            key = (
+                spec.name,
+                self._views.host_token(push, spec.service),
+                dr_identity(spec.rule),
+                mesh,
+                sds,
+            )
+            out.append(
+                cache.get_or_build(key, _cluster_builder(push, proxy, spec, timeout, metadata))
+            )
+        return tuple(out)
+
+    # --- LDS ----------------------------------------------------------------------------
+
+    def _listeners(self, push: PushContext, proxy: Proxy) -> Generated:
+        scope = self._proxy_scope(push, proxy)
+        labels = self._source_labels(push, proxy)
+        security = self._inbound_security(push, proxy)
+        own_shared = not scope.ips and not scope.instances
+
+        def make() -> Sequence[Resource]:
+            outbound = self._outbound.get_or_build(
+                push.version,
+                WholeKey(typeurls.LISTENER, self._views.lds_scope(push, proxy, scope), labels),
+                lambda: tuple(
+                    _resource(lst, typeurls.LISTENER)
+                    for _, lst in sorted(listeners.outbound_listeners(push, proxy).items())
+                ),
+            )
+            taken = frozenset(r.name for r in outbound)
+            own = self._own.get_or_build(
+                ("lds", scope, self._own_deps(push, proxy), security, taken),
+                lambda: tuple(
+                    _resource(lst, typeurls.LISTENER)
+                    for lst in listeners.local_listeners(push, proxy, taken)
+                ),
+            )
+            # A handful of listeners: one sorted list (names of both parts interleave).
+            return tuple(sorted((*outbound, *own), key=lambda r: r.name))
+
+        key = WholeKey(typeurls.LISTENER, scope, (labels, security))
+        return Generated(self._whole.get_or_build(push.version, key, make), shared=own_shared)
+
+    # --- RDS ----------------------------------------------------------------------------
 
     def _routes(self, push: PushContext, proxy: Proxy, names: frozenset[str] | None) -> Generated:
-        scope_key = RouteScopeKey(self._proxy_scope(push, proxy), self._source_labels(push, proxy))
+        # Route configurations never depend on the proxy's own instances or IP.
+        scope_key = RouteScopeKey(
+            _outbound_only(self._proxy_scope(push, proxy)), self._source_labels(push, proxy)
+        )
         # One shared answer per scope and subscription: the server then frames (and may
         # send) the same bytes to every proxy of the scope.
         out_key = RoutesOutKey(scope_key, names)
         shared = self._routes_out.get(push.version, out_key)
         if shared is not None:
             return Generated(shared, complete=True)
-        wanted = sorted(names) if names is not None else routes.route_names_for(push, proxy)
 
-        def make_all() -> dict[str, Resource]:
-            # Route configs of one scope are built together: they share the scope walk.
-            built = routes.build_route_configs(push, proxy, None)
-            return {rc.name: _resource(rc, typeurls.ROUTE) for rc in built}
-
-        by_name = self._route_scopes.get_or_build(push.version, scope_key, make_all)
+        by_name = self._route_scopes.get_or_build(
+            push.version, scope_key, lambda: self._rds.route_configs(push, proxy, scope_key)
+        )
+        # The scope's route configurations are those its listeners name.
+        wanted = sorted(names) if names is not None else sorted(by_name)
         missing = [name for name in wanted if name not in by_name]
         if missing:
             # Names the scope does not produce still get an answer (an empty config, so
@@ -180,10 +306,11 @@ class ConfigGenerator:
 
     def _source_labels(self, push: PushContext, proxy: Proxy) -> Hashable:
         """The proxy's values of labels VirtualService sourceLabels look at (routes and
-        TCP listeners differ by them); the label names are found once per namespace."""
+        TCP listeners differ by them); the label names are found once per namespace,
+        or once for all namespaces that see the same VirtualServices."""
         names = self._label_names.get_or_build(
             push.version,
-            NamespaceKey(proxy.namespace),
+            NamespaceKey(self._views.routing_view(push, proxy.namespace)),
             lambda: tuple(routes.source_label_names(push, proxy.namespace)),
         )
         return tuple((k, proxy.labels.get(k)) for k in names) if names else None
@@ -223,7 +350,8 @@ class ConfigGenerator:
         # Proxies of one namespace and locality with the same (interned) subscription
         # share one answer: a lookup instead of a walk over every name, and one tuple,
         # so the server frames the block once.
-        view = EdsViewKey(proxy.namespace, proxy.locality)
+        # Assignments depend on the namespace only through DestinationRule lookup.
+        view = EdsViewKey(self._views.rule_view(push, proxy.namespace), proxy.locality)
         out_key = EdsOutKey(view, names, hosts)
         shared = self._eds_out.get(push.version, out_key)
         if shared is not None:
@@ -286,10 +414,18 @@ class ConfigGenerator:
         self._names_by_host.setdefault(host, set()).add(name)
 
     def on_new_context(self, previous: PushContext | None, current: PushContext) -> None:
-        """Carry unchanged ClusterLoadAssignments over to an endpoint-only context."""
-        if previous is None or current.changed_hosts is None:
+        """Carry unchanged ClusterLoadAssignments over to the new context: those of hosts
+        whose endpoints did not change. An assignment's key holds the rest of what it
+        depends on (the DestinationRule where a subset or locality setting applies, the
+        proxy's locality), so after a config change only the affected keys are new."""
+        if previous is None:
             return
         changed = current.changed_hosts
+        if changed is None:
+            if previous.mesh != current.mesh:
+                return
+            old, new = previous.endpoints, current.endpoints
+            changed = frozenset(h for h in old.keys() | new.keys() if old.get(h) != new.get(h))
 
         def keep(key: EdsKey) -> bool:
             name = key.cluster_name
@@ -299,6 +435,31 @@ class ConfigGenerator:
 
 
 _MAX_INDEXED_NAMES = 500_000
+
+
+def _outbound_only(scope: ScopeKey) -> ScopeKey:
+    """The scope key without the proxy's own part: what outbound output depends on."""
+    if not scope.instances and not scope.ips:
+        return scope
+    return dataclasses.replace(scope, instances=(), ips=())
+
+
+def _cluster_builder(
+    push: PushContext,
+    proxy: Proxy,
+    spec: clusters.OutboundClusterSpec,
+    timeout: duration_pb2.Duration,
+    metadata: dict[str, struct_pb2.Struct],
+) -> Callable[[], Resource]:
+    def build() -> Resource:
+        host = spec.service.hostname
+        md = metadata.get(host)
+        if md is None:
+            md = metadata[host] = clusters.service_metadata(spec.service)
+        cluster = clusters.build_outbound_cluster(push, proxy, spec, timeout, md)
+        return _resource(cluster, typeurls.CLUSTER)
+
+    return build
 
 
 def _cluster_host(cluster_name: str) -> str:

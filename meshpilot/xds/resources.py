@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, overload
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -25,9 +26,53 @@ class Resource:
     @staticmethod
     def of(name: str, message: Message, type_url: str) -> Resource:
         # Deterministic serialization so equal content always hashes to the same version.
-        data = message.SerializeToString(deterministic=True)
+        return Resource.of_bytes(name, message.SerializeToString(deterministic=True), type_url)
+
+    @staticmethod
+    def of_bytes(name: str, data: bytes, type_url: str) -> Resource:
+        """From an already serialized message (e.g. assembled from serialized parts)."""
         version = hashlib.blake2b(data, digest_size=8).hexdigest()
         return Resource(name=name, version=version, body=any_pb2.Any(type_url=type_url, value=data))
+
+
+class Joined(Sequence[Resource]):
+    """Resources in consecutive parts, without copying them into one list.
+
+    A sidecar's CDS or LDS answer is its own small part (inbound, fixed) followed by
+    the outbound part that every proxy of its scope shares: the parts stay shared
+    objects, so their framing is cached once (wire.Encoder) and the per-proxy answer
+    costs two references. `shared_parts` says which parts are such cached objects.
+    """
+
+    __slots__ = ("_len", "parts", "shared_parts")
+
+    def __init__(self, parts: Sequence[Sequence[Resource]], shared_parts: Sequence[bool]) -> None:
+        self.parts = tuple(parts)
+        self.shared_parts = tuple(shared_parts)
+        self._len = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Resource]:
+        return itertools.chain.from_iterable(self.parts)
+
+    @overload
+    def __getitem__(self, index: int) -> Resource: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Resource]: ...
+
+    def __getitem__(self, index: int | slice) -> Resource | Sequence[Resource]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index < 0:
+            index += self._len
+        for part in self.parts:
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError(index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +131,13 @@ class Generator(Protocol[C_contra]):
 def same_versions(a: Sequence[Resource], b: Sequence[Resource]) -> bool:
     """Equal names and versions, in order: the same content for the proxy."""
     if a is b:
+        return True
+    if (
+        isinstance(a, Joined)
+        and isinstance(b, Joined)
+        and len(a.parts) == len(b.parts)
+        and all(x is y for x, y in zip(a.parts, b.parts, strict=True))
+    ):
         return True
     if len(a) != len(b):
         return False

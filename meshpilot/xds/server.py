@@ -119,6 +119,10 @@ class DiscoveryServer:
         self._sotw = SotwResponses(self._encoder, self._next_nonce, self.instance_id)
         self._delta = DeltaResponses(self._encoder, self._next_nonce, self.instance_id)
         self.servicer = AggregatedDiscoveryService(self)
+        stats = getattr(generator, "resource_cache_stats", None)
+        if callable(stats):
+            # The process's /metrics shows the cache of the server that serves it.
+            metrics.XDS_CACHE.set_source(stats)
         if context is not None:
             self._set_current(context)
 

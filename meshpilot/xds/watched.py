@@ -9,7 +9,7 @@ sent through `sent_sotw` / `sent_delta`; nothing else writes these fields.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,10 @@ class WatchedResource(Handshake):
     # Holds subscribed names only (unless wildcard), so removals computed from it never
     # name a resource the client did not subscribe to.
     versions: dict[str, str] = field(default_factory=dict)
+    # Delta, wildcard: the full set `versions` is exactly the name -> version map of
+    # (what the client was last sent, all of it), or None when unknown. Streams of a
+    # scope that were sent the same set share the diff to the next one (delta.py).
+    delta_base: Sequence[Resource] | None = None
     # What was sent, for debug endpoints: the last full set plus partial updates since.
     # References to shared Resource objects only; never copies.
     sent_base: Sequence[Resource] = ()
@@ -218,11 +222,14 @@ class WatchedResource(Handshake):
                 for n, v in req.initial_resource_versions.items()
                 if self.wildcard or n in self.names
             }
+            self.delta_base = () if self.wildcard and not self.versions else None
             # Explicit names are the reply's scope so that missing ones are reported.
             scope = None if self.wildcard else self.names
             return Outcome(Kind.INIT, Reply(scope), added=self.names)
 
         kind = self.on_request(req, self.version_sent) or Kind.SUBSCRIPTION
+        if sub or unsub:
+            self.delta_base = None
         # Subscription changes apply whatever the nonce: unlike SotW they are never
         # repeated, so dropping them with a stale ACK would lose them for good.
         became_wildcard = False
@@ -298,21 +305,32 @@ class WatchedResource(Handshake):
         changed: Sequence[Resource],
         removed: Iterable[str],
         full: Sequence[Resource] | None,
+        changed_versions: Iterable[Mapping[str, str]] | None = None,
     ) -> None:
-        """A Delta response went out; `full` is the whole set when it was complete."""
+        """A Delta response went out; `full` is the whole set when it was complete.
+        `changed_versions`, when given, are the name -> version maps of `changed`
+        (built once for every stream of a scope)."""
         self.sent(nonce, version)
         versions = self.versions
-        for r in changed:
-            versions[r.name] = r.version
+        if changed_versions is not None:
+            for m in changed_versions:
+                versions.update(m)
+        else:
+            for r in changed:
+                versions[r.name] = r.version
         for n in removed:
             versions.pop(n, None)
         if full is not None:
             self._record(full, True)
+            # Changed set, removed the rest: the versions are now exactly `full`'s.
+            self.delta_base = full if self.wildcard else None
         else:
             self._record(changed, False)
+            self.delta_base = None
 
     def forget_versions(self, names: Iterable[str]) -> None:
         """Delta: the client must get these again (an updated cluster re-warms)."""
+        self.delta_base = None
         for n in names:
             self.versions.pop(n, None)
 

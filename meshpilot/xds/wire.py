@@ -15,7 +15,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
-from meshpilot.xds.resources import Resource
+from meshpilot.xds.resources import Joined, Resource
 
 
 def varint(n: int) -> bytes:
@@ -139,6 +139,15 @@ class Encoder:
 
     def block(self, resources: Sequence[Resource], delta: bool, keep: bool = True) -> bytes:
         """The entries of `resources`, framed; kept for reuse only if `keep`."""
+        if isinstance(resources, Joined):
+            # Each shared part is framed once and kept, whatever the whole is; the
+            # proxy's own part is not.
+            return b"".join(
+                [
+                    self.block(part, delta, shared)
+                    for part, shared in zip(resources.parts, resources.shared_parts, strict=True)
+                ]
+            )
         if not keep:
             return b"".join([self.entry(r, delta, keep=False) for r in resources])
         key = (id(resources), delta)
