@@ -98,18 +98,28 @@ async def test_endpoint_only_bursts_stay_endpoint_only(
     assert request.eds_hosts == {"h1", "h2"}
 
 
-async def test_max_delay_bounds_a_continuous_stream_of_changes(
-    recorder: tuple[Recorder, Pusher[FakeContext]],
-) -> None:
-    rec, pusher = recorder
-    first = time.monotonic()
-    for i in range(40):  # a change every 20 ms: never quiet for 50 ms
-        pusher.enqueue(change(i))
-        await asyncio.sleep(0.02)
-    assert len(rec.pushes) >= 2
-    delay = rec.pushes[0][2] - first
-    assert MAX * 0.9 <= delay <= MAX + 0.15
-    assert len(rec.pushes[0][0].reasons) > 5  # many changes per push, not a storm
+async def test_max_delay_bounds_a_continuous_stream_of_changes() -> None:
+    # Its own, wider timings: a change every 20 ms must never leave a quiet period,
+    # even when a loaded machine stretches a sleep well past 20 ms.
+    after, maximum = 0.25, 0.6
+    rec = Recorder()
+    pusher = Pusher(
+        rec.build, rec.target, debounce_after=after, debounce_max=maximum, context=FakeContext("v0")
+    )
+    pusher.start()
+    try:
+        first = time.monotonic()
+        i = 0
+        while time.monotonic() - first < maximum * 2:
+            pusher.enqueue(change(i))
+            i += 1
+            await asyncio.sleep(0.02)
+        assert len(rec.pushes) >= 1
+        delay = rec.pushes[0][2] - first
+        assert maximum * 0.9 <= delay <= maximum + 0.4
+        assert len(rec.pushes[0][0].reasons) > 5  # many changes per push, not a storm
+    finally:
+        await pusher.stop()
 
 
 async def test_changes_during_a_push_go_into_the_next_one() -> None:
