@@ -281,8 +281,20 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Start-up may wait long (a Kubernetes cluster's first sync, its CA Secrets): a
+    # signal meanwhile ends it rather than waiting for it.
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        await server.stop()
+        return 0
+    stopping.cancel()
     try:
-        await server.start()
+        starting.result()
     except (OSError, ValueError) as e:
         print(f"meshpilot serve: {e}", file=sys.stderr)
         await server.stop()
