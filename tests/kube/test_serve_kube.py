@@ -28,6 +28,7 @@ import pytest
 from cryptography import x509
 
 from meshpilot.ca.identity import SpiffeId
+from meshpilot.kube.leader import NAMESPACE_CONTROLLER
 from meshpilot.protos import istio_ca_pb2, istio_ca_pb2_grpc
 from meshpilot.serve import MeshServer
 from meshpilot.settings import Settings
@@ -220,16 +221,35 @@ async def test_cluster_objects_show_in_configz(
     }
 
     async def all_there() -> bool:
-        objects = (await serve.configz())["objects"]
+        body = await serve.configz()
+        objects = body["objects"]
         have = {(o["kind"], o["name"], o["origin"]) for o in objects if o["namespace"] == "shop"}
-        return wanted <= have
+        # ...and pushed: the Service is in the push context.
+        return wanted <= have and "web.shop.svc.cluster.local" in body["services"]
 
     await until(all_there, 20, "the Service, EndpointSlice and VirtualService in configz")
-    body = await serve.configz()
-    assert "web.shop.svc.cluster.local" in body["services"]
-    kube = body["kubernetes"]
+    kube = (await serve.configz())["kubernetes"]
     assert kube["leader"]["leading"] is True
     assert all(i["connected"] for i in kube["informers"])
+
+
+async def create_certificate(serve: Serve, root: str, token: str, ident: SpiffeId) -> list[str]:
+    """A CSR for `ident` over the secure port, with `token`; the chain, leaf checked."""
+    creds = grpc.ssl_channel_credentials(root.encode())
+    opts = [("grpc.ssl_target_name_override", SERVER_NAME)]
+    async with grpc.aio.secure_channel(f"{serve.ip}:{serve.secure}", creds, options=opts) as ch:
+        stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(ch)
+        req = istio_ca_pb2.IstioCertificateRequest(csr=csr_pem(uri=str(ident)))
+        resp = await stub.CreateCertificate(
+            req, metadata=(("authorization", f"Bearer {token}"),), timeout=10
+        )
+    chain = list(resp.cert_chain)
+    leaf = x509.load_pem_x509_certificate(chain[0].encode())
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [str(ident)]
+    issuer = x509.load_pem_x509_certificate(root.encode())
+    leaf.verify_directly_issued_by(issuer)
+    return chain
 
 
 async def test_a_service_account_token_gets_a_certificate(
@@ -238,25 +258,17 @@ async def test_a_service_account_token_gets_a_certificate(
     serve = await start_serve(serves, kubeconfig, tmp_path)
     token = apiserver.add_service_account_token("default", "sleep", ["istio-ca"])
     ident = SpiffeId("cluster.local", "default", "sleep")
-    root = secret_root(apiserver).encode()
-    creds = grpc.ssl_channel_credentials(root)
-    opts = [("grpc.ssl_target_name_override", SERVER_NAME)]
-    async with grpc.aio.secure_channel(f"{serve.ip}:{serve.secure}", creds, options=opts) as ch:
-        stub = istio_ca_pb2_grpc.IstioCertificateServiceStub(ch)
-        req = istio_ca_pb2.IstioCertificateRequest(csr=csr_pem(uri=str(ident)))
-        resp = await stub.CreateCertificate(
-            req, metadata=(("authorization", f"Bearer {token}"),), timeout=10
-        )
-        leaf = x509.load_pem_x509_certificate(resp.cert_chain[0].encode())
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [str(ident)]
-        # A token the cluster does not know is refused.
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.CreateCertificate(
-                req, metadata=(("authorization", "Bearer not-a-token"),), timeout=10
-            )
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert apiserver.requests[("create", "tokenreviews")] >= 1
+    root = secret_root(apiserver)
+    await create_certificate(serve, root, token, ident)
+    assert apiserver.requests[("create", "tokenreviews")] == 1
+    # A token the cluster does not know is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await create_certificate(serve, root, "not-a-token", ident)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Nor may a real token ask for another identity.
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await create_certificate(serve, root, token, SpiffeId("cluster.local", "default", "x"))
+    assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_the_leader_publishes_the_root_and_the_webhook_ca_bundle(
@@ -354,8 +366,10 @@ async def test_only_the_leader_writes_and_the_other_takes_over_when_it_is_killed
     second = await start_serve(serves, kubeconfig, tmp_path)
     root = secret_root(apiserver)
     await until(lambda: root_configmap(apiserver, "default") == root, 20, "the root ConfigMap")
-    # Both replicas serve one CA: the second read the root the first created.
     assert (await second.configz())["kubernetes"]["leader"]["leading"] is False
+    # A follower serves the CA too, with the root the first replica created.
+    token = apiserver.add_service_account_token("default", "sleep", ["istio-ca"])
+    await create_certificate(second, root, token, SpiffeId("cluster.local", "default", "sleep"))
 
     creates = apiserver.requests[("create", "configmaps")]
     namespace(apiserver, "one")
@@ -375,6 +389,28 @@ async def test_only_the_leader_writes_and_the_other_takes_over_when_it_is_killed
 
 async def _leading(serve: Serve) -> bool:
     return bool((await serve.configz())["kubernetes"]["leader"]["leading"])
+
+
+async def test_a_stopped_leader_releases_the_lease_and_exits_cleanly(
+    apiserver: ApiServer, kubeconfig: Path, tmp_path: Path, serves: list[Serve]
+) -> None:
+    serve = await start_serve(serves, kubeconfig, tmp_path)
+    await until(lambda: _leading(serve), 20, "the replica to lead")
+    assert await serve.proc.stop(timeout=15) == 0, serve.proc.log_tail()
+    lease = apiserver.get("coordination.k8s.io", "v1", "leases", SYSTEM, NAMESPACE_CONTROLLER)
+    assert lease is not None
+    # Released as client-go does: no holder, so the next replica need not wait.
+    assert not lease["spec"].get("holderIdentity")
+
+
+async def test_a_signal_during_the_first_sync_ends_serve(
+    apiserver: ApiServer, kubeconfig: Path, tmp_path: Path, serves: list[Serve]
+) -> None:
+    await apiserver.stop()  # unreachable: serve waits for its first sync
+    serve = await start_serve(serves, kubeconfig, tmp_path, wait_ready=False)
+    await until(lambda: _answers(serve), 30, "the monitoring port")
+    assert await serve.status_or_none("/ready") == 503
+    assert await serve.proc.stop(timeout=15) == 0, serve.proc.log_tail()
 
 
 # --- in process: the mesh ConfigMap, live ------------------------------------------------
@@ -414,5 +450,30 @@ async def test_the_istio_configmap_is_the_mesh_config_and_is_applied_live(
             10,
             "a push with it",
         )
+    finally:
+        await server.stop()
+
+
+async def test_with_a_ca_dir_the_secrets_are_not_read(
+    apiserver: ApiServer, kubeconfig: Path, tmp_path: Path
+) -> None:
+    ip = unique_loopback_ip()
+    settings = Settings(
+        kubeconfig=kubeconfig,
+        ca_dir=tmp_path / "ca",
+        xds_address=f"{ip}:0",
+        monitoring_address=f"{ip}:0",
+        secure_xds_address=f"{ip}:0",
+        injection_address=f"{ip}:0",
+        lease_duration=LEASE,
+    )
+    server = MeshServer(settings)
+    await server.start()
+    try:
+        assert server.secure.ca.ca_dir is not None
+        root = (tmp_path / "ca" / "root-cert.pem").read_text()
+        assert server.secure.ca.root_cert_pem == root
+        await until(lambda: root_configmap(apiserver, "default") == root, 20, "the root ConfigMap")
+        assert not [k for k in apiserver.requests if k[1] == "secrets"]
     finally:
         await server.stop()
