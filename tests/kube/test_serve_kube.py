@@ -410,6 +410,12 @@ async def test_a_signal_during_the_first_sync_ends_serve(
     serve = await start_serve(serves, kubeconfig, tmp_path, wait_ready=False)
     await until(lambda: _answers(serve), 30, "the monitoring port")
     assert await serve.status_or_none("/ready") == 503
+
+    async def outage_shown() -> bool:
+        kube = (await serve.configz())["kubernetes"]
+        return kube["connected"] is False and any(i["lastError"] for i in kube["informers"])
+
+    await until(outage_shown, 20, "/debug/configz to show the unreachable API server")
     assert await serve.proc.stop(timeout=15) == 0, serve.proc.log_tail()
 
 
