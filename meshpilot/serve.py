@@ -1,4 +1,10 @@
-"""`meshpilot serve`: wires sources, store, push, generation, xDS and monitoring."""
+"""`meshpilot serve`: wires sources, store, push, generation, xDS and monitoring.
+
+With a kubeconfig or in-cluster, the Kubernetes parts (the cluster as a source, the CA
+from Secrets with TokenReview, the leader's writers, the injection webhook) come from
+meshpilot/serve_kube.py; start() returns once the cluster has synced, as istiod serves
+nothing before its caches have.
+"""
 
 from __future__ import annotations
 

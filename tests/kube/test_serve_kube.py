@@ -41,8 +41,8 @@ SYSTEM = "istio-system"
 ROOT_CONFIGMAP = "istio-ca-root-cert"
 SERVER_NAME = "istiod.istio-system.svc"
 # Short enough that a takeover happens within a test, long enough that a loaded machine
-# renews in time: renewals due within 2 s, tried every 1 s.
-LEASE = 4.0
+# renews in time: renewals due within 3 s, tried every 1.5 s.
+LEASE = 6.0
 
 
 @dataclass
