@@ -39,6 +39,7 @@ class _Flag:
     type: Callable[[str], Any] = str
     choices: tuple[str, ...] | None = None
     repeatable: bool = False
+    boolean: bool = False  # a switch: given means true; the variable takes true/false
 
     @property
     def dest(self) -> str:
@@ -56,6 +57,15 @@ class _Flag:
             # Like PATH: the separator that never occurs inside a single path here.
             env += f", several separated by {os.pathsep!r}"
         return f"{self.help} ({allowed}default: {default}; env {env})"
+
+
+def _bool_arg(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
 _SERVE_FLAGS = (
@@ -90,6 +100,55 @@ _SERVE_FLAGS = (
         "DURATION",
         duration_arg,
     ),
+    _Flag(
+        "--kubeconfig",
+        None,
+        "follow this Kubernetes cluster (Services, EndpointSlices, Pods, Istio CRDs, mesh "
+        "ConfigMap), run the CA from its Secrets, elect a leader and serve sidecar injection",
+        metavar="FILE",
+        type=Path,
+    ),
+    _Flag(
+        "--context",
+        None,
+        "kubeconfig context to use instead of its current-context",
+        metavar="NAME",
+    ),
+    _Flag(
+        "--in-cluster",
+        "false",
+        "as --kubeconfig, with the pod's ServiceAccount (when running inside the cluster)",
+        type=_bool_arg,
+        boolean=True,
+    ),
+    _Flag("--cluster-id", "Kubernetes", "name of the cluster, in object names and logs", "ID"),
+    _Flag(
+        "--system-namespace",
+        "istio-system",
+        "namespace of the control plane: mesh ConfigMap, CA Secrets, leader Lease",
+        "NS",
+    ),
+    _Flag(
+        "--injection-address",
+        "127.0.0.1:15017",
+        "HTTPS sidecar injection webhook listen address (on with Kubernetes)",
+        "HOST:PORT",
+    ),
+    _Flag(
+        "--injection-template",
+        None,
+        "sidecar template YAML (a partial Pod) replacing the built-in one",
+        metavar="FILE",
+        type=Path,
+    ),
+    _Flag(
+        "--lease-duration",
+        "30s",
+        "advanced: leader election lease; renewals are due within half of it and tried "
+        "every quarter (Istio: 30s/15s/7.5s)",
+        "DURATION",
+        duration_arg,
+    ),
     _Flag("--log-format", "console", "log output format", choices=("console", "json")),
     _Flag(
         "--log-level",
@@ -109,6 +168,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "environment variable named in its help; a flag given wins over it.",
     )
     for f in _SERVE_FLAGS:
+        if f.boolean:
+            p.add_argument(
+                f.flag, dest=f.dest, action="store_const", const=True, default=None,
+                help=f.help_text(),
+            )  # fmt: skip
+            continue
         p.add_argument(
             f.flag,
             dest=f.dest,
@@ -159,6 +224,14 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         debounce_max=args.debounce_max,
         log_format=args.log_format,
         log_level=args.log_level,
+        kubeconfig=args.kubeconfig,
+        kube_context=args.context,
+        in_cluster=args.in_cluster,
+        cluster_id=args.cluster_id,
+        system_namespace=args.system_namespace,
+        injection_address=args.injection_address,
+        injection_template=args.injection_template,
+        lease_duration=args.lease_duration,
         **ca_cli.settings_kwargs(args),
     )
 
@@ -208,8 +281,20 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Start-up may wait long (a Kubernetes cluster's first sync, its CA Secrets): a
+    # signal meanwhile ends it rather than waiting for it.
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        await server.stop()
+        return 0
+    stopping.cancel()
     try:
-        await server.start()
+        starting.result()
     except (OSError, ValueError) as e:
         print(f"meshpilot serve: {e}", file=sys.stderr)
         await server.stop()

@@ -10,17 +10,17 @@ certificate whose namespace is the proxy's own (as istiod checks).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import grpc
 import structlog
 
 from meshpilot.api.mesh import MeshConfig
-from meshpilot.ca.auth import AuthenticationError, workload_identity
+from meshpilot.ca.auth import AnyAuthenticator, AuthenticationError, workload_identity
 from meshpilot.ca.authority import CertificateAuthority
 from meshpilot.ca.identity import SpiffeId
-from meshpilot.ca.secure import Registrar, SecurePort
+from meshpilot.ca.secure import Registrar, SecurePort, default_authenticators
 from meshpilot.ca.tlsfront import PeerTable
 from meshpilot.model.proxy import Proxy, ProxyIdError
 from meshpilot.monitoring import metrics
@@ -154,22 +154,33 @@ def register_ads(discovery: xds_server.DiscoveryServer, trust_domain: str) -> Re
 
 
 async def start_secure_port(
-    settings: Settings, mesh: MeshConfig, discovery: xds_server.DiscoveryServer
+    settings: Settings,
+    mesh: MeshConfig,
+    discovery: xds_server.DiscoveryServer,
+    *,
+    ca: CertificateAuthority | None = None,
+    extra_authenticators: Sequence[AnyAuthenticator] = (),
 ) -> SecurePort:
-    """Load or create the CA of `--ca-dir` and start the secure port (serve.py's hook)."""
-    assert settings.ca_dir is not None
-    ca = await asyncio.to_thread(
-        CertificateAuthority.load_or_create,
-        settings.ca_dir,
-        settings.trust_domain or mesh.trust_domain,
-        default_ttl=settings.workload_cert_ttl,
-        max_ttl=settings.max_workload_cert_ttl,
-    )
+    """Start the secure port with `ca`, else the CA of `--ca-dir` (loaded or created).
+
+    `extra_authenticators` come after the CA's own (its directory's tokens, client
+    certificates): in Kubernetes mode, ServiceAccount tokens checked by TokenReview.
+    """
+    if ca is None:
+        assert settings.ca_dir is not None
+        ca = await asyncio.to_thread(
+            CertificateAuthority.load_or_create,
+            settings.ca_dir,
+            settings.trust_domain or mesh.trust_domain,
+            default_ttl=settings.workload_cert_ttl,
+            max_ttl=settings.max_workload_cert_ttl,
+        )
     port = SecurePort(
         ca,
         settings.secure_xds_address,
         register=register_ads(discovery, ca.trust_domain),
         server_options=SECURE_SERVER_OPTIONS,
+        authenticators=[*default_authenticators(ca), *extra_authenticators],
     )
     await port.start()
     return port

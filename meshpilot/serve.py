@@ -1,4 +1,10 @@
-"""`meshpilot serve`: wires sources, store, push, generation, xDS and monitoring."""
+"""`meshpilot serve`: wires sources, store, push, generation, xDS and monitoring.
+
+With a kubeconfig or in-cluster, the Kubernetes parts (the cluster as a source, the CA
+from Secrets with TokenReview, the leader's writers, the injection webhook) come from
+meshpilot/serve_kube.py; start() returns once the cluster has synced, as istiod serves
+nothing before its caches have.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ class MeshServer:
         self.secure_port = 0
         self.analysis = FindingsReporter()
         self.analysis_task: asyncio.Task[None] | None = None
+        self.kube: Any = None  # meshpilot.serve_kube's KubeControlPlane in Kubernetes mode
 
     # --- pipeline ------------------------------------------------------------------------
 
@@ -111,6 +118,12 @@ class MeshServer:
         except Exception:
             log.exception("config analysis failed", version=ctx.version)
 
+    def _apply_mesh(self, mesh: MeshConfig) -> None:
+        """A new MeshConfig from the cluster: in effect from the next (full) push."""
+        self.mesh = mesh
+        if self._ready:
+            self.pusher.enqueue(PushRequest(full=True, reasons=frozenset({"mesh"})))
+
     def _count_objects(self, kinds: set[str] | None = None) -> None:
         # O(kinds) from the store's own counts: this runs after every change, and a
         # walk over the objects or errors here made loading N files cost O(N^2). After
@@ -143,6 +156,8 @@ class MeshServer:
         try:
             if self.files is not None:
                 await self.files.load_initial()
+            if self.settings.kubernetes:
+                await self._start_kube_source()
             self._count_objects()
             self._count_errors(self.store.error_counts())
             await self.pusher.init()
@@ -152,16 +167,13 @@ class MeshServer:
         self._grpc = xds_server.create_server(self.discovery)
         self.xds_port = xds_server.bind(self._grpc, self.settings.xds_address)
         await self._grpc.start()
-        if self.settings.ca_dir is not None:
-            from meshpilot.secure_port import start_secure_port
-
-            self.secure = await start_secure_port(self.settings, self.mesh, self.discovery)
-            self.secure_port = self.secure.port
+        if self.settings.ca_dir is not None or self.kube is not None:
+            await self._start_ca()
         self._ready = True
         self.pusher.start()
         if self.files is not None:
             self._tasks.append(asyncio.create_task(self.files.run(), name="file-source"))
-        else:
+        elif self.kube is None:
             # Not an error (config may be pushed in by tests or added later), but a
             # silent empty mesh looks like a broken one.
             log.warning(
@@ -177,6 +189,33 @@ class MeshServer:
             errors=len(self.store.errors()),
         )
 
+    async def _start_kube_source(self) -> None:
+        from meshpilot.serve_kube import KubeControlPlane
+
+        self.kube = KubeControlPlane(self.settings, self.store)
+        # --mesh-config wins over the cluster's `istio` ConfigMap, as a file given to
+        # istiod does.
+        listener = self._apply_mesh if self.settings.mesh_config is None else None
+        await self.kube.start_source(listener)
+
+    async def _start_ca(self) -> None:
+        from meshpilot.secure_port import start_secure_port
+
+        trust_domain = self.settings.trust_domain or self.mesh.trust_domain
+        ca = None
+        extra: list[Any] = []
+        if self.kube is not None:
+            # istiod's CA is always on in a cluster: from Secrets unless --ca-dir is given.
+            if self.settings.ca_dir is None:
+                ca = await self.kube.load_ca(trust_domain)
+            extra.append(self.kube.authenticator(trust_domain))
+        self.secure = await start_secure_port(
+            self.settings, self.mesh, self.discovery, ca=ca, extra_authenticators=extra
+        )
+        self.secure_port = self.secure.port
+        if self.kube is not None:
+            await self.kube.start_ca_users(self.secure.ca)
+
     async def stop(self) -> None:
         self._ready = False
         for task in self._tasks:
@@ -187,6 +226,8 @@ class MeshServer:
         await self.pusher.stop()
         if self.analysis_task is not None:
             self.analysis_task.cancel()
+        if self.kube is not None:
+            await self.kube.stop()
         if self.secure is not None:
             await self.secure.stop()
         if self._grpc is not None:
@@ -229,6 +270,7 @@ class MeshServer:
             "errors": [dict(e.to_dict(), text=str(e)) for e in self.store.errors()],
             "services": sorted(ctx.services) if ctx else [],
             "files": _files_stats(self.files) if self.files is not None else None,
+            "kubernetes": self.kube.status() if self.kube is not None else None,
             "analysis": [m.to_dict() for m in self.analysis.messages] if ctx else [],
         }
 

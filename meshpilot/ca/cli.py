@@ -42,7 +42,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="run the CA and the secure port: Istio plug-in files in DIR (ca-cert.pem, "
         "ca-key.pem, root-cert.pem, cert-chain.pem) or a self-signed root created there "
-        "(default: none, no CA; env MESHPILOT_CA_DIR)",
+        "(default: none: no CA, except with Kubernetes, where the CA comes from the Secrets "
+        "cacerts or istio-ca-secret; env MESHPILOT_CA_DIR)",
     )
     p.add_argument(
         "--trust-domain",
@@ -55,7 +56,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--secure-xds-address",
         default=env("MESHPILOT_SECURE_XDS_ADDRESS", "127.0.0.1:15012"),
         metavar="HOST:PORT",
-        help="TLS address serving the CA and ADS, with --ca-dir (default: 127.0.0.1:15012; "
+        help="TLS address serving the CA and ADS, with --ca-dir or Kubernetes (default: "
+        "127.0.0.1:15012; "
         "env MESHPILOT_SECURE_XDS_ADDRESS)",
     )
     p.add_argument(

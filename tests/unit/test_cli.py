@@ -103,6 +103,14 @@ ENV_CASES: dict[str, tuple[str, str, object]] = {
     "secure_xds_address": ("127.0.0.2:25012", "secure_xds_address", "127.0.0.2:25012"),
     "workload_cert_ttl": ("2h", "workload_cert_ttl", 7200.0),
     "max_workload_cert_ttl": ("30d", "max_workload_cert_ttl", 30 * 86400.0),
+    "kubeconfig": ("/tmp/kubeconfig", "kubeconfig", Path("/tmp/kubeconfig")),
+    "context": ("kind-mesh", "kube_context", "kind-mesh"),
+    "in_cluster": ("true", "in_cluster", True),
+    "cluster_id": ("east", "cluster_id", "east"),
+    "system_namespace": ("mesh-system", "system_namespace", "mesh-system"),
+    "injection_address": ("127.0.0.2:25017", "injection_address", "127.0.0.2:25017"),
+    "injection_template": ("/tmp/t.yaml", "injection_template", Path("/tmp/t.yaml")),
+    "lease_duration": ("4s", "lease_duration", 4.0),
 }
 
 
@@ -185,6 +193,26 @@ def test_every_serve_flag_help_names_default_and_variable(dest: str) -> None:
     assert "default: " in text
     if action.choices:
         assert all(choice in text for choice in action.choices)
+
+
+def test_in_cluster_is_a_switch_and_its_variable_takes_true_or_false(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert cli.serve_settings(cli.parse(["serve", "--in-cluster"])[1]).in_cluster is True
+    monkeypatch.setenv("MESHPILOT_IN_CLUSTER", "false")
+    assert cli.serve_settings(cli.parse(["serve"])[1]).in_cluster is False
+
+
+def test_kubeconfig_and_in_cluster_exclude_each_other(tmp_path: Path) -> None:
+    out = _serve("--kubeconfig", str(tmp_path / "kc"), "--in-cluster")
+    assert out.returncode == 2
+    assert "--kubeconfig and --in-cluster exclude each other" in out.stderr
+
+
+def test_a_bad_system_namespace_is_named() -> None:
+    out = _serve("--in-cluster", "--system-namespace", "Istio_System")
+    assert out.returncode == 2
+    assert "--system-namespace 'Istio_System': expected a namespace name" in out.stderr
 
 
 def test_help_shows_the_separator_of_list_variables() -> None:
