@@ -1,19 +1,51 @@
 """`python -m meshpilot.agent ...`: the agent alone, without the control plane's imports.
 
-Same flags as `meshpilot agent`; this entry point keeps the resident memory of the
-process that runs next to every Envoy smaller (no pydantic, no config models).
+Same flags as `meshpilot agent` (which `meshpilot.cli` hands to `main` here before it
+imports anything else). Istio's pilot-agent is a Go binary of a few tens of MB; this
+process runs next to every Envoy too, so it loads only what it uses: no pydantic, no
+config models, no CA signer, and not the system's OpenSSL (see `_without_system_openssl`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
-from meshpilot.agent import command
+# Standard-library modules that link the system's libssl/libcrypto, which the agent never
+# uses: gRPC brings its own TLS (BoringSSL) and `cryptography` its own OpenSSL.
+SYSTEM_OPENSSL_MODULES = ("ssl", "_ssl", "_hashlib")
 
 
-def main(argv: list[str] | None = None) -> int:
-    prog = "python -m meshpilot.agent"
+def _without_system_openssl() -> None:
+    """Make importing `ssl` and `_hashlib` fail in this process unless already loaded.
+
+    asyncio imports `ssl` and `secrets` imports `_hashlib` (through `hmac`) when they
+    can, which maps the system's libssl and libcrypto: ~4 MB of resident memory each
+    time an agent starts. Both callers treat the ImportError as "not available" (asyncio
+    then has no TLS, hmac and hashlib fall back to their built-in digests). Only done
+    when this process is the agent, never inside a host process (a test) that may need
+    them.
+    """
+    for name in SYSTEM_OPENSSL_MODULES:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str = "python -m meshpilot.agent",
+    whole_process: bool | None = None,
+) -> int:
+    """Parse the agent's flags and run it; the exit status.
+
+    `whole_process`: this process exists only to be the agent (default: when `argv` is
+    None, i.e. read from the command line), so process-wide trimming is allowed.
+    """
+    if whole_process if whole_process is not None else argv is None:
+        _without_system_openssl()
+    # After the trimming above: these import asyncio, gRPC and cryptography.
+    from meshpilot.agent import command
+
     parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
     command.register(sub)
