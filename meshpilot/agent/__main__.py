@@ -9,8 +9,11 @@ config models, no CA signer, and not the system's OpenSSL (see `_without_system_
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Sequence
+
+from meshpilot.agent import PKI_HELPER_MODULE
 
 # Standard-library modules that link the system's libssl/libcrypto, which the agent never
 # uses: gRPC brings its own TLS (BoringSSL) and `cryptography` its own OpenSSL.
@@ -41,17 +44,30 @@ def main(
     `whole_process`: this process exists only to be the agent (default: when `argv` is
     None, i.e. read from the command line), so process-wide trimming is allowed.
     """
+    spare = None
     if whole_process if whole_process is not None else argv is None:
         _without_system_openssl()
-    # After the trimming above: these import asyncio, gRPC and cryptography.
-    from meshpilot.agent import command
+        # The key helper for the first certificate loads cryptography on the other core
+        # while this process loads gRPC (meshpilot/agent/pkiclient.py).
+        spare = subprocess.Popen(
+            [sys.executable, "-m", PKI_HELPER_MODULE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+    # After the trimming above: these import asyncio, gRPC and protobuf.
+    from meshpilot.agent import command, pkiclient
 
-    parser = argparse.ArgumentParser(prog=prog)
-    sub = parser.add_subparsers(dest="command", required=True)
-    command.register(sub)
-    sub.choices["agent"].prog = prog
-    args = parser.parse_args(["agent", *(sys.argv[1:] if argv is None else argv)])
-    return command.run(args)
+    try:
+        if spare is not None:
+            pkiclient.adopt_spare(spare)
+        parser = argparse.ArgumentParser(prog=prog)
+        sub = parser.add_subparsers(dest="command", required=True)
+        command.register(sub)
+        sub.choices["agent"].prog = prog
+        args = parser.parse_args(["agent", *(sys.argv[1:] if argv is None else argv)])
+        return command.run(args)
+    finally:
+        pkiclient.discard_spare()
 
 
 if __name__ == "__main__":

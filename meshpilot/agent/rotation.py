@@ -20,6 +20,7 @@ import structlog
 
 from meshpilot.agent import keys
 from meshpilot.agent.caclient import CAClient, CAError, ClientIdentity
+from meshpilot.agent.pkiclient import PkiHelper
 from meshpilot.agent.sds import SecretCache
 
 log = structlog.get_logger(__name__)
@@ -138,14 +139,17 @@ class CertificateManager:
     async def issue(self) -> IssuedCertificate:
         """One new key, CSR and certificate, served at once; raises CAError or ValueError."""
         started = time.monotonic()
-        key, key_pem, csr = await asyncio.to_thread(self._new_key_and_csr)
-        renew_with = None
-        if self.current is not None and self.current.info.not_after > keys.now_utc():
-            renew_with = ClientIdentity(self.current.key_pem, self.current.chain_pem)
-        chain = await self.client.create_certificate(
-            csr, round(self.ttl), self.metadata, renew_with=renew_with
-        )
-        info = keys.check_chain(chain, key, self.identity)
+        # The key, the CSR and the check of the answer happen in a helper process that
+        # holds the key object; cryptography is never loaded here (see pkiclient).
+        async with PkiHelper(self.key_type, self.identity) as helper:
+            key_pem, csr = await helper.new_key()
+            renew_with = None
+            if self.current is not None and self.current.info.not_after > keys.now_utc():
+                renew_with = ClientIdentity(self.current.key_pem, self.current.chain_pem)
+            chain = await self.client.create_certificate(
+                csr, round(self.ttl), self.metadata, renew_with=renew_with
+            )
+            info = await helper.check_chain(chain)
         chain_pem = "".join(c if c.endswith("\n") else c + "\n" for c in chain).encode()
         await asyncio.to_thread(self._write_files, key_pem, chain_pem)
         issued = IssuedCertificate(info, chain_pem, key_pem, keys.now_utc())
@@ -165,10 +169,6 @@ class CertificateManager:
         if not self.first.is_set():
             self.first.set()
         return issued
-
-    def _new_key_and_csr(self) -> tuple[keys.PrivateKey, bytes, bytes]:
-        key = keys.generate_key(self.key_type)
-        return key, keys.key_pem(key), keys.build_csr(key, self.identity)
 
     def _write_files(self, key_pem: bytes, chain_pem: bytes) -> None:
         # Key first: a reader pairing the files may see a new key with the old chain

@@ -1,7 +1,8 @@
 """The agent process stays light: run for real through each entry point (`python -m
 meshpilot agent`, the `meshpilot` console script's path, and `python -m meshpilot.agent`)
 until its certificate is issued and its (stand-in) Envoy has run, it has loaded nothing of
-the control plane, no config-model or web library, and not the system's OpenSSL."""
+the control plane, no config-model or web library, no cryptography library (a helper
+process makes keys and CSRs) and not the system's OpenSSL."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ BLOCKED_PACKAGES = (
     "prometheus_client",
     "watchfiles",
     "re2",
+    # Keys and CSRs are made by a short-lived helper process (meshpilot/agent/pki.py).
+    "cryptography",
+    "_cffi_backend",
     # The system OpenSSL bindings (see meshpilot/agent/__main__.py).
     "ssl",
     "_ssl",
@@ -160,6 +164,7 @@ async def test_the_agent_process_loads_nothing_of_the_control_plane(
     assert "first certificate ready" in log
     modules = json.loads(listing.read_text())
     assert "meshpilot.agent.sds" in modules and "grpc" in modules
+    assert "meshpilot.agent.pki" not in modules
     assert unwanted(modules) == []
 
 

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from meshpilot.agent import keys, rotation
+from meshpilot.agent import keys, pki, rotation
 from meshpilot.agent.caclient import CAClient, CAError
 from meshpilot.agent.rotation import CertificateManager
 from meshpilot.agent.sds import ROOT_SECRET, WORKLOAD_SECRET, SecretCache
@@ -26,7 +26,7 @@ IDENTITY = "spiffe://cluster.local/ns/default/sa/client"
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
-def self_signed(key: keys.PrivateKey, uris: list[str], ttl: float) -> str:
+def self_signed(key: pki.PrivateKey, uris: list[str], ttl: float) -> str:
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
