@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import structlog
-
-from meshpilot.agent import keys
+from meshpilot.agent import keys, logfmt
 from meshpilot.agent.caclient import CAClient, CAError, ClientIdentity
 from meshpilot.agent.pkiclient import PkiHelper
 from meshpilot.agent.sds import SecretCache
 
-log = structlog.get_logger(__name__)
+log = logfmt.get_logger(__name__)
 
 GRACE_RATIO = 0.5
 # +-5% of the lifetime around the half: +-10% of the delay before renewal.

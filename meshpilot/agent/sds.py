@@ -28,16 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import structlog
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 
+from meshpilot.agent import logfmt
 from meshpilot.agent.filesecrets import FileSecrets
 from meshpilot.xds.protocol import Handshake, Kind
 
-log = structlog.get_logger(__name__)
+log = logfmt.get_logger(__name__)
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 WORKLOAD_SECRET = "default"
