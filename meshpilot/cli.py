@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import meshpilot
-from meshpilot.agent import bootstrap
 from meshpilot.durations import duration_arg
 
 if TYPE_CHECKING:
@@ -181,6 +180,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meshpilot.agent import bootstrap
     from meshpilot.agent import command as agent
     from meshpilot.ca import cli as ca_cli
 
@@ -257,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_serve(settings))
         return 130
     if args.command == "bootstrap":
+        from meshpilot.agent import bootstrap
+
         return bootstrap.run(args)
     if args.command == "token":
         from meshpilot.ca import cli as ca_cli

@@ -3,7 +3,8 @@
 Same flags as `meshpilot agent` (which `meshpilot.cli` hands to `main` here before it
 imports anything else). Istio's pilot-agent is a Go binary of a few tens of MB; this
 process runs next to every Envoy too, so it loads only what it uses: no pydantic, no
-config models, no CA signer, and not the system's OpenSSL (see `_without_system_openssl`).
+config models, no CA signer, no cryptography library (see meshpilot/agent/pki.py) and
+none of the optional system libraries it has no use for (`_without_unused_libraries`).
 """
 
 from __future__ import annotations
@@ -15,22 +16,23 @@ from collections.abc import Sequence
 
 from meshpilot.agent import PKI_HELPER_MODULE
 
-# Standard-library modules that link the system's libssl/libcrypto, which the agent never
-# uses: gRPC brings its own TLS (BoringSSL) and `cryptography` its own OpenSSL.
-SYSTEM_OPENSSL_MODULES = ("ssl", "_ssl", "_hashlib")
+# Optional standard-library modules that link system libraries the agent never uses:
+# libssl/libcrypto (gRPC brings its own TLS, BoringSSL; keys are made by the helper
+# process) and libbz2/liblzma (the agent compresses nothing).
+UNUSED_OPTIONAL_MODULES = ("ssl", "_ssl", "_hashlib", "bz2", "_bz2", "lzma", "_lzma")
 
 
-def _without_system_openssl() -> None:
-    """Make importing `ssl` and `_hashlib` fail in this process unless already loaded.
+def _without_unused_libraries() -> None:
+    """Make importing UNUSED_OPTIONAL_MODULES fail in this process unless already loaded.
 
-    asyncio imports `ssl` and `secrets` imports `_hashlib` (through `hmac`) when they
-    can, which maps the system's libssl and libcrypto: ~4 MB of resident memory each
-    time an agent starts. Both callers treat the ImportError as "not available" (asyncio
-    then has no TLS, hmac and hashlib fall back to their built-in digests). Only done
-    when this process is the agent, never inside a host process (a test) that may need
-    them.
+    asyncio imports `ssl`, hashlib `_hashlib`, and shutil (through tempfile) `bz2` and
+    `lzma` when they can: ~4.5 MB of resident memory each time an agent starts, for
+    nothing. Each of them treats the ImportError as "not available" (asyncio then has
+    no TLS, hashlib falls back to its built-in digests, shutil offers no bz2/xz
+    archives). Only done when this process is the agent, never inside a host process
+    (a test) that may need them.
     """
-    for name in SYSTEM_OPENSSL_MODULES:
+    for name in UNUSED_OPTIONAL_MODULES:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
@@ -46,7 +48,7 @@ def main(
     """
     spare = None
     if whole_process if whole_process is not None else argv is None:
-        _without_system_openssl()
+        _without_unused_libraries()
         # The key helper for the first certificate loads cryptography on the other core
         # while this process loads gRPC (meshpilot/agent/pkiclient.py).
         spare = subprocess.Popen(

@@ -2,7 +2,7 @@
 meshpilot agent`, the `meshpilot` console script's path, and `python -m meshpilot.agent`)
 until its certificate is issued and its (stand-in) Envoy has run, it has loaded nothing of
 the control plane, no config-model or web library, no cryptography library (a helper
-process makes keys and CSRs) and not the system's OpenSSL."""
+process makes keys and CSRs) and not the system's OpenSSL, bz2 or lzma."""
 
 from __future__ import annotations
 
@@ -58,10 +58,12 @@ BLOCKED_PACKAGES = (
     # Keys and CSRs are made by a short-lived helper process (meshpilot/agent/pki.py).
     "cryptography",
     "_cffi_backend",
-    # The system OpenSSL bindings (see meshpilot/agent/__main__.py).
+    # Bindings to system libraries it has no use for (see meshpilot/agent/__main__.py).
     "ssl",
     "_ssl",
     "_hashlib",
+    "bz2",
+    "lzma",
 )
 # The only parts of meshpilot the agent may load; everything else is the control plane.
 ALLOWED_MESHPILOT = (
