@@ -49,8 +49,6 @@ def json_line(level: str, event: str, kw: dict[str, object], timestamp: str) -> 
 
 
 class _Config:
-    fmt = "console"
-    level = "debug"
     min_level = logging.DEBUG
     render: Callable[[str, str, dict[str, object], str], str] = console_line
     file: TextIO | None = None  # None: the sys.stderr of the moment
@@ -103,18 +101,13 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         raise ValueError(f"--log-level {level!r}: expected debug, info, warning or error")
     if fmt not in ("console", "json"):
         raise ValueError(f"--log-format {fmt!r}: expected console or json")
-    _Config.fmt, _Config.level, _Config.min_level = fmt, level, lvl
+    _Config.min_level = lvl
     _Config.render = json_line if fmt == "json" else console_line
     _Config.file = sys.stderr
     _Config.emit = None
     if fmt == "console" and sys.stderr.isatty():
         _Config.emit = _structlog_emit(fmt, level)
     logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr)
-
-
-def settings() -> tuple[str, str]:
-    """The format and level last configured, for a helper process to log alike."""
-    return _Config.fmt, _Config.level
 
 
 def _structlog_emit(fmt: str, level: str) -> Emit:

@@ -1,31 +1,26 @@
-"""The agent's certificate work: key, CSR, the CA call, and the check of the answer.
+"""The agent's cryptography: workload keys, CSRs, and checks of what the CA returned.
 
 Run as `python -m meshpilot.agent.pki`, it is the short-lived helper the agent starts
-for each certificate (meshpilot/agent/pkiclient.py). Istio's Go agent links all this
-into one small binary; in Python, `cryptography` (its own OpenSSL, its Rust bindings,
-~50 modules, ~15 MB of resident memory) and gRPC's TLS client code (~2 MB of pages
-touched) would stay in the agent's memory for its whole life, to be used for a few
-milliseconds a day. The helper answers one request, one JSON object per line on stdin
-and stdout, then exits:
+for each certificate (meshpilot/agent/pkiclient.py): Istio's Go agent links its crypto
+into one small binary, but in Python `cryptography` (its own OpenSSL, its Rust
+bindings, ~50 modules) would cost ~15 MB of resident memory for the agent's whole life,
+to be used for a few milliseconds a day. The helper does one exchange, one JSON object
+per line on stdin and stdout, then exits:
 
-    -> {"key_type": "ec", "identity": "spiffe://...", "ttl": 86400, "metadata": {...},
-        "ca": {"address": "host:port", "root_cert": "PEM", "token_file": "path" | null},
-        "renew_with": {"key_pem": ..., "chain_pem": ...} | null,
-        "log": {"format": "json", "level": "info"}}
-    <- {"key_pem": "...", "chain": ["PEM", ...], "info": {"serial": ..., ...}}
-       or {"error": "...", "ca_code": "UNAUTHENTICATED" | null}   (the CA call failed)
-       or {"error": "the CA returned a certificate for another key", "check": true}
+    -> {"key_type": "ec", "identity": "spiffe://..."}
+    <- {"key_pem": "...", "csr_pem": "..."}
+    -> {"chain": ["-----BEGIN CERTIFICATE-----...", ...]}
+    <- {"info": {"serial": ..., "not_before": ..., "not_after": ..., "uris": [...]}}
+       or {"error": "the CA returned a certificate for another key"}
 
-The keys travel only over this private pipe between the agent and its helper.
+The key travels only over this private pipe to the agent, which serves it over SDS.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sys
-from pathlib import Path
 from typing import IO, Any
 
 from cryptography import x509
@@ -33,8 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from meshpilot.agent import keys, logfmt
-from meshpilot.agent.caclient import CAClient, CAError, ClientIdentity
+from meshpilot.agent import keys
 
 # One request line: the CA client caps the CA's answer at 4 MiB; JSON at most doubles
 # PEM text (each newline becomes two bytes).
@@ -131,87 +125,31 @@ def _write(stdout: IO[bytes], reply: dict[str, Any]) -> None:
     stdout.flush()
 
 
-def _request_error(request: dict[str, Any]) -> str | None:
-    """What is wrong with an issue request, None if nothing."""
-    ca, renew, log = request.get("ca"), request.get("renew_with"), request.get("log")
-    checks = (
-        ("key_type", request.get("key_type") in keys.KEY_TYPES, f"one of {keys.KEY_TYPES}"),
-        ("identity", isinstance(request.get("identity"), str), "a string"),
-        ("ttl", isinstance(request.get("ttl"), int), "an integer"),
-        ("metadata", isinstance(request.get("metadata"), dict), "an object"),
-        (
-            "ca",
-            isinstance(ca, dict)
-            and isinstance(ca.get("address"), str)
-            and isinstance(ca.get("root_cert"), str)
-            and isinstance(ca.get("token_file"), str | None),
-            "address, root_cert and token_file",
-        ),
-        (
-            "renew_with",
-            renew is None
-            or (
-                isinstance(renew, dict)
-                and all(isinstance(renew.get(k), str) for k in ("key_pem", "chain_pem"))
-            ),
-            "null or key_pem and chain_pem",
-        ),
-        (
-            "log",
-            isinstance(log, dict) and all(isinstance(log.get(k), str) for k in ("format", "level")),
-            "format and level",
-        ),
-    )
-    for field, ok, expected in checks:
-        if not ok:
-            return f"request field {field}: expected {expected}"
-    return None
-
-
-def issue(request: dict[str, Any]) -> dict[str, Any]:
-    """The reply to one issue request (see the module doc)."""
-    error = _request_error(request)
-    if error is not None:
-        return {"error": error}
-    logfmt.configure(request["log"]["format"], request["log"]["level"])
-    identity: str = request["identity"]
-    key = generate_key(request["key_type"])
-    ca = request["ca"]
-    client = CAClient(
-        ca["address"],
-        ca["root_cert"].encode(),
-        Path(ca["token_file"]) if ca["token_file"] is not None else None,
-    )
-    renew = request["renew_with"]
-    renew_with = (
-        ClientIdentity(renew["key_pem"].encode(), renew["chain_pem"].encode()) if renew else None
-    )
-    try:
-        chain = asyncio.run(
-            client.create_certificate(
-                build_csr(key, identity),
-                request["ttl"],
-                request["metadata"],
-                renew_with=renew_with,
-            )
-        )
-    except CAError as e:
-        return {"error": str(e), "ca_code": e.code.name if e.code is not None else None}
+def serve(stdin: IO[bytes], stdout: IO[bytes]) -> int:
+    """One key, its CSR, and the check of the chain the CA returned for it."""
+    request = _read(stdin)
+    if request is None:
+        return 0
+    key_type, identity = request.get("key_type"), request.get("identity")
+    if not isinstance(identity, str) or key_type not in keys.KEY_TYPES:
+        _write(stdout, {"error": f"expected key_type in {keys.KEY_TYPES} and an identity"})
+        return 2
+    key = generate_key(key_type)
+    _write(stdout, {"key_pem": key_pem(key).decode(), "csr_pem": build_csr(key, identity).decode()})
+    request = _read(stdin)
+    if request is None:
+        return 0
+    chain = request.get("chain")
+    if not isinstance(chain, list):
+        _write(stdout, {"error": "chain: expected a list of PEM certificates"})
+        return 2
     try:
         info = check_chain(chain, key, identity)
     except ValueError as e:
-        return {"error": str(e), "check": True}
-    return {"key_pem": key_pem(key).decode(), "chain": chain, "info": info.to_json()}
-
-
-def serve(stdin: IO[bytes], stdout: IO[bytes]) -> int:
-    """Answer one request; 0 unless the request itself was malformed."""
-    request = _read(stdin)
-    if request is None:
-        return 0  # the agent stopped before asking
-    reply = issue(request)
-    _write(stdout, reply)
-    return 2 if "error" in reply and "ca_code" not in reply and "check" not in reply else 0
+        _write(stdout, {"error": str(e)})
+        return 0
+    _write(stdout, {"info": info.to_json()})
+    return 0
 
 
 if __name__ == "__main__":

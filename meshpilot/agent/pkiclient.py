@@ -1,11 +1,9 @@
-"""The agent's side of the certificate helper (`python -m meshpilot.agent.pki`).
+"""The agent's side of the key helper (`python -m meshpilot.agent.pki`).
 
-One helper process per certificate: it generates the key and CSR, asks the CA (the
-token or the current certificate as credentials), checks the chain the CA returned
-against the key and the identity, answers and exits. The agent thus never loads a
-cryptography library nor runs gRPC's TLS client; its resident memory stays that of
-gRPC's unix-socket server, protobuf and asyncio (see meshpilot/agent/pki.py for why).
-The agent keeps the schedule, the retries and the backoff (meshpilot/agent/rotation.py).
+One helper process per certificate: it generates the key and CSR, waits while the
+agent asks the CA, checks the chain the CA returned against the key and the identity,
+and exits. The agent thus never loads a cryptography library; its resident memory
+stays that of gRPC, protobuf and asyncio (see meshpilot/agent/pki.py for the why).
 
 The helper for the first certificate is started by the agent's entry point before its
 own imports (`adopt_spare`), so both interpreters load their libraries at the same
@@ -19,20 +17,15 @@ import contextlib
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
+from meshpilot.agent import PKI_HELPER_MODULE, keys
 
-from meshpilot.agent import PKI_HELPER_MODULE, keys, logfmt
-from meshpilot.agent.caclient import REQUEST_TIMEOUT, CAClient, CAError, ClientIdentity
-
-# A key, a chain and its facts: a few KB; the CA client caps the chain at 4 MiB, which
-# JSON at most doubles. A longer line is a broken helper, not something to buffer.
-MAX_REPLY = 2 * 4 * 1024 * 1024 + 64 * 1024
-# Two CA calls at most (the client certificate, then the token), plus the key: RSA
-# 2048 takes ~0.1-1 s, more on a loaded machine.
-REPLY_TIMEOUT = 2 * REQUEST_TIMEOUT + 30.0
+# A key, a CSR, or the facts of a certificate: a few KB. A longer line is a broken
+# helper, not something to buffer.
+MAX_REPLY = 64 * 1024
+# RSA 2048 generation is the slow step: ~0.1-1 s, more on a loaded machine.
+REPLY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 5.0
 
 # A helper started ahead of time, taken by the first exchange (see the module doc).
@@ -81,13 +74,6 @@ def _end(proc: subprocess.Popen[bytes], kill: bool = False, timeout: float = EXI
         proc.stdout.close()
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedByHelper:
-    key_pem: bytes
-    chain: list[str]  # leaf first, as the CA returned it
-    info: keys.CertInfo
-
-
 class PkiHelper:
     """One exchange with a key helper process: `async with PkiHelper(...) as h`."""
 
@@ -124,57 +110,24 @@ class PkiHelper:
         if proc is not None:
             await asyncio.to_thread(_end, proc, self._hung)
 
-    async def issue(
-        self,
-        client: CAClient,
-        validity_seconds: int,
-        metadata: dict[str, str],
-        renew_with: ClientIdentity | None = None,
-    ) -> IssuedByHelper:
-        """A new key and the CA's chain for it, checked; raises CAError as the CA call
-        does, ValueError if the CA's answer does not fit the key or the identity."""
-        fmt, level = logfmt.settings()
-        reply = await self._ask(
-            {
-                "key_type": self.key_type,
-                "identity": self.identity,
-                "ttl": validity_seconds,
-                "metadata": metadata,
-                "ca": {
-                    "address": client.address,
-                    "root_cert": client.root_cert.decode(),
-                    "token_file": str(client.token_file) if client.token_file else None,
-                },
-                "renew_with": (
-                    {
-                        "key_pem": renew_with.key_pem.decode(),
-                        "chain_pem": renew_with.chain_pem.decode(),
-                    }
-                    if renew_with
-                    else None
-                ),
-                "log": {"format": fmt, "level": level},
-            }
-        )
-        error = reply.get("error")
-        if isinstance(error, str) and "ca_code" in reply:
-            code = reply["ca_code"]
-            status = grpc.StatusCode[code] if code in grpc.StatusCode.__members__ else None
-            raise CAError(error, status)
-        if isinstance(error, str) and reply.get("check") is True:
-            raise ValueError(error)
-        key_pem, chain = reply.get("key_pem"), reply.get("chain")
-        if (
-            not isinstance(key_pem, str)
-            or not isinstance(chain, list)
-            or not all(isinstance(c, str) for c in chain)
-        ):
-            raise PkiHelperError(f"key helper: {self._error(reply, 'no key and chain')}")
+    async def new_key(self) -> tuple[bytes, bytes]:
+        """A fresh private key (PKCS#8 PEM) and the PEM CSR for the identity."""
+        reply = await self._ask({"key_type": self.key_type, "identity": self.identity})
+        key_pem, csr_pem = reply.get("key_pem"), reply.get("csr_pem")
+        if not isinstance(key_pem, str) or not isinstance(csr_pem, str):
+            raise PkiHelperError(f"key helper: {self._error(reply, 'no key and CSR')}")
+        return key_pem.encode(), csr_pem.encode()
+
+    async def check_chain(self, chain: list[str]) -> keys.CertInfo:
+        """The leaf's facts if the chain is for our key and only our identity; else
+        ValueError saying what the CA got wrong."""
+        reply = await self._ask({"chain": chain})
+        if "info" not in reply:
+            raise ValueError(self._error(reply, "no answer about the chain"))
         try:
-            info = keys.CertInfo.from_json(reply.get("info"))
+            return keys.CertInfo.from_json(reply["info"])
         except ValueError as e:
             raise PkiHelperError(f"key helper: {e}") from e
-        return IssuedByHelper(key_pem.encode(), chain, info)
 
     async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         proc = self.process

@@ -137,14 +137,17 @@ class CertificateManager:
     async def issue(self) -> IssuedCertificate:
         """One new key, CSR and certificate, served at once; raises CAError or ValueError."""
         started = time.monotonic()
-        renew_with = None
-        if self.current is not None and self.current.info.not_after > keys.now_utc():
-            renew_with = ClientIdentity(self.current.key_pem, self.current.chain_pem)
-        # Key, CSR, CA call and the check of the answer happen in a helper process: this
-        # one never loads cryptography nor gRPC's TLS client (see pkiclient).
+        # The key, the CSR and the check of the answer happen in a helper process that
+        # holds the key object; cryptography is never loaded here (see pkiclient).
         async with PkiHelper(self.key_type, self.identity) as helper:
-            got = await helper.issue(self.client, round(self.ttl), self.metadata, renew_with)
-        key_pem, chain, info = got.key_pem, got.chain, got.info
+            key_pem, csr = await helper.new_key()
+            renew_with = None
+            if self.current is not None and self.current.info.not_after > keys.now_utc():
+                renew_with = ClientIdentity(self.current.key_pem, self.current.chain_pem)
+            chain = await self.client.create_certificate(
+                csr, round(self.ttl), self.metadata, renew_with=renew_with
+            )
+            info = await helper.check_chain(chain)
         chain_pem = "".join(c if c.endswith("\n") else c + "\n" for c in chain).encode()
         await asyncio.to_thread(self._write_files, key_pem, chain_pem)
         issued = IssuedCertificate(info, chain_pem, key_pem, keys.now_utc())

@@ -55,7 +55,7 @@ BLOCKED_PACKAGES = (
     "re2",
     # The agent writes structlog's line formats itself (meshpilot/agent/logfmt.py).
     "structlog",
-    # Keys, CSRs and the CA call are a short-lived helper process's (meshpilot/agent/pki.py).
+    # Keys and CSRs are made by a short-lived helper process (meshpilot/agent/pki.py).
     "cryptography",
     "_cffi_backend",
     # Bindings to system libraries it has no use for (see meshpilot/agent/__main__.py).
