@@ -7,7 +7,8 @@ stays that of gRPC, protobuf and asyncio (see meshpilot/agent/pki.py for the why
 
 The helper for the first certificate is started by the agent's entry point before its
 own imports (`adopt_spare`), so both interpreters load their libraries at the same
-time and the first certificate is not delayed by the helper's start-up.
+time and the first certificate is not delayed by the helper's start-up; the helper for
+a renewal is started a moment before it is due (`prestart`), for the same reason.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def adopt_spare(proc: subprocess.Popen[bytes]) -> None:
     global _spare
     discard_spare()
     _spare = proc
+
+
+async def prestart() -> None:
+    """Start the helper for the next exchange now, unless one is waiting already."""
+    global _spare
+    if _spare is None or _spare.poll() is not None:
+        proc = await asyncio.to_thread(spawn, PkiHelper.argv)
+        adopt_spare(proc)
 
 
 def discard_spare() -> None:

@@ -9,6 +9,7 @@ keeps being served until it expires, and each new certificate pushed over SDS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from meshpilot.agent import keys, logfmt
+from meshpilot.agent import keys, logfmt, pkiclient
 from meshpilot.agent.caclient import CAClient, CAError, ClientIdentity
 from meshpilot.agent.pkiclient import PkiHelper
 from meshpilot.agent.sds import SecretCache
@@ -31,6 +32,9 @@ BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 # Never renew in a tight loop, even when the CA hands out already half-used certs.
 MIN_DELAY = 0.5
+# The key helper of a renewal starts this long before it is due (at most half of the
+# wait): its interpreter and cryptography are loaded by then.
+HELPER_LEAD = 2.0
 
 KEY_FILE = "key.pem"
 CHAIN_FILE = "cert-chain.pem"
@@ -217,4 +221,13 @@ class CertificateManager:
                 rotate_in_s=round(delay, 3),
                 rotate_at=(keys.now_utc() + timedelta(seconds=delay)).isoformat(),
             )
-            await asyncio.sleep(delay)
+            lead = min(HELPER_LEAD, delay / 2)
+            await asyncio.sleep(delay - lead)
+            try:
+                # If it cannot start, issue() tries again and reports why, with retries.
+                with contextlib.suppress(OSError):
+                    await pkiclient.prestart()
+                await asyncio.sleep(lead)
+            except asyncio.CancelledError:
+                pkiclient.discard_spare()  # stopping: the helper would wait for nothing
+                raise
