@@ -142,7 +142,9 @@ class CertificateManager:
         """One new key, CSR and certificate, served at once; raises CAError or ValueError."""
         started = time.monotonic()
         # The key, the CSR and the check of the answer happen in a helper process that
-        # holds the key object; cryptography is never loaded here (see pkiclient).
+        # holds the key object; cryptography is never loaded here (see pkiclient). The
+        # certificate is served inside the block: the helper's exit, waited for at its
+        # end, does not delay it.
         async with PkiHelper(self.key_type, self.identity) as helper:
             key_pem, csr = await helper.new_key()
             renew_with = None
@@ -152,25 +154,25 @@ class CertificateManager:
                 csr, round(self.ttl), self.metadata, renew_with=renew_with
             )
             info = await helper.check_chain(chain)
-        chain_pem = "".join(c if c.endswith("\n") else c + "\n" for c in chain).encode()
-        await asyncio.to_thread(self._write_files, key_pem, chain_pem)
-        issued = IssuedCertificate(info, chain_pem, key_pem, keys.now_utc())
-        previous, self.current = self.current, issued
-        self.cache.set_workload(chain_pem, key_pem)
-        self.issued += 1
-        log.info(
-            "certificate issued" if previous is None else "certificate rotated",
-            identity=self.identity,
-            serial=info.serial,
-            not_after=info.not_after.isoformat(),
-            # From now, not from notBefore: CAs backdate notBefore for clock skew.
-            valid_for_s=round((info.not_after - issued.received).total_seconds(), 1),
-            previous_serial=previous.info.serial if previous else None,
-            took_ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        if not self.first.is_set():
-            self.first.set()
-        return issued
+            chain_pem = "".join(c if c.endswith("\n") else c + "\n" for c in chain).encode()
+            await asyncio.to_thread(self._write_files, key_pem, chain_pem)
+            issued = IssuedCertificate(info, chain_pem, key_pem, keys.now_utc())
+            previous, self.current = self.current, issued
+            self.cache.set_workload(chain_pem, key_pem)
+            self.issued += 1
+            log.info(
+                "certificate issued" if previous is None else "certificate rotated",
+                identity=self.identity,
+                serial=info.serial,
+                not_after=info.not_after.isoformat(),
+                # From now, not from notBefore: CAs backdate notBefore for clock skew.
+                valid_for_s=round((info.not_after - issued.received).total_seconds(), 1),
+                previous_serial=previous.info.serial if previous else None,
+                took_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            if not self.first.is_set():
+                self.first.set()
+            return issued
 
     def _write_files(self, key_pem: bytes, chain_pem: bytes) -> None:
         # Key first: a reader pairing the files may see a new key with the old chain
