@@ -52,7 +52,6 @@ def adopt_spare(proc: subprocess.Popen[bytes]) -> None:
 
 async def prestart() -> None:
     """Start the helper for the next exchange now, unless one is waiting already."""
-    global _spare
     if _spare is None or _spare.poll() is not None:
         proc = await asyncio.to_thread(spawn, PkiHelper.argv)
         adopt_spare(proc)

@@ -279,7 +279,8 @@ async def test_the_helper_of_a_renewal_is_started_before_it_is_due_and_ended_on_
         assert spare is not None
         assert m.issued == 1  # started ahead of the renewal
         await eventually(lambda: m.issued >= 2)
-        assert spare.poll() is not None  # the renewal used it, and it has exited
+        assert pkiclient._spare is not spare  # the renewal took it
+        await eventually(lambda: spare.poll() is not None)  # and ended it
         await eventually(lambda: pkiclient._spare is not None)
         spare = pkiclient._spare
         assert spare is not None
