@@ -11,16 +11,23 @@ the agent again and again with the real Envoy, each time measuring:
 - the agent's own figure, from its start (after imports) to the first certificate;
 - the agent's VmRSS once Envoy runs (steady state, before any renewal);
 
-for `meshpilot agent` and for the slim `python -m meshpilot.agent`. Then one agent with
-`--cert-ttl 4s` renews for `--rotate-seconds`: the time of each renewal (new key, CSR
-over a new TLS connection with the client certificate, SDS push) and its RSS after.
+for `meshpilot agent` and for `python -m meshpilot.agent`, with the agent's memory split
+into its own (anonymous) pages and shared library code (file-backed), and PSS. Then one
+agent with `--cert-ttl 4s` renews for `--rotate-seconds`: the time of each renewal (key
+helper process, CSR over a new TLS connection with the client certificate, SDS push)
+and its RSS after.
 Results go to bench/results/agent-KEYTYPE.json.
+
+The meshpilot package is byte-compiled first, as `pip install` does: with
+PYTHONDONTWRITEBYTECODE=1 in the environment and an editable install, every agent would
+otherwise compile its modules from source at each start, which no installed agent does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import shutil
@@ -192,6 +199,7 @@ class Bench:
             # Steady state: Envoy started and connected to SDS.
             await asyncio.sleep(2.0)
             rss = rss_kb(proc.pid)
+            memory = memory_kib(proc.pid)
         finally:
             code = await stop(proc)
         ready = log_events(log_path, "first certificate ready")
@@ -199,6 +207,7 @@ class Bench:
             "spawn_to_first_sds_ms": round(spawn_to_sds * 1000, 1),
             "agent_start_to_cert_ms": ready[0]["took_ms"] if ready else None,
             "rss_kib": rss,
+            **memory,
             "exit": code,
         }
 
@@ -232,6 +241,23 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def memory_kib(pid: int) -> dict[str, int]:
+    """RSS split into anonymous memory (this process's own) and file-backed pages
+    (mostly shared libraries' code, shared with every process that maps them), and
+    PSS (shared pages divided among the processes sharing them)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile"):
+                out[f"rss_{name[3:].lower()}_kib"] = int(value.split()[0])
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                out["pss_kib"] = int(line.split()[1])
+    return out
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -241,12 +267,22 @@ def summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     sds = [s["spawn_to_first_sds_ms"] for s in samples]
     own = [s["agent_start_to_cert_ms"] for s in samples if s["agent_start_to_cert_ms"] is not None]
     rss = [s["rss_kib"] for s in samples]
+
+    def mib(key: str) -> float:
+        return round(statistics.median(s[key] for s in samples) / 1024, 1)
+
     return {
         "runs": len(samples),
         "spawn_to_first_sds_ms_p50": round(statistics.median(sds), 1),
+        "spawn_to_first_sds_ms_min": min(sds),
         "spawn_to_first_sds_ms_max": max(sds),
         "agent_start_to_cert_ms_p50": round(statistics.median(own), 1) if own else None,
         "rss_mib_p50": round(statistics.median(rss) / 1024, 1),
+        "rss_mib_min": round(min(rss) / 1024, 1),
+        "rss_mib_max": round(max(rss) / 1024, 1),
+        "rss_anon_mib_p50": mib("rss_anon_kib"),
+        "rss_file_mib_p50": mib("rss_file_kib"),
+        "pss_mib_p50": mib("pss_kib"),
         "exit_codes": sorted({s["exit"] for s in samples}),
     }
 
@@ -257,10 +293,16 @@ async def main() -> None:
     parser.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
     parser.add_argument("--rotate-seconds", type=float, default=20.0)
     args = parser.parse_args()
+    compileall.compile_dir(REPO / "meshpilot", quiet=1)
     bench = Bench(args.key_type)
     try:
         await bench.start_control_plane()
-        result: dict[str, Any] = {"key_type": args.key_type, "entry_points": {}}
+        result: dict[str, Any] = {
+            "key_type": args.key_type,
+            "loadavg_at_start": os.getloadavg()[0],
+            "cpus": os.cpu_count(),
+            "entry_points": {},
+        }
         for label, entry in ENTRIES.items():
             samples = [await bench.one_start(entry) for _ in range(args.runs)]
             result["entry_points"][label] = summary(samples)

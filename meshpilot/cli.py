@@ -3,29 +3,29 @@
 `meshpilot serve` flags follow istiod's habit of one environment variable per setting:
 each flag not given on the command line is read from MESHPILOT_<FLAG_NAME>; a list
 flag (--config-dir) takes several values there separated by os.pathsep, like PATH.
+
+`meshpilot agent` runs beside every Envoy, so it is handed to the agent's own entry
+point before anything of the control plane (or asyncio, structlog, the CA) is imported:
+this module's top-level imports stay light and the others are imported where used.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import importlib.metadata
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import meshpilot
-from meshpilot import logs
-from meshpilot.agent import bootstrap
-from meshpilot.agent import command as agent
-from meshpilot.ca import cli as ca_cli
 from meshpilot.durations import duration_arg
-from meshpilot.settings import Settings
+
+if TYPE_CHECKING:
+    from meshpilot.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +184,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
             default=None,  # resolved after parsing: flag, then environment, then default
             help=f.help_text(),
         )
+    from meshpilot.ca import cli as ca_cli
+
     ca_cli.add_serve_arguments(p)
 
 
@@ -215,6 +217,9 @@ def _resolve_env(
 
 def serve_settings(args: argparse.Namespace) -> Settings:
     """The Settings of a parsed (and env-resolved) `meshpilot serve` command line."""
+    from meshpilot.ca import cli as ca_cli
+    from meshpilot.settings import Settings
+
     return Settings(
         config_dirs=args.config_dir,
         mesh_config=args.mesh_config,
@@ -239,6 +244,8 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 def version() -> str:
     """The installed distribution's version; the package's own when run from a tree
     that was not installed."""
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("meshpilot")
     except importlib.metadata.PackageNotFoundError:
@@ -246,6 +253,10 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meshpilot.agent import bootstrap
+    from meshpilot.agent import command as agent
+    from meshpilot.ca import cli as ca_cli
+
     parser = argparse.ArgumentParser(
         prog="meshpilot", description="An Istio-compatible service mesh control plane."
     )
@@ -270,6 +281,8 @@ def parse(
 
 
 async def _serve(settings: Settings) -> int:
+    import asyncio
+
     from meshpilot.serve import MeshServer, tune_gc
 
     try:
@@ -306,8 +319,19 @@ async def _serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    if args_given[:1] == ["agent"]:
+        from meshpilot.agent import __main__ as agent_main
+
+        # argv None: this process is the command itself, so the agent may trim its
+        # imports process-wide (see meshpilot/agent/__main__.py).
+        return agent_main.main(args_given[1:], prog="meshpilot agent", whole_process=argv is None)
     parser, args = parse(argv)
     if args.command == "serve":
+        import asyncio
+
+        from meshpilot import logs
+
         settings = serve_settings(args)
         try:
             logs.configure(settings.log_format, settings.log_level)
@@ -318,11 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_serve(settings))
         return 130
     if args.command == "bootstrap":
+        from meshpilot.agent import bootstrap
+
         return bootstrap.run(args)
     if args.command == "token":
+        from meshpilot.ca import cli as ca_cli
+
         return ca_cli.run(args)
-    if args.command == "agent":
-        return agent.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import structlog
 from google.protobuf import struct_pb2
 
+from meshpilot.agent import logfmt
 from meshpilot.protos import istio_ca_pb2, istio_ca_pb2_grpc
 
-log = structlog.get_logger(__name__)
+log = logfmt.get_logger(__name__)
 
 DEFAULT_CA_ADDRESS = "127.0.0.1:15012"
 # The control plane's certificate carries this DNS SAN (as istiod's does).

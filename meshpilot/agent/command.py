@@ -23,10 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-from meshpilot import logs
-from meshpilot.agent import bootstrap, keys
+from meshpilot.agent import bootstrap, keys, logfmt
 from meshpilot.agent.caclient import DEFAULT_CA_ADDRESS, CAClient
 from meshpilot.agent.envoy import (
     DEFAULT_LOG_LEVEL,
@@ -40,7 +37,7 @@ from meshpilot.agent.rotation import DEFAULT_TTL, CertificateManager
 from meshpilot.agent.sds import SecretCache, start_server, stop_server
 from meshpilot.durations import duration_arg
 
-log = structlog.get_logger(__name__)
+log = logfmt.get_logger(__name__)
 
 SDS_SOCKET = "sds.sock"
 BOOTSTRAP_FILE = "envoy-bootstrap.json"
@@ -391,7 +388,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the agent until Envoy exits or a signal stops it; the exit status."""
     try:
-        logs.configure(args.log_format, args.log_level)
+        logfmt.configure(args.log_format, args.log_level)
         config = config_from_args(args)
     except (ValueError, bootstrap.BootstrapError) as e:
         print(f"meshpilot agent: error: {e}", file=sys.stderr)

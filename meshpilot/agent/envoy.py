@@ -17,11 +17,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import structlog
-
+from meshpilot.agent import logfmt
 from meshpilot.procutil import die_with_parent
 
-log = structlog.get_logger(__name__)
+log = logfmt.get_logger(__name__)
 
 STOP_TIMEOUT = 5.0
 # Envoy's --log-level values. The agent's default is Istio's (proxyLogLevel: warning):

@@ -16,13 +16,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 if TYPE_CHECKING:
     from meshpilot.agent.sds import SecretCache
 
-log = structlog.get_logger(__name__)
+from meshpilot.agent import logfmt
+
+log = logfmt.get_logger(__name__)
 
 FILE_CERT_PREFIX = "file-cert:"
 FILE_ROOT_PREFIX = "file-root:"

@@ -9,6 +9,7 @@ keeps being served until it expires, and each new certificate pushed over SDS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Mapping
@@ -16,13 +17,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import structlog
-
-from meshpilot.agent import keys
+from meshpilot.agent import keys, logfmt, pkiclient
 from meshpilot.agent.caclient import CAClient, CAError, ClientIdentity
+from meshpilot.agent.pkiclient import PkiHelper
 from meshpilot.agent.sds import SecretCache
 
-log = structlog.get_logger(__name__)
+log = logfmt.get_logger(__name__)
 
 GRACE_RATIO = 0.5
 # +-5% of the lifetime around the half: +-10% of the delay before renewal.
@@ -32,6 +32,9 @@ BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 # Never renew in a tight loop, even when the CA hands out already half-used certs.
 MIN_DELAY = 0.5
+# The key helper of a renewal starts this long before it is due (at most half of the
+# wait): its interpreter and cryptography are loaded by then.
+HELPER_LEAD = 2.0
 
 KEY_FILE = "key.pem"
 CHAIN_FILE = "cert-chain.pem"
@@ -138,37 +141,38 @@ class CertificateManager:
     async def issue(self) -> IssuedCertificate:
         """One new key, CSR and certificate, served at once; raises CAError or ValueError."""
         started = time.monotonic()
-        key, key_pem, csr = await asyncio.to_thread(self._new_key_and_csr)
-        renew_with = None
-        if self.current is not None and self.current.info.not_after > keys.now_utc():
-            renew_with = ClientIdentity(self.current.key_pem, self.current.chain_pem)
-        chain = await self.client.create_certificate(
-            csr, round(self.ttl), self.metadata, renew_with=renew_with
-        )
-        info = keys.check_chain(chain, key, self.identity)
-        chain_pem = "".join(c if c.endswith("\n") else c + "\n" for c in chain).encode()
-        await asyncio.to_thread(self._write_files, key_pem, chain_pem)
-        issued = IssuedCertificate(info, chain_pem, key_pem, keys.now_utc())
-        previous, self.current = self.current, issued
-        self.cache.set_workload(chain_pem, key_pem)
-        self.issued += 1
-        log.info(
-            "certificate issued" if previous is None else "certificate rotated",
-            identity=self.identity,
-            serial=info.serial,
-            not_after=info.not_after.isoformat(),
-            # From now, not from notBefore: CAs backdate notBefore for clock skew.
-            valid_for_s=round((info.not_after - issued.received).total_seconds(), 1),
-            previous_serial=previous.info.serial if previous else None,
-            took_ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        if not self.first.is_set():
-            self.first.set()
-        return issued
-
-    def _new_key_and_csr(self) -> tuple[keys.PrivateKey, bytes, bytes]:
-        key = keys.generate_key(self.key_type)
-        return key, keys.key_pem(key), keys.build_csr(key, self.identity)
+        # The key, the CSR and the check of the answer happen in a helper process that
+        # holds the key object; cryptography is never loaded here (see pkiclient). The
+        # certificate is served inside the block: the helper's exit, waited for at its
+        # end, does not delay it.
+        async with PkiHelper(self.key_type, self.identity) as helper:
+            key_pem, csr = await helper.new_key()
+            renew_with = None
+            if self.current is not None and self.current.info.not_after > keys.now_utc():
+                renew_with = ClientIdentity(self.current.key_pem, self.current.chain_pem)
+            chain = await self.client.create_certificate(
+                csr, round(self.ttl), self.metadata, renew_with=renew_with
+            )
+            info = await helper.check_chain(chain)
+            chain_pem = "".join(c if c.endswith("\n") else c + "\n" for c in chain).encode()
+            await asyncio.to_thread(self._write_files, key_pem, chain_pem)
+            issued = IssuedCertificate(info, chain_pem, key_pem, keys.now_utc())
+            previous, self.current = self.current, issued
+            self.cache.set_workload(chain_pem, key_pem)
+            self.issued += 1
+            log.info(
+                "certificate issued" if previous is None else "certificate rotated",
+                identity=self.identity,
+                serial=info.serial,
+                not_after=info.not_after.isoformat(),
+                # From now, not from notBefore: CAs backdate notBefore for clock skew.
+                valid_for_s=round((info.not_after - issued.received).total_seconds(), 1),
+                previous_serial=previous.info.serial if previous else None,
+                took_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            if not self.first.is_set():
+                self.first.set()
+            return issued
 
     def _write_files(self, key_pem: bytes, chain_pem: bytes) -> None:
         # Key first: a reader pairing the files may see a new key with the old chain
@@ -219,4 +223,13 @@ class CertificateManager:
                 rotate_in_s=round(delay, 3),
                 rotate_at=(keys.now_utc() + timedelta(seconds=delay)).isoformat(),
             )
-            await asyncio.sleep(delay)
+            lead = min(HELPER_LEAD, delay / 2)
+            await asyncio.sleep(delay - lead)
+            try:
+                # If it cannot start, issue() tries again and reports why, with retries.
+                with contextlib.suppress(OSError):
+                    await pkiclient.prestart()
+                await asyncio.sleep(lead)
+            except asyncio.CancelledError:
+                pkiclient.discard_spare()  # stopping: the helper would wait for nothing
+                raise

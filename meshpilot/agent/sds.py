@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import secrets
 import socket
 import stat
 import time
@@ -28,16 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import structlog
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 
+from meshpilot.agent import logfmt
 from meshpilot.agent.filesecrets import FileSecrets
 from meshpilot.xds.protocol import Handshake, Kind
 
-log = structlog.get_logger(__name__)
+log = logfmt.get_logger(__name__)
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 WORKLOAD_SECRET = "default"
@@ -64,7 +63,8 @@ class SecretCache:
     def __init__(self, start_id: str | None = None) -> None:
         # Versions differ across agent restarts, so Envoy never mistakes a new secret
         # for one it already has (versions stay distinct across restarts).
-        self.start_id = start_id or f"{int(time.time()):x}{secrets.token_hex(2)}"
+        # os.urandom, as secrets.token_hex, without loading secrets' hmac and hashlib.
+        self.start_id = start_id or f"{int(time.time()):x}{os.urandom(2).hex()}"
         self._counter = itertools.count(1)
         self._entries: dict[str, SecretEntry] = {}
         self._listeners: list[Callable[[frozenset[str]], None]] = []

@@ -229,9 +229,9 @@ BASE = [
 
 @pytest.fixture(autouse=True)
 def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    # `run` configures structlog to print to the sys.stderr of the moment, which capsys
+    # `run` configures logging to print to the sys.stderr of the moment, which capsys
     # closes after the test; later tests would then log into a closed file.
-    monkeypatch.setattr(command.logs, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(command.logfmt, "configure", lambda *a, **k: None)
 
 
 def parse(argv: list[str]) -> Any:

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 
-from meshpilot.agent import keys
+from meshpilot.agent import keys, pki
 
 IDENTITY = "spiffe://cluster.local/ns/default/sa/client"
 
@@ -33,13 +33,13 @@ def test_spiffe_id_and_its_validation() -> None:
 def test_csr_has_exactly_one_uri_san_and_an_empty_subject(
     key_type: keys.KeyType, kind: type
 ) -> None:
-    key = keys.generate_key(key_type)
+    key = pki.generate_key(key_type)
     assert isinstance(key, kind)
     if isinstance(key, ec.EllipticCurvePrivateKey):
         assert key.curve.name == "secp256r1"
     else:
         assert key.key_size == 2048
-    csr = x509.load_pem_x509_csr(keys.build_csr(key, IDENTITY))
+    csr = x509.load_pem_x509_csr(pki.build_csr(key, IDENTITY))
     assert csr.is_signature_valid
     assert list(csr.subject) == []
     assert len(csr.extensions) == 1
@@ -49,7 +49,7 @@ def test_csr_has_exactly_one_uri_san_and_an_empty_subject(
 
 def test_unknown_key_type_is_refused() -> None:
     with pytest.raises(keys.AgentSetupError, match="key type"):
-        keys.generate_key("dsa")  # type: ignore[arg-type]
+        pki.generate_key("dsa")  # type: ignore[arg-type]
 
 
 def test_private_dir_is_created_0700_and_tightened(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_private_file_is_0600_from_the_start_and_replaced_atomically(tmp_path: P
 
 
 def test_key_pem_is_pkcs8() -> None:
-    assert keys.key_pem(keys.generate_key()).startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert pki.key_pem(pki.generate_key()).startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
 def test_socket_path_length_is_checked(tmp_path: Path) -> None:
@@ -100,17 +100,17 @@ def test_socket_path_length_is_checked(tmp_path: Path) -> None:
 def test_check_chain_refuses_other_keys_and_identities() -> None:
     from .test_rotation import self_signed
 
-    key = keys.generate_key()
+    key = pki.generate_key()
     good = self_signed(key, [IDENTITY], ttl=60)
-    info = keys.check_chain([good], key, IDENTITY)
+    info = pki.check_chain([good], key, IDENTITY)
     assert info.uris == (IDENTITY,)
     assert 59 <= info.lifetime <= 61
     with pytest.raises(ValueError, match="another key"):
-        keys.check_chain([good], keys.generate_key(), IDENTITY)
+        pki.check_chain([good], pki.generate_key(), IDENTITY)
     extra = self_signed(key, [IDENTITY, "spiffe://cluster.local/ns/x/sa/y"], ttl=60)
     with pytest.raises(ValueError, match="URI SANs"):
-        keys.check_chain([extra], key, IDENTITY)
+        pki.check_chain([extra], key, IDENTITY)
     with pytest.raises(ValueError, match="empty"):
-        keys.check_chain([], key, IDENTITY)
+        pki.check_chain([], key, IDENTITY)
     with pytest.raises(ValueError, match="not a PEM"):
-        keys.check_chain(["garbage"], key, IDENTITY)
+        pki.check_chain(["garbage"], key, IDENTITY)

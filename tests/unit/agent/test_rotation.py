@@ -8,14 +8,14 @@ import datetime as dt
 import os
 import random
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from meshpilot.agent import keys, rotation
+from meshpilot.agent import keys, pki, pkiclient, rotation
 from meshpilot.agent.caclient import CAClient, CAError
 from meshpilot.agent.rotation import CertificateManager
 from meshpilot.agent.sds import ROOT_SECRET, WORKLOAD_SECRET, SecretCache
@@ -26,7 +26,7 @@ IDENTITY = "spiffe://cluster.local/ns/default/sa/client"
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
-def self_signed(key: keys.PrivateKey, uris: list[str], ttl: float) -> str:
+def self_signed(key: pki.PrivateKey, uris: list[str], ttl: float) -> str:
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -258,3 +258,34 @@ async def test_unreadable_root_is_a_setup_error(ca: _fakeca.FakeCA, tmp_path: Pa
     m = manager(ca, tmp_path, root_cert_file=tmp_path / "junk.pem")
     with pytest.raises(keys.AgentSetupError, match="no PEM"):
         await m.load_root()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10) -> None:  # noqa: ASYNC109
+    async with asyncio.timeout(timeout):
+        # State of another process and of the manager's task: nothing to await but time.
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def test_the_helper_of_a_renewal_is_started_before_it_is_due_and_ended_on_stop(
+    ca: _fakeca.FakeCA, tmp_path: Path
+) -> None:
+    m = manager(ca, tmp_path, ttl=6, jitter=0)  # renewal ~3 s after issue, helper ~1 s before
+    task = asyncio.create_task(m.run())
+    try:
+        await asyncio.wait_for(m.first.wait(), 10)
+        await eventually(lambda: pkiclient._spare is not None)
+        spare = pkiclient._spare
+        assert spare is not None
+        assert m.issued == 1  # started ahead of the renewal
+        await eventually(lambda: m.issued >= 2)
+        assert pkiclient._spare is not spare  # the renewal took it
+        await eventually(lambda: spare.poll() is not None)  # and ended it
+        await eventually(lambda: pkiclient._spare is not None)
+        spare = pkiclient._spare
+        assert spare is not None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # Stopped while a helper waited for the next renewal: it is ended, not left behind.
+    assert pkiclient._spare is None and spare.poll() is not None
