@@ -7,17 +7,14 @@ loopback socket; `PeerTable` maps that socket, as gRPC names it in
 
 from __future__ import annotations
 
-import contextlib
-import os
 import ssl
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import unquote
 
 import grpc
 from cryptography import x509
+
+from meshpilot.secretfile import secret_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,26 +67,6 @@ def server_context(chain_pem: str, key_pem: str, root_pem: str) -> ssl.SSLContex
     ctx.set_alpn_protocols(["h2"])
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(cadata=root_pem)
-    with _secret_file(chain_pem + key_pem) as path:
+    with secret_file(chain_pem + key_pem) as path:
         ctx.load_cert_chain(path)
     return ctx
-
-
-@contextlib.contextmanager
-def _secret_file(text: str) -> Iterator[str]:
-    """A path for `load_cert_chain`, which only reads files: an anonymous memory file
-    where Linux has one, so the serving key never touches a disk."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("meshpilot-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-            yield f"/proc/self/fd/{fd}"
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="meshpilot-tls-") as d:
-        path = Path(d) / "cert.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        yield str(path)

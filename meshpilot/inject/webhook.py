@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import os
 import ssl
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +43,7 @@ from meshpilot.inject.patch import (
     injection_required,
 )
 from meshpilot.inject.template import Template, TemplateError
+from meshpilot.secretfile import secret_file
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +87,7 @@ class InjectionWebhook:
     def set_certificate(self, cert_chain_pem: str | Sequence[str], key_pem: str) -> None:
         """Serve this chain from the next handshake on (e.g. before the old one expires)."""
         chain = cert_chain_pem if isinstance(cert_chain_pem, str) else "".join(cert_chain_pem)
-        with _secret_file(chain + key_pem) as path:
+        with secret_file(chain + key_pem, "meshpilot-webhook-tls") as path:
             self._ssl.load_cert_chain(path)
 
     async def start(self, host: str, port: int) -> int:
@@ -242,23 +240,3 @@ def _pod_name(meta: dict[str, Any]) -> str:
     if isinstance(generate, str) and generate:
         return f"{generate[:253]}*"
     return "(unnamed)"
-
-
-@contextlib.contextmanager
-def _secret_file(text: str) -> Iterator[str]:
-    """A path for `load_cert_chain`, which only reads files: an anonymous memory file
-    where Linux has one, so the serving key never touches a disk."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("meshpilot-webhook-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-            yield f"/proc/self/fd/{fd}"
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="meshpilot-webhook-tls-") as d:
-        path = Path(d) / "cert.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        yield str(path)
