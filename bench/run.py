@@ -377,7 +377,7 @@ class Runner:
         sampler.start()
         try:
             await self._control_plane(server, clients, sampler)
-            if o.storm:
+            if o.storm and self.results["initial_sync"]["complete"]:
                 await sampler.stop()
                 await self.phase("storm", self.storm(clients, port))
         finally:
@@ -419,6 +419,7 @@ class Runner:
         self.profile_stop(prof, "sync")
         sync["cpu_s"] = sampler.between(sync["t_go"], sync["t_done"])
         sync["client_cpu_s"] = sum(cpu_seconds(c.pid) for c in clients) - client_cpu0
+        sync["cpu_per_proxy_ms"] = sync["cpu_s"] / max(1, sync["synced"]) * 1000
         stats = await server.request("stats", "stats", 30)
         self.results["initial_sync"] = {k: v for k, v in sync.items() if not k.startswith("t_")}
         self.results["initial_sync"].update(build_s=stats["build_s"], gen_s=stats["gen_s"])
@@ -940,7 +941,11 @@ def table(r: dict[str, Any]) -> str:
                 f"{s['synced']}/{c['proxies']}",
                 f"FAIL: not done in {s['timeout_s']:.0f} s; later phases skipped",
             )
-        row("  server CPU during sync", f"{s['cpu_s']:.2f} s")
+        row(
+            "  server CPU during sync",
+            f"{s['cpu_s']:.2f} s",
+            f"{s['cpu_per_proxy_ms']:.1f} ms per proxy synced",
+        )
         row("  proxy simulators' CPU", f"{s['client_cpu_s']:.2f} s")
     for phase, label, target in (
         ("endpoint_convergence", "endpoint change", "endpoint convergence p99"),
