@@ -379,16 +379,18 @@ class Runner:
             await self._control_plane(server, clients, sampler)
             if o.storm and self.results["initial_sync"]["complete"]:
                 await sampler.stop()
-                await self.phase("storm", self.storm(clients, port))
+                # The storm bounds its own wait (--sync-timeout after ready) and then
+                # records how far it got; this outer bound only covers a hung restart.
+                await self.phase("storm", self.storm(clients, port), o.sync_timeout + 360)
         finally:
             await sampler.stop()
             await self.stop(clients)
             await self.stop([self.server])
 
-    async def phase(self, name: str, coro: Any) -> None:
+    async def phase(self, name: str, coro: Any, within: float | None = None) -> None:
         """Run one phase, bounded; a timeout is recorded and the run goes on."""
         try:
-            async with asyncio.timeout(self.o.phase_timeout):
+            async with asyncio.timeout(within or self.o.phase_timeout):
                 await coro
         except TimeoutError as e:
             self.results[name] = {"error": f"timed out: {e}" if str(e) else "timed out"}
