@@ -697,6 +697,9 @@ class Runner:
 
     async def floor(self) -> None:
         o = self.o
+        if not (self.tmp / "initial.bin").exists():
+            log("no captured initial config (the initial sync did not finish): no floor")
+            return
         log("starting the raw grpc.aio floor")
         floor = await self.child("floor", ["-m", "bench.floor"])
         ready = await floor.expect("ready", 120)
