@@ -190,7 +190,7 @@ class Simulator:
         self.f_rds = wire.field(2 if self.delta else 4, wire.ROUTE.encode())
 
     @property
-    def mesh(self) -> mesh.Mesh:
+    def layout(self) -> mesh.Mesh:
         a = self.args
         return mesh.Mesh(
             services=a.services,
@@ -208,7 +208,7 @@ class Simulator:
         return Proxy(index, who.namespace, wire.node_bytes(who.node_id(), meta), channel)
 
     def prepare(self) -> None:
-        m = self.mesh
+        m = self.layout
         for i in range(self.args.first, self.args.first + self.args.count):
             self.proxies.append(self._proxy(i, m.proxy(i)))
 
@@ -419,7 +419,7 @@ class Simulator:
         """Per change i: over this process's proxies that see namespace i's services,
         the latest first ACK of a `type_url` response at version i or later (a later
         one includes change i, coalesced); `expected` counts those proxies."""
-        m = self.mesh
+        m = self.layout
         index = {v.encode(): i for i, v in enumerate(versions)}
         n = len(versions)
         wanted = type_url.encode()

@@ -154,7 +154,7 @@ class Mesh:
             return None
         if proxy_namespace.startswith("fresh-"):
             # Added namespaces import what ns-0's proxies see (see `fresh_namespace`).
-            return self.visible(self.namespace(0)) | {proxy_namespace}
+            return (self.visible(self.namespace(0)) or frozenset()) | {proxy_namespace}
         k = self.namespace_index(proxy_namespace)
         if k is None:
             return frozenset({proxy_namespace, SHARED_NAMESPACE})

@@ -142,7 +142,7 @@ class Runner:
         return args
 
     @property
-    def mesh(self) -> mesh.Mesh:
+    def layout(self) -> mesh.Mesh:
         o = self.o
         return mesh.Mesh(
             services=o.services,
@@ -385,7 +385,7 @@ class Runner:
         finally:
             await sampler.stop()
             await self.stop(clients)
-            await self.stop([self.server])
+            await self.stop([self.server] if self.server else [])
 
     async def phase(self, name: str, coro: Any, within: float | None = None) -> None:
         """Run one phase, bounded; a timeout is recorded and the run goes on."""
@@ -457,7 +457,7 @@ class Runner:
     async def first_config(self, server: Child, clients: list[Child], sampler: CpuSampler) -> None:
         """One proxy (the sidecar of a workload no other simulated proxy fronts) connects
         to the idle server: wall time and server CPU until it ACKed everything."""
-        who = self.mesh.proxy(self.o.proxies)
+        who = self.layout.proxy(self.o.proxies)
         before = await server.request("stats", "stats", 30)
         clients[0].send("extra", index=self.o.proxies, proxy=dataclasses.asdict(who))
         ev = await clients[0].expect("extra_synced", 60)
@@ -638,6 +638,7 @@ class Runner:
         config; every proxy reconnects with backoff. Measure until all are synced again."""
         o = self.o
         old = self.server
+        assert old is not None
         streams = sum(s["streams"] for s in await self.status(clients))
         log(f"reconnect storm: killing the control plane (pid {old.pid}), {streams} streams")
         t_kill = time.monotonic()
