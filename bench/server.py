@@ -166,7 +166,7 @@ class Bench:
             "version": ctx.version if ctx else "",
         }
 
-    async def _next_version(self, previous: str, within: float = 30.0) -> str:
+    async def _next_version(self, previous: str, within: float = 120.0) -> str:
         """Wait until the pusher has built (and fanned out) a context after `previous`."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
