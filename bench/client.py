@@ -425,6 +425,8 @@ class Simulator:
         wanted = type_url.encode()
         worst: list[float | None] = [None] * n
         got, expected = [0] * n, [0] * n
+        # Per change, a few proxies that should have ACKed it and did not (to debug).
+        missing: list[list[str]] = [[] for _ in range(n)]
         for p in self.proxies:
             sees = [m.sees(p.namespace, ns) for ns in namespaces]
             first: list[float | None] = [None] * n
@@ -438,13 +440,16 @@ class Simulator:
                     first[j] = t
             for j, t in enumerate(first):
                 expected[j] += sees[j]
+                if t is None and sees[j] and len(missing[j]) < 5:
+                    got_versions = [v.decode() for u, v, _ in p.ack_log or () if u == wanted]
+                    missing[j].append(f"proxy-{p.index}.{p.namespace} got {got_versions[-4:]}")
                 if t is None or not sees[j]:
                     continue
                 got[j] += 1
                 w = worst[j]
                 if w is None or t > w:
                     worst[j] = t
-        self.ctl.emit("ack_report", worst=worst, got=got, expected=expected)
+        self.ctl.emit("ack_report", worst=worst, got=got, expected=expected, missing=missing)
 
     def resync_status(self, since: float) -> None:
         """How many proxies opened a new stream after `since` and are synced on it."""

@@ -511,6 +511,11 @@ class Runner:
         idle = self._idle(sampler)
         cpu_phase = sampler.between(t_first, t_last) - idle * (t_last - t_first)
         receivers = [sum(r["expected"][i] for r in reports) for i in range(len(changes))]
+        not_acked = [
+            {"change": ch["what"], "namespace": ch["namespace"], "proxies": names}
+            for i, ch in enumerate(changes)
+            if (names := [x for r in reports for x in r["missing"][i]][:5])
+        ]
         return {
             "changes": n,
             "interval_s": interval,
@@ -518,6 +523,7 @@ class Runner:
             "p99_ms": percentile(lat_ms, 99),
             "max_ms": max(lat_ms, default=math.nan),
             "missing_acks": missing,
+            "not_acked_examples": not_acked,
             "proxies_per_change": statistics.median(receivers) if receivers else 0,
             "samples_ms": [round(x, 1) for x in lat_ms],
             "context_built_after_ms": [round(c["built_after"] * 1000, 1) for c in changes],
