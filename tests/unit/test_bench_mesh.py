@@ -9,7 +9,7 @@ import pytest
 
 from bench import mesh
 from bench.client import RETRY_MAX_S, backoff
-from bench.run import options, percentile, targets
+from bench.run import options, percentile, table, targets
 from meshpilot.api.parse import parse_object
 from meshpilot.config import Config
 
@@ -134,3 +134,41 @@ def test_targets_fail_on_missing_acks_and_nan() -> None:
         "endpoint convergence p99": False,
         "DestinationRule convergence p99": True,
     }
+
+
+def test_table_shows_verdicts_and_failed_phases() -> None:
+    results = {
+        "config": {
+            "services": 10,
+            "proxies": 20,
+            "namespaces": 2,
+            "sidecar_per_namespace": True,
+            "proxies_are_sidecars": True,
+            "xds": "sotw",
+        },
+        "machine": {"cpus": 2, "commit": "abc", "loadavg_start": 1.0, "loadavg_end": 2.0},
+        "server": {
+            "spawn_to_ready_s": 3.0,
+            "parse_s": 0.1,
+            "store_s": 0.1,
+            "start_s": 0.1,
+            "objects": 40,
+        },
+        "initial_sync": {
+            "complete": False,
+            "synced": 7,
+            "timeout_s": 150.0,
+            "seconds": float("nan"),
+            "cpu_s": 1.0,
+            "client_cpu_s": 0.5,
+            "cpu_per_proxy_ms": 142.9,
+        },
+        "storm": {"error": "timed out"},
+    }
+    results["targets"] = targets(results)
+    text = table(results)
+    assert "10 services x 20 sidecars, 2 ns with Sidecars" in text
+    assert "FAIL (target <= 2 s)" in text
+    assert "7/20" in text and "later phases skipped" in text
+    assert "143 ms per proxy synced" in text
+    assert "storm" in text and "timed out" in text
