@@ -170,5 +170,5 @@ def test_table_shows_verdicts_and_failed_phases() -> None:
     assert "10 services x 20 sidecars, 2 ns with Sidecars" in text
     assert "FAIL (target <= 2 s)" in text
     assert "7/20" in text and "later phases skipped" in text
-    assert "143 ms per proxy synced" in text
+    assert "142.9 ms per proxy synced" in text
     assert "storm" in text and "timed out" in text
