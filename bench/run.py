@@ -924,7 +924,7 @@ def table(r: dict[str, Any]) -> str:
         for t in r["targets"]:
             if t["name"] == name:
                 mark = "PASS" if t["pass"] else "FAIL"
-                return f"{mark} (target <= {t['target']:g} {t['unit']})"
+                return f"{mark} (target <= {t['target']:.4g} {t['unit']})"
         return ""
 
     def failed(phase: str) -> bool:
@@ -1191,7 +1191,7 @@ async def amain(opts: Options) -> int:
     print(table(results))
     for t in results["targets"]:
         if not t["pass"]:
-            log(f"target missed: {t['name']} = {t['value']:.3g} {t['unit']} > {t['target']:g}")
+            log(f"target missed: {t['name']} = {t['value']:.3g} {t['unit']} > {t['target']:.4g}")
     log(f"results written to {out}")
     return 0
 
