@@ -449,7 +449,16 @@ class Simulator:
                 w = worst[j]
                 if w is None or t > w:
                     worst[j] = t
-        self.ctl.emit("ack_report", worst=worst, got=got, expected=expected, missing=missing)
+        # Responses of that type carrying exactly each change's version (any proxy).
+        exact = [0] * n
+        for p in self.proxies:
+            for t_url, version, _ in p.ack_log or ():
+                i = index.get(version) if t_url == wanted else None
+                if i is not None:
+                    exact[i] += 1
+        self.ctl.emit(
+            "ack_report", worst=worst, got=got, expected=expected, missing=missing, exact=exact
+        )
 
     def resync_status(self, since: float) -> None:
         """How many proxies opened a new stream after `since` and are synced on it."""

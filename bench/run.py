@@ -524,6 +524,9 @@ class Runner:
             "max_ms": max(lat_ms, default=math.nan),
             "missing_acks": missing,
             "not_acked_examples": not_acked,
+            "responses_at_version": [
+                sum(r["exact"][i] for r in reports) for i in range(len(changes))
+            ],
             "proxies_per_change": statistics.median(receivers) if receivers else 0,
             "samples_ms": [round(x, 1) for x in lat_ms],
             "context_built_after_ms": [round(c["built_after"] * 1000, 1) for c in changes],
