@@ -45,8 +45,25 @@ def _ip(base: int, i: int) -> str:
     return f"10.{base + i // 65536}.{(i // 256) % 256}.{i % 256}"
 
 
-def hostname(name: str, namespace: str) -> str:
+def fqdn(name: str, namespace: str) -> str:
     return f"{name}.{namespace}.svc.cluster.local"
+
+
+# The one-namespace mesh of the other benches (one WorkloadEntry per Service).
+
+
+def service(i: int, namespace: str = NAMESPACE) -> dict[str, Any]:
+    return service_doc(f"svc-{i}", namespace, _ip(96, i))
+
+
+def workload_entry(i: int, namespace: str = NAMESPACE, moved: int = 0) -> dict[str, Any]:
+    """The WorkloadEntry behind svc-i; `moved` > 0 gives it a new address each time."""
+    address = _ip(0, i) if moved == 0 else _ip(16, (i + moved * 7919) % MAX_ENTRIES)
+    return workload_entry_doc(f"svc-{i}-0", namespace, address, f"svc-{i}")
+
+
+def hostname(i: int, namespace: str = NAMESPACE) -> str:
+    return fqdn(f"svc-{i}", namespace)
 
 
 def service_doc(name: str, namespace: str, vip: str, port: int = PORT) -> dict[str, Any]:
@@ -87,7 +104,7 @@ def destination_rule_doc(revision: int) -> dict[str, Any]:
         "kind": "DestinationRule",
         "metadata": {"name": GATEWAY, "namespace": SHARED_NAMESPACE},
         "spec": {
-            "host": hostname(GATEWAY, SHARED_NAMESPACE),
+            "host": fqdn(GATEWAY, SHARED_NAMESPACE),
             "trafficPolicy": {
                 "connectionPool": {
                     "tcp": {"maxConnections": 1000 + revision},

@@ -26,15 +26,12 @@ ADS = config_source_pb2.ConfigSource(
 )
 
 
-_MESH = mesh.Mesh()
-
-
 def _any(msg: Message, type_url: str) -> any_pb2.Any:
     return any_pb2.Any(type_url=type_url, value=msg.SerializeToString(deterministic=True))
 
 
 def cluster_name(i: int) -> str:
-    return f"outbound|{mesh.PORT}||{mesh.hostname(f'svc-{i}', mesh.NAMESPACE)}"
+    return f"outbound|{mesh.PORT}||{mesh.hostname(i)}"
 
 
 def clusters(n: int) -> list[Message]:
@@ -57,7 +54,7 @@ def clusters(n: int) -> list[Message]:
 def load_assignments(n: int, moved: int = 0) -> list[Message]:
     out: list[Message] = []
     for i in range(n):
-        addr = _MESH.moved_address(moved, i) if moved else _MESH.entry_address(i, 0)
+        addr = mesh.workload_entry(i, moved=moved)["spec"]["address"]
         ep = endpoint_components_pb2.LbEndpoint(
             endpoint=endpoint_components_pb2.Endpoint(
                 address=address_pb2.Address(
@@ -99,7 +96,7 @@ def listeners() -> list[Message]:
 def route_configs(n: int) -> list[Message]:
     rc = route_pb2.RouteConfiguration(name=str(mesh.PORT))
     for i in range(n):
-        host = mesh.hostname(f"svc-{i}", mesh.NAMESPACE)
+        host = mesh.hostname(i)
         vh = rc.virtual_hosts.add(
             name=f"{host}:{mesh.PORT}",
             domains=[host, f"{host}:{mesh.PORT}", f"svc-{i}", f"svc-{i}.{mesh.NAMESPACE}"],

@@ -172,3 +172,12 @@ def test_table_shows_verdicts_and_failed_phases() -> None:
     assert "7/20" in text and "later phases skipped" in text
     assert "142.9 ms per proxy synced" in text
     assert "storm" in text and "timed out" in text
+
+
+def test_one_namespace_helpers_of_the_other_benches_keep_their_mesh() -> None:
+    svc, entry = mesh.service(7), mesh.workload_entry(7)
+    assert svc["metadata"] == {"name": "svc-7", "namespace": mesh.NAMESPACE}
+    assert entry["spec"] == {"address": "10.0.0.7", "labels": {"app": "svc-7"}}
+    assert mesh.workload_entry(7, moved=1)["spec"]["address"].startswith("10.16.")
+    assert mesh.hostname(7) == "svc-7.bench.svc.cluster.local"
+    assert parsed(svc).kind == "Service" and parsed(entry).kind == "WorkloadEntry"
