@@ -1,17 +1,24 @@
 """Simulated Envoy proxies: many real ADS streams in one process.
 
     python -m bench.client --target 127.0.0.1:15010 --first 0 --count 250 [--delta]
+        [--services 1000 --namespaces 50 --endpoints 3 --sidecar-per-namespace]
+        [--empty-proxies]
 
 Each proxy has its own channel (and TCP connection) and subscribes like Envoy: CDS
 (wildcard), then EDS for the EDS clusters it got, then LDS (wildcard) once endpoints
 arrived, then RDS for the route names of the HTTP connection managers. Every response
 is ACKed. Only the envelope of a response is parsed; the resource names are decoded
-once per process and config version and shared by all its streams (all proxies of
-one namespace get the same config).
+once per process and config version and shared by all its streams.
 
-Commands (JSON lines on stdin): go, mark, status, eds_report, capture, quit.
-Events (JSON lines on stdout): ready, synced, marked, status, eds_report, captured,
-stream_error.
+Proxy j's identity (IP, pod, namespace, labels) comes from `bench.mesh.Mesh.proxy`:
+by default the sidecar of a WorkloadEntry. When a stream fails (the control plane
+restarted) the proxy opens a new one after an Envoy-like jittered exponential
+backoff (0.5 s base, 5 s cap) and subscribes from scratch, as Envoy does.
+
+Commands (JSON lines on stdin): go, mark, status, ack_report, resync_status, extra,
+capture, quit.
+Events (JSON lines on stdout): ready, synced, marked, status, ack_report,
+resync_status, extra_synced, captured, stream_error.
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import statistics
 import time
 from typing import Any
 
 import grpc
 
-from bench import wire
+from bench import mesh, wire
 from bench.procs import Control
 
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -35,16 +43,23 @@ CHANNEL_OPTIONS = (
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
+    # Reconnect like Envoy's xDS gRPC client (0.5 s base, 5 s cap), not gRPC's default
+    # 1 s .. 120 s, which would stretch a control-plane restart into minutes.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 )
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 5.0
 
 CDS_B, EDS_B, LDS_B, RDS_B = (t.encode() for t in wire.TYPES)
 
 
-def node_id(index: int, namespace: str) -> str:
-    """`sidecar~10.100.y.z~proxy-N.NS~NS.svc.cluster.local`; the IP is never contacted
-    and is outside the benchmark's WorkloadEntry range, so all proxies share a scope."""
-    ip = f"10.{100 + index // 65536}.{(index // 256) % 256}.{index % 256}"
-    return f"sidecar~{ip}~proxy-{index}.{namespace}~{namespace}.svc.cluster.local"
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Envoy's JitteredExponentialBackOffStrategy: uniform in [0, min(base * (2^n - 1),
+    max)) for the n-th retry (n >= 1)."""
+    ceiling = min(RETRY_BASE_S * ((1 << min(attempt, 16)) - 1), RETRY_MAX_S)
+    return rng.uniform(0, ceiling)
 
 
 class Shared:
@@ -82,11 +97,13 @@ class Proxy:
     """One simulated Envoy: one channel, one ADS stream."""
 
     __slots__ = (
+        "ack_log",
+        "attempts",
         "cds_ok",
         "channel",
+        "connected_at",
         "eds_block",
         "eds_got",
-        "eds_log",
         "eds_names",
         "eds_nonce",
         "eds_version",
@@ -97,20 +114,37 @@ class Proxy:
         "lds_ok",
         "lds_requested",
         "n_resp",
+        "namespace",
         "node",
         "rds_block",
         "rds_got",
         "rds_names",
         "rds_nonce",
         "rds_version",
+        "reconnects",
         "synced_at",
         "versions",
     )
 
-    def __init__(self, index: int, node: bytes, channel: grpc.aio.Channel) -> None:
+    def __init__(self, index: int, namespace: str, node: bytes, channel: grpc.aio.Channel) -> None:
         self.index = index
+        self.namespace = namespace
         self.node = node
         self.channel = channel
+        self.reset()
+        self.n_resp = 0
+        self.last_rx = 0.0
+        self.last_ack = 0.0
+        self.attempts = 0
+        self.reconnects = 0
+        # (type URL, version, time of the ACK) of every EDS and CDS response since a mark.
+        self.ack_log: list[tuple[bytes, bytes, float]] | None = None
+        # Responses per version_info since the mark: tells when a push reached everyone.
+        self.versions: dict[bytes, int] = {}
+        self.error = ""
+
+    def reset(self) -> None:
+        """Forget the subscription state: a new stream starts from scratch."""
         self.cds_ok = self.lds_ok = self.lds_requested = False
         self.eds_names: Any = ()
         self.eds_block = b""
@@ -121,13 +155,7 @@ class Proxy:
         self.rds_got = 0
         self.rds_version = self.rds_nonce = b""
         self.synced_at = 0.0
-        self.n_resp = 0
-        self.last_rx = 0.0
-        self.last_ack = 0.0
-        self.eds_log: list[tuple[bytes, float]] | None = None
-        # Responses per version_info since the mark: tells when a push reached everyone.
-        self.versions: dict[bytes, int] = {}
-        self.error = ""
+        self.connected_at = 0.0
 
     def synced(self) -> bool:
         return (
@@ -153,41 +181,82 @@ class Simulator:
         self.errors = 0
         self.t_go = 0.0
         self.t_connected: list[float] = []
+        self.rng = random.Random(args.first)
+        # Proxies added by `extra` that have not synced yet: index -> start time.
+        self.extras: dict[int, float] = {}
         self.f_cds = wire.field(2 if self.delta else 4, wire.CLUSTER.encode())
         self.f_eds = wire.field(2 if self.delta else 4, wire.ENDPOINT.encode())
         self.f_lds = wire.field(2 if self.delta else 4, wire.LISTENER.encode())
         self.f_rds = wire.field(2 if self.delta else 4, wire.ROUTE.encode())
 
+    @property
+    def layout(self) -> mesh.Mesh:
+        a = self.args
+        return mesh.Mesh(
+            services=a.services,
+            namespaces=a.namespaces,
+            endpoints=a.endpoints,
+            sidecars=not a.empty_proxies,
+            sidecar_per_namespace=a.sidecar_per_namespace,
+        )
+
+    def _proxy(self, index: int, who: mesh.ProxyIdentity) -> Proxy:
+        channel = grpc.aio.insecure_channel(self.args.target, options=CHANNEL_OPTIONS)
+        meta: dict[str, Any] = {"NAMESPACE": who.namespace}
+        if who.labels:
+            meta["LABELS"] = who.labels
+        return Proxy(index, who.namespace, wire.node_bytes(who.node_id(), meta), channel)
+
     def prepare(self) -> None:
-        meta = {"NAMESPACE": self.args.namespace}
+        m = self.layout
         for i in range(self.args.first, self.args.first + self.args.count):
-            channel = grpc.aio.insecure_channel(self.args.target, options=CHANNEL_OPTIONS)
-            node = wire.node_bytes(node_id(i, self.args.namespace), meta)
-            self.proxies.append(Proxy(i, node, channel))
+            self.proxies.append(self._proxy(i, m.proxy(i)))
 
     def go(self) -> None:
         self.t_go = time.monotonic()
-        run = self.run_delta if self.delta else self.run_sotw
         for p in self.proxies:
-            self.tasks.append(asyncio.create_task(self._guard(p, run)))
+            self._start(p)
+
+    def _start(self, p: Proxy) -> None:
+        run = self.run_delta if self.delta else self.run_sotw
+        self.tasks.append(asyncio.create_task(self._guard(p, run)))
 
     async def _guard(self, p: Proxy, run: Any) -> None:
-        try:
-            await run(p)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.errors += 1
-            p.error = repr(e)[:300]
-            if self.errors == 1:
-                self.ctl.emit("stream_error", proxy=p.index, error=p.error)
+        """Run the proxy's stream; after a failure reconnect with backoff, like Envoy."""
+        while True:
+            p.connected_at = time.monotonic()
+            try:
+                await run(p)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not self.args.reconnect:
+                    self.errors += 1
+                    p.error = repr(e)[:300]
+                    if self.errors == 1:
+                        self.ctl.emit("stream_error", proxy=p.index, error=p.error)
+                    return
+                p.error = repr(e)[:300]
+            if p.synced_at and self.args.first <= p.index < self.args.first + self.args.count:
+                self.n_synced -= 1
+            p.reset()
+            p.reconnects += 1
+            p.attempts += 1
+            await asyncio.sleep(backoff(p.attempts, self.rng))
 
     def _on_synced(self, p: Proxy, now: float) -> None:
         p.synced_at = now
+        p.attempts = 0
+        if p.index in self.extras:
+            t_start = self.extras.pop(p.index)
+            self.ctl.emit("extra_synced", index=p.index, t_start=t_start, t_synced=now)
+        n = self.args.count
+        if not self.args.first <= p.index < self.args.first + n:
+            return  # proxies added by `extra` do not count for the initial sync
         self.n_synced += 1
-        if self.n_synced == len(self.proxies) and not self.synced_reported:
+        if self.n_synced >= n and not self.synced_reported:
             self.synced_reported = True
-            times = sorted(x.synced_at for x in self.proxies)
+            times = sorted(x.synced_at for x in self.proxies[:n])
             self.ctl.emit(
                 "synced",
                 t_go=self.t_go,
@@ -224,8 +293,8 @@ class Simulator:
                 p.eds_version, p.eds_nonce = env.version, env.nonce
                 await call.write(req(self.f_eds, env.version, env.nonce, p.eds_block))
                 p.eds_got += shared.count(data, env)
-                if p.eds_log is not None:
-                    p.eds_log.append((env.version, mono()))
+                if p.ack_log is not None:
+                    p.ack_log.append((t, env.version, mono()))
                 if not p.lds_requested:
                     p.lds_requested = True
                     await call.write(req(self.f_lds, b"", b"", b""))
@@ -237,6 +306,8 @@ class Simulator:
                     await call.write(req(self.f_eds, p.eds_version, p.eds_nonce, p.eds_block))
                 await call.write(req(self.f_cds, env.version, env.nonce, b""))
                 p.cds_ok = True
+                if p.ack_log is not None:
+                    p.ack_log.append((t, env.version, mono()))
             elif t == LDS_B:
                 names, _ = shared.names_of(data, env)
                 if names != p.rds_names:
@@ -277,8 +348,8 @@ class Simulator:
             if t == EDS_B:
                 await call.write(req(self.f_eds, env.nonce))
                 p.eds_got += shared.count(data, env)
-                if p.eds_log is not None:
-                    p.eds_log.append((env.version, mono()))
+                if p.ack_log is not None:
+                    p.ack_log.append((t, env.version, mono()))
                 if not p.lds_requested:
                     p.lds_requested = True
                     await call.write(req(self.f_lds))
@@ -294,6 +365,8 @@ class Simulator:
                     await call.write(req(self.f_eds, subscribe=sub))
                 await call.write(req(self.f_cds, env.nonce))
                 p.cds_ok = True
+                if p.ack_log is not None:
+                    p.ack_log.append((t, env.version, mono()))
             elif t == LDS_B:
                 names, _ = shared.names_of(data, env)
                 add = [n for n in names if n not in rds]
@@ -314,11 +387,11 @@ class Simulator:
 
     # --- commands ----------------------------------------------------------------------
 
-    def mark(self, phase: str, eds_log: bool) -> None:
+    def mark(self, phase: str, ack_log: bool) -> None:
         for p in self.proxies:
             p.n_resp = 0
             p.last_rx = p.last_ack = 0.0
-            p.eds_log = [] if eds_log else None
+            p.ack_log = [] if ack_log else None
             p.versions = {}
         self.capture_phase = phase
         self.ctl.emit("marked", phase=phase, t=time.monotonic())
@@ -342,17 +415,23 @@ class Simulator:
             now=time.monotonic(),
         )
 
-    def eds_report(self, versions: list[str]) -> None:
-        """Per change i: over this process's proxies, the latest first-ACK of an EDS
-        response at version i or later (a later one includes change i, coalesced)."""
+    def ack_report(self, versions: list[str], namespaces: list[str], type_url: str) -> None:
+        """Per change i: over this process's proxies that see namespace i's services,
+        the latest first ACK of a `type_url` response at version i or later (a later
+        one includes change i, coalesced); `expected` counts those proxies."""
+        m = self.layout
         index = {v.encode(): i for i, v in enumerate(versions)}
         n = len(versions)
+        wanted = type_url.encode()
         worst: list[float | None] = [None] * n
-        got = [0] * n
+        got, expected = [0] * n, [0] * n
+        # Per change, a few proxies that should have ACKed it and did not (to debug).
+        missing: list[list[str]] = [[] for _ in range(n)]
         for p in self.proxies:
+            sees = [m.sees(p.namespace, ns) for ns in namespaces]
             first: list[float | None] = [None] * n
-            for version, t in p.eds_log or ():
-                i = index.get(version)
+            for t_url, version, t in p.ack_log or ():
+                i = index.get(version) if t_url == wanted else None
                 if i is None:
                     continue
                 for j in range(i, -1, -1):
@@ -360,13 +439,47 @@ class Simulator:
                         break
                     first[j] = t
             for j, t in enumerate(first):
-                if t is None:
+                expected[j] += sees[j]
+                if t is None and sees[j] and len(missing[j]) < 5:
+                    got_versions = [v.decode() for u, v, _ in p.ack_log or () if u == wanted]
+                    missing[j].append(f"proxy-{p.index}.{p.namespace} got {got_versions[-4:]}")
+                if t is None or not sees[j]:
                     continue
                 got[j] += 1
                 w = worst[j]
                 if w is None or t > w:
                     worst[j] = t
-        self.ctl.emit("eds_report", worst=worst, got=got)
+        # Responses of that type carrying exactly each change's version (any proxy).
+        exact = [0] * n
+        for p in self.proxies:
+            for t_url, version, _ in p.ack_log or ():
+                i = index.get(version) if t_url == wanted else None
+                if i is not None:
+                    exact[i] += 1
+        self.ctl.emit(
+            "ack_report", worst=worst, got=got, expected=expected, missing=missing, exact=exact
+        )
+
+    def resync_status(self, since: float) -> None:
+        """How many proxies opened a new stream after `since` and are synced on it."""
+        ps = self.proxies
+        resynced = [p.synced_at for p in ps if p.synced_at and p.connected_at > since]
+        self.ctl.emit(
+            "resync_status",
+            streams=len(ps),
+            resynced=len(resynced),
+            last=max(resynced, default=0.0),
+            reconnects=sum(p.reconnects for p in ps),
+            errors=self.errors,
+            now=time.monotonic(),
+        )
+
+    def extra(self, index: int, proxy: dict[str, Any]) -> None:
+        """Connect one more proxy (e.g. the sidecar of a workload in a new namespace)."""
+        p = self._proxy(index, mesh.ProxyIdentity(**proxy))
+        self.proxies.append(p)
+        self.extras[index] = time.monotonic()
+        self._start(p)
 
     def write_capture(self, phase: str, path: str) -> None:
         msgs = [d for ph, d in self.capture if ph == phase]
@@ -411,11 +524,15 @@ class Simulator:
         if name == "go":
             self.go()
         elif name == "mark":
-            self.mark(cmd["phase"], bool(cmd.get("eds_log")))
+            self.mark(cmd["phase"], bool(cmd.get("ack_log")))
         elif name == "status":
             self.status(cmd.get("version", ""))
-        elif name == "eds_report":
-            self.eds_report(cmd["versions"])
+        elif name == "ack_report":
+            self.ack_report(cmd["versions"], cmd["namespaces"], cmd["type_url"])
+        elif name == "resync_status":
+            self.resync_status(float(cmd["since"]))
+        elif name == "extra":
+            self.extra(int(cmd["index"]), cmd["proxy"])
         elif name == "capture":
             self.write_capture(cmd["phase"], cmd["path"])
         elif name == "quit":
@@ -441,7 +558,12 @@ def main() -> None:
     ap.add_argument("--target", required=True)
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--count", type=int, default=250)
-    ap.add_argument("--namespace", default="bench")
+    ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--namespaces", type=int, default=1)
+    ap.add_argument("--endpoints", type=int, default=1)
+    ap.add_argument("--sidecar-per-namespace", action="store_true")
+    ap.add_argument("--empty-proxies", action="store_true", help="proxies of no workload")
+    ap.add_argument("--reconnect", action="store_true", help="reconnect failed streams")
     ap.add_argument("--delta", action="store_true")
     ap.add_argument("--capture", action="store_true", help="keep the first proxy's responses")
     asyncio.run(main_async(ap.parse_args()))

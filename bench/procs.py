@@ -26,13 +26,22 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 # --- /proc -----------------------------------------------------------------------------
 
 
-def rss_kb(pid: int) -> int:
-    """VmRSS of a process in KiB."""
+def _status_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process in KiB."""
+    return _status_kb(pid, "VmRSS:")
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM (the highest RSS since the process started) in KiB."""
+    return _status_kb(pid, "VmHWM:")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -24,9 +24,14 @@ def _key(frame: str) -> str:
     if not m:
         return frame.strip()
     path = m["file"]
-    for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
+    for marker in ("site-packages/", "lib/python3.11/"):
         if marker in path:
             path = path.split(marker, 1)[1]
+    # Any checkout (main tree or a worktree): keep the path from the package down.
+    for package in ("/meshpilot/", "/bench/"):
+        if package in path:
+            path = package[1:] + path.split(package, 1)[1]
+            break
     return f"{m['func']} ({path})"
 
 

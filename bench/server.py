@@ -1,18 +1,26 @@
 """The control plane under test, in its own process, driven over stdin/stdout.
 
-    python -m bench.server --services 1000 [--port 0]
+    python -m bench.server --services 1000 --namespaces 50 --endpoints 3 [--port 0]
 
-Builds `MeshServer` exactly as `meshpilot serve` does, loads the benchmark mesh into
-its store before `start()` (Services as one origin, each WorkloadEntry as its own
-object, like an informer's initial list), then serves ADS on 127.0.0.1.
+Builds `MeshServer` exactly as `meshpilot serve` does, loads the benchmark mesh
+(`bench.mesh`) into its store before `start()` (Services, the gateway and Sidecars as
+one origin, each WorkloadEntry and the DestinationRule as its own object, like an
+informer's initial list), then serves ADS on 127.0.0.1. A restart with the same
+arguments (and `--port`) serves the same config.
 
 Commands (JSON lines on stdin):
-  stats                         -> stats {rss_kb, cpu, threads, build_s, gen_s, ...}
-  changes {n, interval}         -> change {i, t, wall, version, host} per change,
-                                   then changes_done. Each change moves one
-                                   WorkloadEntry's address with `store.apply()`.
+  stats                         -> stats {rss_kb, hwm_kb, cpu, threads, build_s, ...}
+  changes {n, interval, kind}   -> change {i, t, wall, version, namespace} per change,
+                                   then changes_done. kind "endpoint" moves one
+                                   WorkloadEntry's address, kind "dr" changes the
+                                   gateway DestinationRule's connection pool (every
+                                   proxy has that cluster); both with `store.apply()`.
   add_service {index}           -> pushed {t, version}: a new Service + WorkloadEntry
-                                   (one origin, one commit): a full push to everyone.
+                                   in istio-system (one origin, one commit): a full
+                                   push to everyone.
+  add_namespace {index}         -> pushed {t, version, proxy}: a new namespace with a
+                                   Service, its WorkloadEntry (and its Sidecar); `proxy`
+                                   is the identity of that workload's sidecar.
   quit
 All times are `time.monotonic()` (CLOCK_MONOTONIC, comparable across processes).
 """
@@ -21,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from bench import mesh
-from bench.procs import Control, cpu_seconds, rss_kb, thread_cpu
+from bench.procs import Control, cpu_seconds, peak_rss_kb, rss_kb, thread_cpu
 from meshpilot import logs
 from meshpilot.api.parse import parse_object
 from meshpilot.config import Config
@@ -107,17 +116,35 @@ class Bench:
         self.server = InstrumentedServer(settings)
         self._tasks: set[asyncio.Task[None]] = set()
         self.moves = 0
+        self.revisions = 0
+
+    @property
+    def mesh(self) -> mesh.Mesh:
+        a = self.args
+        return mesh.Mesh(
+            services=a.services,
+            namespaces=a.namespaces,
+            endpoints=a.endpoints,
+            sidecar_per_namespace=a.sidecar_per_namespace,
+        )
 
     def load(self) -> dict[str, float]:
-        n, ns = self.args.services, self.args.namespace
+        m, n = self.mesh, self.args.services
         t0 = time.perf_counter()
-        services = [_config(mesh.service(i, ns), "bench://services") for i in range(n)]
-        entries = [_config(mesh.workload_entry(i, ns), "bench://workloads") for i in range(n)]
+        services = [_config(m.service(i), "bench://services") for i in range(n)]
+        shared = [_config(d, "bench://services") for d in m.gateway() + m.sidecars_docs()]
+        entries = [
+            _config(m.workload_entry(i, e), "bench://workloads")
+            for e in range(m.endpoints)
+            for i in range(n)
+        ]
+        rule = _config(mesh.destination_rule_doc(0), "bench://rules")
         t1 = time.perf_counter()
         store = self.server.store
-        store.set_origin("bench://services", services)
+        store.set_origin("bench://services", services + shared)
         for cfg in entries:
             store.apply(cfg)
+        store.apply(rule)
         t2 = time.perf_counter()
         return {"parse_s": round(t1 - t0, 3), "store_s": round(t2 - t1, 3)}
 
@@ -127,6 +154,7 @@ class Bench:
         ctx = s.pusher.current
         return {
             "rss_kb": rss_kb(pid),
+            "hwm_kb": peak_rss_kb(pid),
             "cpu": cpu_seconds(pid),
             "threads": thread_cpu(pid),
             "connections": len(s.discovery.connections),
@@ -138,7 +166,7 @@ class Bench:
             "version": ctx.version if ctx else "",
         }
 
-    async def _next_version(self, previous: str, within: float = 30.0) -> str:
+    async def _next_version(self, previous: str, within: float = 120.0) -> str:
         """Wait until the pusher has built (and fanned out) a context after `previous`."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
@@ -152,15 +180,23 @@ class Bench:
         ctx = self.server.pusher.current
         return ctx.version if ctx else ""
 
-    async def changes(self, n: int, interval: float) -> None:
-        """Move n WorkloadEntries, one every `interval` seconds, through the store."""
-        ns, services = self.args.namespace, self.args.services
+    async def changes(self, n: int, interval: float, kind: str) -> None:
+        """n changes through the store, one every `interval` seconds: WorkloadEntry
+        moves (kind "endpoint") or DestinationRule revisions (kind "dr")."""
+        m = self.mesh
         start = time.monotonic()
         for i in range(n):
             await asyncio.sleep(max(0.0, start + i * interval - time.monotonic()))
-            index = (i * 37) % services
-            self.moves += 1
-            cfg = _config(mesh.workload_entry(index, ns, moved=self.moves), "bench://changes")
+            if kind == "dr":
+                self.revisions += 1
+                cfg = _config(mesh.destination_rule_doc(self.revisions), "bench://changes")
+                namespace, what = mesh.SHARED_NAMESPACE, f"revision {self.revisions}"
+            else:
+                service, endpoint = m.moved_entry(i)
+                self.moves += 1
+                address = m.moved_address(self.moves, service)
+                cfg = _config(m.workload_entry(service, endpoint, address), "bench://changes")
+                namespace, what = m.namespace_of(service), f"svc-{service}-{endpoint}"
             previous = self._current_version()
             t, wall = time.monotonic(), time.time()
             self.server.store.apply(cfg)
@@ -171,22 +207,18 @@ class Bench:
                 t=t,
                 wall=wall,
                 version=version,
-                host=mesh.hostname(index, ns),
-                address=cfg.spec.address,
+                namespace=namespace,
+                what=what,
                 built_after=round(time.monotonic() - t, 4),
             )
         self.ctl.emit("changes_done", n=n)
 
-    async def add_service(self, index: int) -> None:
-        ns = self.args.namespace
-        cfgs = [
-            _config(mesh.service(index, ns), "bench://extra"),
-            _config(mesh.workload_entry(index, ns), "bench://extra"),
-        ]
+    async def _commit(self, origin: str, docs: list[dict[str, Any]], **extra: Any) -> None:
+        cfgs = [_config(d, origin) for d in docs]
         previous = self._current_version()
         build_before = self.server.build_s
         t = time.monotonic()
-        self.server.store.set_origin(f"bench://extra-{index}", cfgs)
+        self.server.store.set_origin(origin, cfgs)
         version = await self._next_version(previous)
         self.ctl.emit(
             "pushed",
@@ -194,7 +226,15 @@ class Bench:
             version=version,
             built_after=round(time.monotonic() - t, 4),
             build_s=round(self.server.build_s - build_before, 4),
+            **extra,
         )
+
+    async def add_service(self, index: int) -> None:
+        await self._commit(f"bench://extra-{index}", self.mesh.extra_service(index))
+
+    async def add_namespace(self, index: int) -> None:
+        docs, proxy = self.mesh.fresh_namespace(index)
+        await self._commit(f"bench://fresh-{index}", docs, proxy=dataclasses.asdict(proxy))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -212,9 +252,12 @@ class Bench:
         if name == "stats":
             self.ctl.emit("stats", **self.stats())
         elif name == "changes":
-            self._spawn(self.changes(int(cmd["n"]), float(cmd["interval"])))
+            kind = str(cmd.get("kind", "endpoint"))
+            self._spawn(self.changes(int(cmd["n"]), float(cmd["interval"]), kind))
         elif name == "add_service":
             self._spawn(self.add_service(int(cmd["index"])))
+        elif name == "add_namespace":
+            self._spawn(self.add_namespace(int(cmd["index"])))
         elif name == "quit":
             return "quit"
         else:
@@ -251,7 +294,9 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--services", type=int, default=1000)
-    ap.add_argument("--namespace", default=mesh.NAMESPACE)
+    ap.add_argument("--namespaces", type=int, default=1)
+    ap.add_argument("--endpoints", type=int, default=1, help="WorkloadEntries per Service")
+    ap.add_argument("--sidecar-per-namespace", action="store_true")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--debounce", type=float, default=0.1)
     ap.add_argument("--log-level", default="warning")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -58,7 +59,7 @@ def repeated(number: int, values: Iterable[str]) -> bytes:
     return b"".join(field(number, v.encode()) for v in values)
 
 
-def node_bytes(node_id: str, metadata: dict[str, str]) -> bytes:
+def node_bytes(node_id: str, metadata: dict[str, Any]) -> bytes:
     meta = struct_pb2.Struct()
     meta.update(metadata)
     return base_pb2.Node(id=node_id, metadata=meta).SerializeToString()
