@@ -22,6 +22,7 @@ Slices with addressType FQDN are ignored, as Istio ignores them.
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 from collections.abc import Iterable
 
 from meshpilot.api.kube import EndpointSliceSpec, NodeSpec, PodSpec
@@ -188,32 +189,31 @@ def slice_endpoints(
                         continue
                     seen.add(dedupe)
                     per_port[svc_port_number].append(
-                        Endpoint(
-                            address=address,
-                            port=number,
-                            service_port_name=port_name,
-                            **template,
-                        )
+                        replace(template, address=address, port=number, service_port_name=port_name)
                     )
 
 
 def _template(
     pod: Config | None, node_name: str, zone: str, snapshot: StoreSnapshot, namespace: str
-) -> dict[str, object]:
-    """The fields every endpoint of one slice endpoint shares."""
+) -> Endpoint:
+    """The fields every endpoint of one slice endpoint shares (address and port aside)."""
     if pod is None:
-        return {"locality": _node_locality(snapshot, node_name, zone), "namespace": namespace}
+        return Endpoint(
+            "", 0, locality=_node_locality(snapshot, node_name, zone), namespace=namespace
+        )
     spec: PodSpec = pod.spec
     labels = dict(pod.labels)
     locality = labels.get(LOCALITY_LABEL, "").replace(".", "/")
-    return {
-        "labels": labels,
-        "locality": locality or _node_locality(snapshot, spec.node_name or node_name, zone),
-        "service_account": spec.service_account_name or "default",
-        "tls_mode": labels.get(TLS_MODE_LABEL, "disabled"),
-        "workload_name": pod.name,
-        "namespace": pod.namespace,
-    }
+    return Endpoint(
+        "",
+        0,
+        labels=labels,
+        locality=locality or _node_locality(snapshot, spec.node_name or node_name, zone),
+        service_account=spec.service_account_name or "default",
+        tls_mode=labels.get(TLS_MODE_LABEL, "disabled"),
+        workload_name=pod.name,
+        namespace=pod.namespace,
+    )
 
 
 def _node_locality(snapshot: StoreSnapshot, node_name: str, zone: str) -> str:
