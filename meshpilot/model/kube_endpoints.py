@@ -22,8 +22,8 @@ Slices with addressType FQDN are ignored, as Istio ignores them.
 from __future__ import annotations
 
 import bisect
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 
 from meshpilot.api.kube import EndpointSliceSpec, NodeSpec, PodSpec
 from meshpilot.config import Config, ConfigKey, StoreSnapshot, kinds
