@@ -284,3 +284,59 @@ def test_push_request_kinds() -> None:
 
     assert not PushRequest.for_changes(keys("EndpointSlice", "Pod", "Node", "Namespace")).full
     assert PushRequest.for_changes(keys("EndpointSlice", "Service")).full
+
+
+def test_node_pod_and_namespace_changes_recompute_only_what_they_feed() -> None:
+    store = ConfigStore()
+    for c in (
+        service(),
+        service("ratings"),
+        pod("r1", "10.1.0.1", app="reviews"),
+        node("node-1", "us-east", "us-east-1a"),
+        endpoint_slice("reviews-a", [endpoint("10.1.0.1", "r1")]),
+    ):
+        store.apply(c)
+    ctx = PushContext.build(store.snapshot(), MESH)
+
+    # The Node's zone moves: the endpoints of the pods on it move with it (EDS only).
+    changed = store.apply(node("node-1", "us-east", "us-east-1b"))
+    assert not PushRequest.for_changes(changed).full
+    ctx = ctx.with_endpoint_changes(store.snapshot(), changed)
+    assert ctx.changed_hosts == {HOST}
+    assert [e.locality for e in ctx.service_endpoints(HOST, 9080)] == ["us-east/us-east-1b"]
+    assert not ctx.requires_full_push
+
+    # A Namespace change: nothing in the model reads it, nothing is pushed.
+    ns = cfg("Namespace", {"metadata": {"name": "bookinfo", "labels": {"team": "a"}}})
+    changed = store.apply(ns)
+    assert not PushRequest.for_changes(changed).full
+    ctx = ctx.with_endpoint_changes(store.snapshot(), changed)
+    assert ctx.changed_hosts == frozenset()
+    assert not ctx.requires_full_push
+
+    # The Pod's labels change: its endpoints carry them, and a proxy of that Pod sees
+    # other labels, so the push is full.
+    changed = store.apply(pod("r1", "10.1.0.1", app="reviews", version="v3"))
+    ctx = ctx.with_endpoint_changes(store.snapshot(), changed)
+    assert ctx.changed_hosts == {HOST}
+    assert ctx.service_endpoints(HOST, 9080)[0].labels["version"] == "v3"
+    assert ctx.requires_full_push
+
+    # A Pod that only turns not ready (its slice says so separately): nothing a proxy
+    # or an endpoint reads changed.
+    not_ready = cfg(
+        "Pod",
+        {
+            "metadata": {
+                "name": "r1",
+                "namespace": "bookinfo",
+                "labels": {"app": "reviews", "version": "v3"},
+            },
+            "spec": {"serviceAccountName": "bookinfo-reviews", "nodeName": "node-1"},
+            "status": {"podIPs": [{"ip": "10.1.0.1"}], "phase": "Running"},
+        },
+    )
+    changed = store.apply(not_ready)
+    ctx = ctx.with_endpoint_changes(store.snapshot(), changed)
+    assert ctx.changed_hosts == frozenset()
+    assert not ctx.requires_full_push
