@@ -8,13 +8,15 @@ come from the Pod the endpoint's `targetRef` names; locality from the Pod's
 `istio-locality` label, else its Node's topology labels. meshpilot does the same,
 falling back to the slice endpoint's `zone` when the Node is not known.
 
-Health, as Istio with its defaults: `ready` unset or true is healthy; anything else
-(not ready, or terminating, serving or not) is UNHEALTHY, and Istio leaves unhealthy
-endpoints out of EDS unless PILOT_SEND_UNHEALTHY_ENDPOINTS is on. Istio's DRAINING
-status exists only for services with its persistent-session label, which meshpilot
-does not implement, so terminating endpoints are simply left out. An endpoint whose
-`targetRef` names a Pod the store does not hold yet is left out until the Pod
-arrives, as Istio does (it would otherwise lack labels and identity).
+Health, as Istio with its defaults: `ready` unset or true is healthy; a terminating
+endpoint is TERMINATING (older Istio: UNHEALTHY, or DRAINING for services with its
+persistent-session label, which meshpilot does not implement); any other not-ready
+endpoint is UNHEALTHY. Istio's EDS builder never sends terminating endpoints, and
+sends unhealthy ones only with PILOT_SEND_UNHEALTHY_ENDPOINTS (off by default);
+meshpilot leaves both out, so a terminating-but-serving endpoint gets no new
+requests even when no ready one is left (kube-proxy would fall back to it; Istio
+does not). An endpoint whose `targetRef` names a Pod the store does not hold yet
+is left out until the Pod arrives, as Istio does (it would lack labels and identity).
 
 Slices with addressType FQDN are ignored, as Istio ignores them.
 """
