@@ -1,4 +1,5 @@
-"""End to end: a real Envoy follows a Kubernetes Service's EndpointSlices.
+"""End to end: a real Envoy follows a Kubernetes Service's EndpointSlices, and its own
+Pod's labels (not its bootstrap's) choose its Sidecar.
 
 EndpointSlices and Pods are applied to the store of an in-process `meshpilot serve`
 as the Kubernetes source stores them (converted by its converter from API-server
@@ -47,11 +48,11 @@ def _convert(kind: str, obj: dict[str, Any]) -> Config:
     return cfg
 
 
-def _pod(name: str, ip: str) -> Config:
+def _pod(name: str, ip: str, app: str = "reviews") -> Config:
     return _convert(
         "Pod",
         {
-            "metadata": {"name": name, "namespace": "default", "labels": {"app": "reviews"}},
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
             "spec": {"serviceAccountName": "reviews", "nodeName": "node-1"},
             "status": {"podIPs": [{"ip": ip}], "conditions": [{"type": "Ready", "status": "True"}]},
         },
@@ -111,12 +112,15 @@ async def test_envoy_follows_endpoint_slice_changes(processes: ProcessTracker, m
     store.apply(_pod("reviews-1", ip1))
     store.apply(_pod("reviews-2", ip2))
     store.apply(_slice(("reviews-1", ip1, {"ready": True})))
+    # The client's own Pod: its labels, not the bootstrap's, pick the client Sidecar
+    # (and with it the egress listener the requests below go through).
+    store.apply(_pod("client", client_ip, app="client"))
     await mesh.start()
     envoy = await processes.envoy(
         name="client",
         namespace="default",
         ip=client_ip,
-        labels={"app": "client"},
+        labels={"app": "not-the-pods-label"},
         xds_address=mesh.xds_address,
     )
     await envoy.wait_live()
