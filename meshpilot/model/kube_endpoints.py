@@ -131,22 +131,28 @@ class SliceIndex:
                 touched_pods |= _pod_refs(cfg)
             elif cfg.kind == kinds.POD and (node := cfg.spec.node_name):
                 node_pods[node] = node_pods.get(node, frozenset()) | {(cfg.namespace, cfg.name)}
-        # A Pod may be named by several slices: recount its services from those left.
+        # A Pod may be named by several slices: recount its services from those left
+        # (each service's Pods gathered once, not once per Pod: slices are large).
+        named: dict[_Name, set[_Name]] = {}
+
+        def pods_of(svc: _Name) -> set[_Name]:
+            found = named.get(svc)
+            if found is None:
+                found = named[svc] = set()
+                for slice_cfg in by_service.get(svc, ()):
+                    found |= _pod_refs(slice_cfg)
+            return found
+
         for pod in touched_pods:
-            services = {
-                svc
-                for svc in self._pod_services.get(pod, frozenset())
-                if any(pod in _pod_refs(s) for s in by_service.get(svc, ()))
-            }
-            services |= {
+            candidates = set(self._pod_services.get(pod, frozenset()))
+            candidates |= {
                 svc
                 for cfg in added
-                if cfg.kind == kinds.ENDPOINT_SLICE
-                and (svc := slice_service(cfg)) is not None
-                and pod in _pod_refs(cfg)
+                if cfg.kind == kinds.ENDPOINT_SLICE and (svc := slice_service(cfg)) is not None
             }
+            services = frozenset(svc for svc in candidates if pod in pods_of(svc))
             if services:
-                pod_services[pod] = frozenset(services)
+                pod_services[pod] = services
             else:
                 pod_services.pop(pod, None)
         return index
