@@ -62,6 +62,12 @@ class Proxy:
     def is_router(self) -> bool:
         return self.type == ROUTER
 
+    @property
+    def pod_name(self) -> str:
+        """The POD of the node id's `POD.NAMESPACE` part (a Kubernetes proxy's Pod)."""
+        parts = self.id.split("~")
+        return parts[2].partition(".")[0] if len(parts) == 4 else ""
+
     @staticmethod
     def from_node(node: base_pb2.Node) -> Proxy:
         """Parse `TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN` and Istio node metadata."""

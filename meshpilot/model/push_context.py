@@ -13,6 +13,7 @@ entries, so a push in flight keeps reading the state it started with.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -21,15 +22,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from meshpilot.api.kube import PodSpec
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.config import Config, ConfigKey, StoreSnapshot, kinds, oldest_first
+from meshpilot.model.kube_endpoints import SliceIndex, pod_identity, slice_service
 from meshpilot.model.proxy import Proxy
+from meshpilot.model.push_request import ENDPOINT_ONLY_KINDS
 from meshpilot.model.registry import (
     EndpointIndex,
     SelectorIndex,
     WorkloadIndex,
     build_endpoints,
     build_services,
+    new_slice_index,
 )
 from meshpilot.model.routing import (
     DestinationRuleIndex,
@@ -94,6 +99,8 @@ class PushContext:
     # label, and services by selector label.
     _workloads: WorkloadIndex | None = None
     _selectors: SelectorIndex | None = None
+    # EndpointSlices by Service, and the Services a Pod or Node feeds.
+    _slices: SliceIndex | None = None
 
     # --- construction --------------------------------------------------------------------
 
@@ -101,32 +108,49 @@ class PushContext:
     def build(snapshot: StoreSnapshot, mesh: MeshConfig) -> PushContext:
         services = build_services(snapshot, mesh.domain_suffix)
         workloads = WorkloadIndex(snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
-        endpoints = build_endpoints(snapshot, services, workloads)
+        slices = new_slice_index(snapshot)
+        endpoints = build_endpoints(snapshot, services, workloads, slices)
         ctx = PushContext._assemble(snapshot, mesh, services, endpoints, None)
         ctx._workloads = workloads
+        ctx._slices = slices
         return ctx
 
     def with_endpoint_changes(
         self, snapshot: StoreSnapshot, changed: frozenset[ConfigKey]
     ) -> PushContext:
-        """A context for a WorkloadEntry-only change: same services, some new endpoints.
+        """A context for an endpoint-only change (WorkloadEntry, EndpointSlice, Pod,
+        Node, Namespace): same services, some new endpoints.
 
-        Istio's incremental EDS update: only the services that select a changed entry
-        (before or after the change) get their endpoints recomputed; the endpoint
+        Istio's incremental EDS update: only the services that select a changed entry,
+        own a changed slice, or have slices naming a changed Pod or a Pod on a changed
+        Node (before or after the change) get their endpoints recomputed; the endpoint
         index, the endpoints-by-IP index and the per-proxy caches are copied from this
         context with those hosts replaced; services, routing, Sidecar scopes and
         security are shared by reference. This context is left as it was.
         """
-        if any(key.kind not in kinds.ENDPOINT_KINDS for key in changed):
+        if any(key.kind not in ENDPOINT_ONLY_KINDS for key in changed):
             return PushContext.build(snapshot, self.mesh)
         before = [c for key in changed if (c := self.snapshot.get(key)) is not None]
         after = [c for key in changed if (c := snapshot.get(key)) is not None]
         selectors = self._selector_index()
         affected = {
-            svc.hostname: svc for cfg in (*before, *after) for svc in selectors.selecting(cfg)
+            svc.hostname: svc
+            for cfg in (*before, *after)
+            if cfg.kind == kinds.WORKLOAD_ENTRY
+            for svc in selectors.selecting(cfg)
         }
-        workloads = self._workload_index().updated(before, after)
-        fresh = build_endpoints(snapshot, affected, workloads)
+        workloads = self._workload_index().updated(
+            [c for c in before if c.kind == kinds.WORKLOAD_ENTRY],
+            [c for c in after if c.kind == kinds.WORKLOAD_ENTRY],
+        )
+        old_slices = self._slice_index()
+        slices = old_slices.updated(before, after)
+        for ns, name in self._kube_services_fed(changed, before, after, old_slices, slices):
+            host = f"{name}.{ns}.svc.{self.mesh.domain_suffix}"
+            svc = self.services.get(host)
+            if svc is not None and svc.source is not None and svc.source.kind == kinds.SERVICE:
+                affected[host] = svc
+        fresh = build_endpoints(snapshot, affected, workloads, slices)
         endpoints = dict(self.endpoints)
         changed_hosts: set[str] = set()
         for host, per_port in fresh.items():
@@ -151,6 +175,7 @@ class PushContext:
         )
         ctx._workloads = workloads
         ctx._selectors = selectors
+        ctx._slices = slices
         # Scopes, label-selected instances and services per namespace depend on
         # services and Sidecars only, both unchanged.
         ctx._scope_cache = self._scope_cache
@@ -173,8 +198,36 @@ class PushContext:
             self._cluster_identity(self.services[host])
             != ctx._cluster_identity(self.services[host])
             for host in changed_hosts
+        ) or any(
+            # A proxy of this Pod sees other labels, identity or IPs: its listeners,
+            # Sidecar and policies may change (Istio pushes that proxy in full).
+            pod_identity(self.snapshot.get(key)) != pod_identity(snapshot.get(key))
+            for key in changed
+            if key.kind == kinds.POD
         )
         return ctx
+
+    @staticmethod
+    def _kube_services_fed(
+        changed: frozenset[ConfigKey],
+        before: list[Config],
+        after: list[Config],
+        old: SliceIndex,
+        new: SliceIndex,
+    ) -> set[tuple[str, str]]:
+        """(namespace, name) of the Kubernetes Services whose endpoints the changed
+        slices, Pods and Nodes feed, before or after the change."""
+        fed: set[tuple[str, str]] = set()
+        for cfg in (*before, *after):
+            if cfg.kind == kinds.ENDPOINT_SLICE and (svc := slice_service(cfg)) is not None:
+                fed.add(svc)
+        pods = {(k.namespace, k.name) for k in changed if k.kind == kinds.POD}
+        for key in changed:
+            if key.kind == kinds.NODE:
+                pods |= old.pods_on_node(key.name) | new.pods_on_node(key.name)
+        for ns, name in pods:
+            fed |= old.services_of_pod(ns, name) | new.services_of_pod(ns, name)
+        return fed
 
     def _carry_over_by_ip(self, ctx: PushContext, changed_hosts: set[str]) -> set[str]:
         """Give `ctx` this context's endpoints-by-IP index with the changed hosts'
@@ -209,6 +262,11 @@ class PushContext:
         if self._workloads is None:
             self._workloads = WorkloadIndex(self.snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
         return self._workloads
+
+    def _slice_index(self) -> SliceIndex:
+        if self._slices is None:
+            self._slices = new_slice_index(self.snapshot)
+        return self._slices
 
     def _selector_index(self) -> SelectorIndex:
         # Built on the first endpoint change, not at start-up; shared from then on.
@@ -261,9 +319,27 @@ class PushContext:
     def visible_services(self, namespace: str) -> tuple[Service, ...]:
         return tuple(s for s in self._services_sorted if _exported_to(s, namespace))
 
+    def proxy_view(self, proxy: Proxy) -> Proxy:
+        """The proxy as its Pod says, when the store holds the Pod its node id names:
+        the Pod's labels, service account and IPs are authoritative over bootstrap
+        metadata (Istio's SetWorkloadLabels and service targets read the Pod too).
+        The proxy itself when there is no such Pod (file mode, VMs)."""
+        name = proxy.pod_name
+        pod = self.snapshot.get(ConfigKey(kinds.POD, proxy.namespace, name)) if name else None
+        if pod is None:
+            return proxy
+        spec: PodSpec = pod.spec
+        labels = dict(pod.labels)
+        account = spec.service_account_name or "default"
+        ips = tuple(spec.pod_ips) or proxy.ip_addresses
+        if (labels, account, ips) == (proxy.labels, proxy.service_account, proxy.ip_addresses):
+            return proxy
+        return dataclasses.replace(proxy, labels=labels, service_account=account, ip_addresses=ips)
+
     def sidecar_for(self, proxy: Proxy) -> Config | None:
         """Istio's choice: workload-selected Sidecar in the proxy's namespace (oldest
         first), else that namespace's default, else the root namespace's default."""
+        proxy = self.proxy_view(proxy)
         candidates = self._sidecars_by_ns.get(proxy.namespace, ())
         for cfg in candidates:
             sel = cfg.spec.workload_selector
@@ -294,6 +370,7 @@ class PushContext:
     def service_instances(self, proxy: Proxy) -> tuple[ServiceInstance, ...]:
         """Service ports this proxy serves: endpoints at its IP, else services whose
         selector matches its labels in its namespace."""
+        proxy = self.proxy_view(proxy)
         cache_key = (proxy.namespace, tuple(sorted(proxy.labels.items())), proxy.ip_addresses)
         cached = self._instances_cache.get(cache_key)
         if cached is not None:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from meshpilot.config import ConfigKey
+from meshpilot.config import ConfigKey, kinds
 from meshpilot.config.kinds import ENDPOINT_KINDS
+
+# Kinds whose changes the model turns into endpoint changes only: Pods and Nodes feed
+# the endpoints of the slices that name them (labels, identity, locality); nothing
+# reads Namespaces yet. A Pod change that alters what a proxy of that Pod sees makes
+# the context ask for a full push (PushContext.requires_full_push).
+ENDPOINT_ONLY_KINDS = ENDPOINT_KINDS | {kinds.POD, kinds.NODE, kinds.NAMESPACE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,5 +40,5 @@ class PushRequest:
     @staticmethod
     def for_changes(keys: frozenset[ConfigKey], reason: str = "config") -> PushRequest:
         """A request whose fullness follows from the kinds that changed."""
-        full = any(k.kind not in ENDPOINT_KINDS for k in keys)
+        full = any(k.kind not in ENDPOINT_ONLY_KINDS for k in keys)
         return PushRequest(full=full, config_keys=keys, reasons=frozenset({reason}))

@@ -1,4 +1,5 @@
-"""Services and endpoints derived from the store's Service, ServiceEntry and WorkloadEntry.
+"""Services and endpoints derived from the store's Service, ServiceEntry, WorkloadEntry
+and (from the Kubernetes source) EndpointSlice, Pod and Node objects.
 
 Pure functions of a store snapshot: the Kubernetes source and the file source both
 store objects; this turns them into the mesh's service registry, as Istio's
@@ -15,6 +16,7 @@ from meshpilot.addresses import is_ip
 from meshpilot.api.kube import KubeServiceSpec
 from meshpilot.api.networking import ServiceEntrySpec, WorkloadEntrySpec
 from meshpilot.config import Config, StoreSnapshot, kinds, oldest_first
+from meshpilot.model.kube_endpoints import SliceIndex, slice_endpoints
 from meshpilot.model.service import (
     Endpoint,
     Protocol,
@@ -60,18 +62,28 @@ def build_endpoints(
     snapshot: StoreSnapshot,
     services: Mapping[str, Service],
     workloads: WorkloadIndex | None = None,
+    slices: SliceIndex | None = None,
 ) -> EndpointIndex:
     """Endpoints per hostname and service port number.
 
-    `workloads` indexes the snapshot's WorkloadEntries; an endpoint-only change
-    passes the index it updated, so only the services it names cost anything.
+    `workloads` and `slices` index the snapshot's WorkloadEntries and EndpointSlices;
+    an endpoint-only change passes the indexes it updated, so only the services it
+    names cost anything.
     """
     if workloads is None:
         workloads = WorkloadIndex(snapshot.of_kind(kinds.WORKLOAD_ENTRY).values())
+    if slices is None:
+        slices = new_slice_index(snapshot)
     index: dict[str, Mapping[int, tuple[Endpoint, ...]]] = {}
     for svc in services.values():
-        index[svc.hostname] = MappingProxyType(_service_endpoints(svc, snapshot, workloads))
+        index[svc.hostname] = MappingProxyType(_service_endpoints(svc, snapshot, workloads, slices))
     return MappingProxyType(index)
+
+
+def new_slice_index(snapshot: StoreSnapshot) -> SliceIndex:
+    return SliceIndex(
+        snapshot.of_kind(kinds.ENDPOINT_SLICE).values(), snapshot.of_kind(kinds.POD).values()
+    )
 
 
 def workload_labels(cfg: Config) -> dict[str, str]:
@@ -171,7 +183,7 @@ class SelectorIndex:
 
 
 def _service_endpoints(
-    svc: Service, snapshot: StoreSnapshot, workloads: WorkloadIndex
+    svc: Service, snapshot: StoreSnapshot, workloads: WorkloadIndex, slices: SliceIndex
 ) -> dict[int, tuple[Endpoint, ...]]:
     per_port: dict[int, list[Endpoint]] = {p.port: [] for p in svc.ports}
     if svc.source is not None and svc.source.kind == kinds.SERVICE_ENTRY:
@@ -207,6 +219,10 @@ def _service_endpoints(
             for port in svc.ports:
                 per_port[port.port].append(Endpoint(external, port.port, port.name))
             return {k: tuple(v) for k, v in per_port.items()}
+    if svc.source is not None and svc.source.kind == kinds.SERVICE:
+        # Kubernetes source: the slices' endpoints; WorkloadEntries the selector picks
+        # are added after them, as Istio merges both registries' endpoints.
+        slice_endpoints(svc, snapshot, slices.slices(svc.namespace, svc.name), per_port)
     if svc.selector:
         for we_cfg, labels in workloads.select(svc.namespace, svc.selector):
             selected: WorkloadEntrySpec = we_cfg.spec

@@ -3,7 +3,10 @@
 A chain of incremental contexts (each derived from the previous one, never rebuilt)
 follows random WorkloadEntry changes: adds, address moves, deletes, relabels that
 move an entry between services, metadata labels overridden by spec labels, entries
-in another namespace, several changes merged into one push. After every step it is
+in another namespace, several changes merged into one push. A second chain follows
+random Kubernetes EndpointSlice, Pod, Node and Namespace changes (slices moving
+between services, endpoints naming missing Pods, not-ready and terminating
+endpoints, Pods moving between Nodes), mixed with WorkloadEntry changes. After every step it is
 compared with `PushContext.build` of the same snapshot, field by field: endpoints
 per host and port, changed hosts, service instances per proxy IP, SPIFFE identities,
 whether clusters must be rebuilt, ClusterLoadAssignments, and analysis findings.
@@ -26,9 +29,11 @@ from meshpilot.analysis.reporter import FindingsReporter
 from meshpilot.api.mesh import MeshConfig
 from meshpilot.api.parse import parse_text
 from meshpilot.config import Config, ConfigKey
+from meshpilot.discovery.kube.convert import to_config
 from meshpilot.discovery.store import ConfigStore
 from meshpilot.model.proxy import Proxy
 from meshpilot.model.push_context import PushContext
+from meshpilot.model.push_request import PushRequest
 from meshpilot.translators import endpoints as eds
 from meshpilot.translators import naming
 
@@ -194,7 +199,9 @@ def _load_assignments(ctx: PushContext) -> dict[str, bytes]:
     return out
 
 
-def _assert_same(inc: PushContext, full: PushContext, prev_full: PushContext) -> None:
+def _assert_same(
+    inc: PushContext, full: PushContext, prev_full: PushContext, *, pod_moved: bool = False
+) -> None:
     assert _endpoint_view(inc) == _endpoint_view(full)
     changed = {h for h in full.endpoints if dict(full.endpoints[h]) != dict(prev_full.endpoints[h])}
     assert inc.changed_hosts == changed
@@ -207,7 +214,8 @@ def _assert_same(inc: PushContext, full: PushContext, prev_full: PushContext) ->
         for svc in full.services_sorted
         if svc.hostname in changed
     )
-    assert inc.requires_full_push == identities_moved
+    # A Pod whose labels, identity or IPs changed may change what its proxy gets.
+    assert inc.requires_full_push == (identities_moved or pod_moved)
     assert _load_assignments(inc) == _load_assignments(full)
 
 
@@ -331,3 +339,134 @@ def test_a_non_endpoint_change_rebuilds() -> None:
     new = ctx.with_endpoint_changes(store.snapshot(), changed)
     assert "new.bookinfo.svc.cluster.local" in new.services
     assert new.changed_hosts is None
+
+
+# --- Kubernetes source: EndpointSlices, Pods, Nodes, Namespaces --------------------------
+
+POD_NAMES = ("p", "pod-1", "pod-2", "pod-3")  # "p": the pod PROXIES' node ids name
+NODES = ("n1", "n2", "n3")
+
+
+def _kube_object(rng: random.Random, kind: str, namespace: str, name: str) -> dict[str, Any]:
+    """A random API-server-shaped object of `kind`."""
+    if kind == "Node":
+        labels = {"topology.kubernetes.io/region": rng.choice(("us", "eu"))}
+        if rng.random() < 0.7:
+            labels["topology.kubernetes.io/zone"] = rng.choice(("a", "b"))
+        return {"metadata": {"name": name, "labels": labels}}
+    if kind == "Namespace":
+        return {"metadata": {"name": name, "labels": {"team": rng.choice(("x", "y"))}}}
+    if kind == "Pod":
+        labels = {"app": rng.choice(APPS)}
+        if rng.random() < 0.6:
+            labels["version"] = rng.choice(VERSIONS)
+        if rng.random() < 0.5:
+            labels["security.istio.io/tlsMode"] = "istio"
+        return {
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "serviceAccountName": rng.choice(("reviews", "ratings", "")),
+                "nodeName": rng.choice(NODES),
+            },
+            "status": {"podIPs": [{"ip": rng.choice(ADDRESSES)}]},
+        }
+    endpoints = []
+    for _ in range(rng.choice((0, 1, 2, 3))):
+        e: dict[str, Any] = {"addresses": [rng.choice(ADDRESSES)], "zone": "z"}
+        if rng.random() < 0.8:
+            e["targetRef"] = {"kind": "Pod", "namespace": namespace, "name": rng.choice(POD_NAMES)}
+        if rng.random() < 0.4:
+            e["conditions"] = {"ready": rng.random() < 0.5, "terminating": rng.random() < 0.5}
+        if rng.random() < 0.3:
+            e["nodeName"] = rng.choice(NODES)
+        endpoints.append(e)
+    ports = [
+        {"name": "http", "port": rng.choice((8000, 8001))},
+        {"name": "grpc", "port": 7070},
+        {"name": "tcp", "port": 9000},
+    ]
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": rng.choice((*APPS, "nosuch"))},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": rng.sample(ports, rng.choice((1, 2, 3))),
+    }
+
+
+def _kube_step(
+    rng: random.Random, store: ConfigStore, live: set[ConfigKey]
+) -> frozenset[ConfigKey]:
+    """1-3 random Kubernetes object changes, applied to the store; the changed keys."""
+    changed: set[ConfigKey] = set()
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        kind = rng.choice(("EndpointSlice", "EndpointSlice", "Pod", "Pod", "Node", "Namespace"))
+        if live and rng.random() < 0.2:
+            key = rng.choice(sorted(live))
+            live.discard(key)
+            changed |= store.delete(key)
+            continue
+        ns = rng.choice(NAMESPACES) if kind in ("EndpointSlice", "Pod") else ""
+        name = {
+            "Pod": lambda: rng.choice(POD_NAMES),
+            "Node": lambda: rng.choice(NODES),
+            "Namespace": lambda: rng.choice(NAMESPACES),
+            "EndpointSlice": lambda: f"slice-{rng.randrange(5)}",
+        }[kind]()
+        cfg = to_config(kind, _kube_object(rng, kind, ns, name), "Kubernetes")
+        assert isinstance(cfg, Config), str(cfg)
+        live.add(cfg.key)
+        changed |= store.apply(cfg)
+    return frozenset(changed)
+
+
+def _pod_moved(prev: PushContext, new: PushContext, changed: frozenset[ConfigKey]) -> bool:
+    def seen(ctx: PushContext, key: ConfigKey) -> Any:
+        cfg = ctx.snapshot.get(key)
+        if cfg is None:
+            return None
+        return (dict(cfg.labels), cfg.spec.service_account_name, cfg.spec.pod_ips)
+
+    pods = [k for k in changed if k.kind == "Pod"]
+    return any(seen(prev, k) != seen(new, k) for k in pods)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_incremental_chain_with_kubernetes_objects_equals_full_rebuild(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    store = ConfigStore()
+    store.set_origin("services.yaml", _configs(SERVICES))
+    live: set[ConfigKey] = set()
+    counter = [0]
+    we_live: dict[ConfigKey, str] = {}
+    for _ in range(8):
+        _kube_step(rng, store, live)
+    inc = PushContext.build(store.snapshot(), MESH)
+    prev_full = inc
+    for step in range(30):
+        if rng.random() < 0.2:
+            # WorkloadEntries selected by the same Services mix in.
+            applied, deleted = _step(rng, we_live, counter)
+            changed: frozenset[ConfigKey] = frozenset()
+            for doc in applied:
+                cfg = _configs(doc)[0]
+                changed |= store.apply(cfg, origin=f"we/{cfg.namespace}/{cfg.name}")
+            for key in deleted:
+                changed |= store.remove_origin(f"we/{key.namespace}/{key.name}")
+        else:
+            changed = _kube_step(rng, store, live)
+        assert not PushRequest.for_changes(changed).full
+        previous = inc
+        snapshot = store.snapshot()
+        if step % 3 == 0:
+            _instances(previous, PROXIES[0])
+        inc = previous.with_endpoint_changes(snapshot, changed)
+        full = PushContext.build(snapshot, MESH)
+        _assert_same(inc, full, prev_full, pod_moved=_pod_moved(prev_full, full, changed))
+        for proxy in PROXIES:
+            assert inc.proxy_view(proxy) == full.proxy_view(proxy)
+        assert inc.services is previous.services
+        prev_full = full
