@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import statistics
@@ -63,16 +64,28 @@ def backoff(attempt: int, rng: random.Random) -> float:
 
 
 class Shared:
-    """Per-process caches: decoded names and resource counts by (type, version, size)."""
+    """Per-process caches: decoded names and resource counts, by response content.
+
+    Proxies of one scope receive the very same message, which is decoded once. The
+    key is a digest of the whole response, not its type, version and size: with
+    Sidecars, scopes of different namespaces get CDS answers of equal length at the
+    same version (cluster names of equal length), and a proxy subscribed to EDS for
+    another namespace's clusters would then wait for endpoint changes that the
+    server rightly never sends it.
+    """
 
     def __init__(self, delta: bool) -> None:
         self.delta = delta
-        self.names: dict[tuple[bytes, bytes, int], tuple[tuple[str, ...], tuple[str, ...]]] = {}
-        self.counts: dict[tuple[bytes, bytes, int], int] = {}
+        self.names: dict[bytes, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self.counts: dict[bytes, int] = {}
         self.decoded = 0
 
+    @staticmethod
+    def _key(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=16).digest()
+
     def count(self, data: bytes, env: wire.Envelope) -> int:
-        key = (env.type_url, env.version, len(data))
+        key = self._key(data)
         n = self.counts.get(key)
         if n is None:
             n = self.counts[key] = wire.count(data, 2)
@@ -80,7 +93,7 @@ class Shared:
 
     def names_of(self, data: bytes, env: wire.Envelope) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(names to subscribe in the dependent type, names removed) for CDS/LDS."""
-        key = (env.type_url, env.version, len(data))
+        key = self._key(data)
         got = self.names.get(key)
         if got is None:
             self.decoded += 1

@@ -19,9 +19,13 @@ TIMEOUT = 2.0
 QUIET = 0.25
 
 
-def node(node_id: str = NODE_ID, istio_version: str = "1.24.0") -> base_pb2.Node:
+def node(
+    node_id: str = NODE_ID,
+    istio_version: str = "1.24.0",
+    metadata: Mapping[str, Any] | None = None,
+) -> base_pb2.Node:
     meta = struct_pb2.Struct()
-    meta.update({"ISTIO_VERSION": istio_version, "NAMESPACE": "default"})
+    meta.update({"ISTIO_VERSION": istio_version, "NAMESPACE": "default", **(metadata or {})})
     return base_pb2.Node(id=node_id, metadata=meta)
 
 
@@ -92,9 +96,16 @@ class _Stream:
 
 
 class SotwClient(_Stream):
-    def __init__(self, channel: grpc.aio.Channel, node_id: str = NODE_ID) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        node_id: str = NODE_ID,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.node_id = node_id
+        # Node metadata besides the defaults (NAMESPACE, LABELS, ...).
+        self.metadata = metadata
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         self._start(stub.StreamAggregatedResources(self._requests()))
 
@@ -115,7 +126,7 @@ class SotwClient(_Stream):
             version_info=version,
         )
         if with_node or (with_node is None and not self.sent_node):
-            req.node.CopyFrom(node(self.node_id, self.istio_version))
+            req.node.CopyFrom(node(self.node_id, self.istio_version, self.metadata))
             self.sent_node = True
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
