@@ -70,6 +70,10 @@ _OVER_CAP = -1
 _CHUNK = 500
 
 
+# How long stop() waits for a cancelled watch to unwind.
+STOP_TIMEOUT = 5.0
+
+
 class Gone(Exception):
     """410: the resourceVersion asked for is older than the server's history."""
 
@@ -143,8 +147,8 @@ class Informer:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a read stuck inside the HTTP client must not hold up shutdown.
+            await asyncio.wait([task], timeout=STOP_TIMEOUT)
         self._set_connected(False)
 
     def status(self) -> dict[str, Any]:

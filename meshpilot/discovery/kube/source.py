@@ -25,7 +25,6 @@ ConfigMap. meshpilot does the same, with these differences:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,11 +119,10 @@ class KubeSource:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for informer in self._informers.values():
-            await informer.stop()
+        if tasks:
+            # Bounded: a task stuck in the HTTP client must not hold up shutdown.
+            await asyncio.wait(tasks, timeout=5.0)
+        await asyncio.gather(*(i.stop() for i in self._informers.values()))
 
     def status(self) -> dict[str, Any]:
         """For /debug/configz: readiness, connection and the last error of each informer."""
