@@ -15,7 +15,9 @@ SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".json", ".txt", ".cfg", ".s
 # Istio's own files are kept byte for byte, whatever they say.
 VERBATIM = REPO / "tests" / "data" / "istio-samples"
 
-OUTSIDE = re.compile(r"\.\./shared|shared/istio-samples|shared/DESIGN")
+# Built from parts, so that this file does not itself hold the text it looks for.
+_BESIDE = "sha" + "red"
+OUTSIDE = re.compile(rf"\.\./{_BESIDE}|{_BESIDE}/istio-samples|{_BESIDE}/DESIGN")
 PROCESS_WORDS = re.compile(
     r"\b[Ii]ssue \d|\bacceptance (point|scenario)|\bfounding session\b|\bTODO\(issue"
 )
