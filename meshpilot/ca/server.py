@@ -211,32 +211,21 @@ class CertificateService:
         try:
             call = self._credentials(context)
             caller = await authenticate_call(self.authenticators, call)
-        except AuthenticatorUnavailable as e:
+        except (AuthenticatorUnavailable, AuthenticationError) as e:
+            # The API server behind an authenticator is down: retry later, not "who are you".
+            code, reason = (
+                (grpc.StatusCode.UNAVAILABLE, "authenticator_unavailable")
+                if isinstance(e, AuthenticatorUnavailable)
+                else (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+            )
             metrics.CA_AUTHN_FAILURES.inc()
             log.warning(
                 "csr refused",
                 peer=(call.peer if call else "") or peer,
-                reason="authenticator_unavailable",
+                reason=reason,
                 error=str(e),
             )
-            raise _Refused(
-                grpc.StatusCode.UNAVAILABLE,
-                "authenticator_unavailable",
-                f"request authenticate failure: {e}",
-            ) from None
-        except AuthenticationError as e:
-            metrics.CA_AUTHN_FAILURES.inc()
-            log.warning(
-                "csr refused",
-                peer=(call.peer if call else "") or peer,
-                reason="unauthenticated",
-                error=str(e),
-            )
-            raise _Refused(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "unauthenticated",
-                f"request authenticate failure: {e}",
-            ) from None
+            raise _Refused(code, reason, f"request authenticate failure: {e}") from None
         ident = caller.identity
         ttl = request.validity_duration
         try:
